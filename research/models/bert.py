@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.models.hf_config import ACTIVATIONS, build_config, check_activation
+from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -37,7 +37,7 @@ class BertConfig:
     pad_token_id: int = 0
     classifier_dropout: float | None = None  # None: use hidden_dropout_prob, as transformers does
     num_labels: int = 2
-    id2label: dict[int, str] | None = None  # None: LABEL_0 .. LABEL_{n-1}
+    id2label: tuple[str, ...] | None = None  # label names by id; None: LABEL_0 .. LABEL_{n-1}
     dtype: str = "float32"  # parameter and compute dtype: "float32" or "bfloat16"
 
     def __post_init__(self):
@@ -49,11 +49,8 @@ class BertConfig:
         check_activation(self.hidden_act, "hidden_act")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
-        if self.id2label is not None and len(self.id2label) != self.num_labels:
-            raise ValueError(
-                f"id2label has {len(self.id2label)} entries but num_labels={self.num_labels}; "
-                "pass matching num_labels and id2label"
-            )
+        # HF-style {id: name} dicts become a tuple: the config must stay hashable (static under jit).
+        object.__setattr__(self, "id2label", normalize_labels(self.id2label, self.num_labels))
 
     @property
     def head_dim(self) -> int:
@@ -86,7 +83,7 @@ class BertConfig:
 
     def labels(self) -> dict[int, str]:
         if self.id2label is not None:
-            return dict(self.id2label)
+            return dict(enumerate(self.id2label))
         return {i: f"LABEL_{i}" for i in range(self.num_labels)}
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.models.hf_config import ACTIVATIONS, build_config, check_activation
+from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -48,7 +48,7 @@ class GPT2Config:
     eos_token_id: int = 50256
     pad_token_id: int | None = None
     num_labels: int = 2
-    id2label: dict[int, str] | None = None
+    id2label: tuple[str, ...] | None = None  # label names by id; None: LABEL_0 .. LABEL_{n-1}
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -57,11 +57,8 @@ class GPT2Config:
         check_activation(self.activation_function, "activation_function")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
-        if self.id2label is not None and len(self.id2label) != self.num_labels:
-            raise ValueError(
-                f"id2label has {len(self.id2label)} entries but num_labels={self.num_labels}; "
-                "pass matching num_labels and id2label"
-            )
+        # HF-style {id: name} dicts become a tuple: the config must stay hashable (static under jit).
+        object.__setattr__(self, "id2label", normalize_labels(self.id2label, self.num_labels))
 
     @property
     def head_dim(self) -> int:
@@ -98,7 +95,7 @@ class GPT2Config:
 
     def labels(self) -> dict[int, str]:
         if self.id2label is not None:
-            return dict(self.id2label)
+            return dict(enumerate(self.id2label))
         return {i: f"LABEL_{i}" for i in range(self.num_labels)}
 
 

@@ -97,11 +97,28 @@ def build_config(
         )
 
     kwargs = {k: v for k, v in merged.items() if k in fields}
-    if "id2label" in kwargs and kwargs["id2label"] is not None:
-        kwargs["id2label"] = {int(i): str(name) for i, name in kwargs["id2label"].items()}
     # HF derives num_labels from id2label; an explicit num_labels override without labels resets the names.
     if "num_labels" in overrides and "id2label" not in overrides:
         kwargs["id2label"] = None
     elif "num_labels" not in kwargs and kwargs.get("id2label"):
         kwargs["num_labels"] = len(kwargs["id2label"])
     return cls(**kwargs)
+
+
+def normalize_labels(id2label: Any, num_labels: int) -> tuple[str, ...] | None:
+    """HF's `id2label` ({"0": "negative", ...}) or a list of names -> a tuple indexed by label id, so the
+    frozen config stays hashable (it is static under jit). Ids must be exactly 0..num_labels-1."""
+    if id2label is None:
+        return None
+    if isinstance(id2label, dict):
+        by_id = {int(i): str(name) for i, name in id2label.items()}
+        if sorted(by_id) != list(range(len(by_id))):
+            raise ValueError(f"id2label ids must be 0..{len(by_id) - 1}, got {sorted(by_id)}")
+        names = tuple(by_id[i] for i in range(len(by_id)))
+    else:
+        names = tuple(str(name) for name in id2label)
+    if len(names) != num_labels:
+        raise ValueError(
+            f"id2label has {len(names)} entries but num_labels={num_labels}; pass matching num_labels and id2label"
+        )
+    return names
