@@ -401,6 +401,10 @@ HEAD_KEYS = {
     ],
 }
 
+# Base-model parameters that count as part of a task head: a masked-LM checkpoint has no pooler, and
+# transformers initializes it (with a warning) when such a checkpoint is loaded for classification.
+INIT_IF_MISSING = {"sequence_classification": [("bert", "pooler")]}
+
 # Tensors that HF stores but that duplicate another one (weight tying); checked equal, then dropped.
 TIED_KEYS = {
     "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",

@@ -406,6 +406,8 @@ HEAD_KEYS = {
     "sequence_classification": [("score.weight", "score/kernel", True)],
 }
 
+INIT_IF_MISSING: dict[str, list[tuple]] = {}
+
 TIED_KEYS = {"lm_head.weight": "wte.weight"}
 
 

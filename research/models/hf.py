@@ -268,16 +268,18 @@ def from_pretrained(
 
     loaded: dict[tuple, np.ndarray] = {}
     mismatched, unexpected, dropped, bad_buffers, untied = [], [], [], [], []
+    mismatched_paths: set[tuple] = set()
     for key, original in stripped.items():
         array = tensors[original]
         if key in table and table[key][0] in wanted:
             path, transpose = table[key]
-            array = array.T if transpose else array
-            expected = wanted[path].shape
-            if tuple(array.shape) != tuple(expected):
-                mismatched.append(f"{original}: checkpoint {tuple(array.shape)}, model {tuple(expected)}")
+            expected = tuple(wanted[path].shape)
+            expected = expected[::-1] if transpose else expected  # in the checkpoint's layout
+            if tuple(array.shape) != expected:
+                mismatched.append(f"{original}: checkpoint {tuple(array.shape)}, model expects {expected}")
+                mismatched_paths.add(path)
             else:
-                loaded[path] = array
+                loaded[path] = array.T if transpose else array
         elif key in mod.TIED_KEYS:
             target = mod.TIED_KEYS[key]
             if target in stripped and not np.array_equal(array, tensors[stripped[target]]):
@@ -290,8 +292,10 @@ def from_pretrained(
         else:
             unexpected.append(original)
 
-    missing = sorted(set(wanted) - set(loaded), key=str)
-    head_missing = [p for p in missing if task != "base" and p[0] != mod.BASE_ATTR]
+    missing = sorted(set(wanted) - set(loaded) - mismatched_paths, key=str)
+    head_prefixes = mod.INIT_IF_MISSING.get(task, [])
+    head_missing = [p for p in missing if (task != "base" and p[0] != mod.BASE_ATTR)
+                    or any(p[: len(q)] == q for q in head_prefixes)]
     base_missing = [p for p in missing if p not in head_missing]
 
     problems = []
@@ -424,6 +428,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None)
     elif (d / "vocab.json").exists() and (d / "merges.txt").exists():
         tok = ByteLevelBPETokenizer(str(d / "vocab.json"), str(d / "merges.txt"),
                                     add_prefix_space=settings.get("add_prefix_space", False))._tokenizer
+        # Special tokens must not be split into bytes. GPT-2's only one, <|endoftext|>, is transformers'
+        # default for bos/eos/unk when no tokenizer_config names them.
+        specials = {settings.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")} - {None}
+        specials = {s["content"] if isinstance(s, dict) else s for s in specials} or {"<|endoftext|>"}
+        tok.add_special_tokens(sorted(s for s in specials if tok.token_to_id(s) is not None))
     else:
         raise CheckpointError(f"{d} has no tokenizer.json, vocab.txt, or vocab.json + merges.txt")
     tok.no_truncation()

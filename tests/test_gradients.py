@@ -1,0 +1,104 @@
+"""Loss and the gradient of every parameter against PyTorch: cross-entropy on a BERT classification head and
+the masked causal-LM loss on GPT-2. Tolerance: per tensor, |ours - torch| <= 1e-4 * max|torch| (1e-4
+relative to the tensor's scale); loss within 1e-5 relative."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import randomize_, to_numpy
+from flax import nnx
+
+from research.models import from_pretrained
+from research.models.hf import _hf_key, key_table
+
+RTOL = 1e-4
+
+
+def our_grads_by_hf_name(model, loss_fn, task, mod):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest)))(params)
+    by_path = {path: (key, t) for key, (path, t) in key_table(mod, model.config, task).items()}
+    out = {}
+    for path, g in nnx.to_flat_state(grads):
+        key, transpose = by_path[path]
+        g = np.asarray(g[...])
+        out[_hf_key(mod, key, path, task)] = g.T if transpose else g
+    return float(loss), out
+
+
+def assert_grads_match(ours, torch_model):
+    theirs = {n: to_numpy(p.grad) for n, p in torch_model.named_parameters()}
+    theirs.pop("lm_head.weight", None)  # tied to wte: torch accumulates both uses into wte's grad
+    assert set(ours) == set(theirs), set(ours) ^ set(theirs)
+    overall = max(np.abs(g).max() for g in theirs.values())
+    for name, g in theirs.items():
+        scale = np.abs(g).max()
+        if scale < 1e-6 * overall:
+            # Exactly zero in exact arithmetic (the attention key bias: softmax ignores a per-query shift);
+            # both frameworks hold only rounding noise there.
+            assert "key.bias" in name, f"{name}: unexpectedly zero gradient in torch"
+            assert np.abs(ours[name]).max() < 1e-6 * overall, name
+            continue
+        np.testing.assert_allclose(ours[name], g, rtol=0, atol=RTOL * scale, err_msg=name)
+
+
+def test_bert_classification_loss_and_grads(tmp_path):
+    from research.models import bert
+
+    cfg = transformers.BertConfig(vocab_size=83, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=40, num_labels=3, attn_implementation="eager")
+    theirs = randomize_(transformers.BertForSequenceClassification(cfg), seed=7)
+    theirs.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, "sequence_classification")
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 83, (4, 10))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 2:] = 0
+    labels = np.array([0, 2, 1, 2])
+
+    loss_t = F.cross_entropy(theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits,
+                             torch.tensor(labels))
+    loss_t.backward()
+
+    def loss_fn(model):
+        logits = model(jnp.asarray(ids), jnp.asarray(mask))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
+
+    loss, grads = our_grads_by_hf_name(ours, loss_fn, "sequence_classification", bert)
+    np.testing.assert_allclose(loss, loss_t.item(), rtol=1e-5)
+    assert_grads_match(grads, theirs)
+
+
+def test_gpt2_causal_lm_loss_and_grads(tmp_path):
+    from research.models import gpt2
+
+    cfg = transformers.GPT2Config(vocab_size=91, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  attn_implementation="eager", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    theirs = randomize_(transformers.GPT2LMHeadModel(cfg), seed=8)
+    theirs.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, "causal_lm")
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 91, (3, 12))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0  # right padding, excluded from the loss
+    labels = np.where(mask == 1, ids, -100)
+
+    out = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    out.loss.backward()
+
+    def loss_fn(model):
+        logits = model(jnp.asarray(ids), jnp.asarray(mask))[:, :-1]  # predict token t+1 from <= t
+        targets, weights = jnp.asarray(ids)[:, 1:], jnp.asarray(mask)[:, 1:]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return (nll * weights).sum() / weights.sum()
+
+    loss, grads = our_grads_by_hf_name(ours, loss_fn, "causal_lm", gpt2)
+    np.testing.assert_allclose(loss, out.loss.item(), rtol=1e-5)
+    assert_grads_match(grads, theirs)
