@@ -333,6 +333,8 @@ class BertForMaskedLM(nnx.Module):
         return logits_btv.astype(jnp.float32)
 
 
+CONFIG = BertConfig
+
 TASKS = {
     "base": BertModel,
     "sequence_classification": BertForSequenceClassification,

@@ -362,6 +362,8 @@ class GPT2ForSequenceClassification(nnx.Module):
         return self.score(pooled_bd).astype(jnp.float32)
 
 
+CONFIG = GPT2Config
+
 TASKS = {
     "base": GPT2Model,
     "causal_lm": GPT2LMHeadModel,

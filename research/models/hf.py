@@ -206,7 +206,7 @@ def _matches_buffer(mod: ModuleType, key: str):
 
 def _model_file(config) -> ModuleType:
     for mod in MODEL_FILES.values():
-        if isinstance(config, tuple(type(c) for c in mod.PRESETS.values())):
+        if isinstance(config, mod.CONFIG):
             return mod
     raise TypeError(f"no model file for config type {type(config).__name__}")
 
@@ -250,8 +250,7 @@ def from_pretrained(
         )
     mod = MODEL_FILES[model_type]
     _check_task(mod, task)
-    cfg_cls = type(next(iter(mod.PRESETS.values())))
-    cfg = cfg_cls.from_hf_config(hf_cfg, dtype=dtype, **config_overrides)
+    cfg = mod.CONFIG.from_hf_config(hf_cfg, dtype=dtype, **config_overrides)
     tensors = load_state_dict(directory)
 
     model_cls = mod.TASKS[task]

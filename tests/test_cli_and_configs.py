@@ -1,0 +1,49 @@
+"""The `research demo` job on the real MiniLM weights, and config behaviour: HF round trip, hashability
+(configs are static under jit), validation."""
+
+import dataclasses
+
+import pytest
+
+from research.cli import DEMO_CANDIDATES, main
+from research.models import from_config
+from research.models.bert import PRESETS as BERT_PRESETS
+from research.models.bert import BertConfig
+from research.models.gpt2 import PRESETS as GPT2_PRESETS
+from research.models.gpt2 import GPT2Config
+
+
+def test_demo_predicts_the_refund_sentence(capsys):
+    main(["demo"])
+    out = capsys.readouterr().out
+    assert f"prediction: {DEMO_CANDIDATES[0]}" in out  # the only on-topic candidate
+
+
+@pytest.mark.parametrize("cfg", [*BERT_PRESETS.values(), *GPT2_PRESETS.values()])
+def test_hf_config_round_trip(cfg):
+    again = type(cfg).from_hf_config(cfg.to_hf_config("X"))
+    assert again == dataclasses.replace(cfg, id2label=again.id2label)
+    hash(cfg)
+
+
+def test_labels_and_validation():
+    cfg = BertConfig.from_hf_config({"id2label": {"1": "pos", "0": "neg"}})
+    assert cfg.num_labels == 2 and cfg.labels() == {0: "neg", 1: "pos"}
+    hash(cfg)
+    with pytest.raises(ValueError, match="not divisible"):
+        BertConfig(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match="activation_function='swiglu' is not supported"):
+        GPT2Config(activation_function="swiglu")
+    with pytest.raises(ValueError, match="ids must be 0..1"):
+        BertConfig.from_hf_config({"id2label": {"0": "a", "2": "b"}})
+
+
+def test_from_config_builds_every_task():
+    small = dict(vocab_size=20, num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8)
+    for task in ("base", "sequence_classification", "token_classification", "masked_lm"):
+        assert from_config(BertConfig(**small), task).config.num_hidden_layers == 1
+    gpt = GPT2Config(vocab_size=20, n_layer=1, n_embd=8, n_head=2, n_positions=16)
+    for task in ("base", "causal_lm", "sequence_classification"):
+        assert from_config(gpt, task).config.n_layer == 1
+    with pytest.raises(ValueError, match="task 'masked_lm' is not available"):
+        from_config(gpt, "masked_lm")
