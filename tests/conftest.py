@@ -14,15 +14,17 @@ torch.manual_seed(0)
 torch.set_num_threads(2)
 
 
-def randomize_(torch_model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize_(torch_model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Give every parameter random values, LayerNorm scales around 1: HF's init leaves LayerNorm at (1, 0)
-    and biases at 0, which would hide a swapped scale/bias or a missing bias in the key table."""
+    and biases at 0, which would hide a swapped scale/bias or a missing bias in the key table. Full-size
+    models use std=0.02 (their initializer_range): wider weights grow the 768-wide residual stream to
+    magnitudes where float32 rounding alone exceeds 1e-4."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in torch_model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             is_norm_scale = name.endswith("weight") and ("LayerNorm" in name or ".ln_" in name or "ln_f" in name)
-            p.copy_(1 + 0.1 * noise if is_norm_scale else 0.05 * noise)
+            p.copy_(1 + 0.1 * noise if is_norm_scale else std * noise)
     return torch_model.eval()
 
 

@@ -47,9 +47,9 @@ def make_batch(vocab_size, type_vocab_size, seed=0, B=4, T=11):
     return ids, mask, types
 
 
-def torch_and_ours(tmp_path, task, seed=0, **cfg):
+def torch_and_ours(tmp_path, task, seed=0, std=0.05, **cfg):
     hf_cfg = transformers.BertConfig(**cfg, num_labels=5, attn_implementation="eager")
-    torch_model = randomize_(HF_CLASSES[task](hf_cfg), seed)
+    torch_model = randomize_(HF_CLASSES[task](hf_cfg), seed, std)
     torch_model.save_pretrained(tmp_path / task)
     return torch_model, from_pretrained(tmp_path / task, task)
 
@@ -129,7 +129,7 @@ def test_inputs_embeds_equals_input_ids(tmp_path):
 def test_full_bert_base_config(tmp_path):
     """bert-base-uncased shapes (12 x 768, vocab 30522) with random weights, 1e-4 absolute."""
     cfg = {k: v for k, v in vars(BertConfig()).items() if k not in ("dtype", "num_labels", "id2label")}
-    theirs, ours = torch_and_ours(tmp_path, "sequence_classification", **cfg)
+    theirs, ours = torch_and_ours(tmp_path, "sequence_classification", std=0.02, **cfg)
     ids, mask, types = make_batch(cfg["vocab_size"], 2, B=4, T=32)
     with torch.no_grad():
         out = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),

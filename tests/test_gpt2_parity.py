@@ -54,10 +54,10 @@ def make_batch(vocab_size, seed=0, B=4, T=12, left=True):
     return ids, mask, np.asarray(positions_from_mask(jnp.asarray(mask)))
 
 
-def torch_and_ours(tmp_path, task, seed=0, **cfg):
+def torch_and_ours(tmp_path, task, seed=0, std=0.05, **cfg):
     hf_cfg = transformers.GPT2Config(**cfg, num_labels=3, pad_token_id=PAD, attn_implementation="eager",
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch_model = randomize_(HF_CLASSES[task](hf_cfg), seed)
+    torch_model = randomize_(HF_CLASSES[task](hf_cfg), seed, std)
     torch_model.save_pretrained(tmp_path / task)
     return torch_model, from_pretrained(tmp_path / task, task)
 
@@ -135,7 +135,7 @@ def test_full_model_matches(tmp_path, name, task, left):
 
 def test_full_gpt2_124m_config(tmp_path):
     """The 124M `gpt2` shapes (12 x 768, vocab 50257, 1024 positions) with random weights, 1e-4 absolute."""
-    theirs, ours = torch_and_ours(tmp_path, "causal_lm", seed=5)
+    theirs, ours = torch_and_ours(tmp_path, "causal_lm", seed=5, std=0.02)
     ids, mask, pos = make_batch(50257, T=24)
     real = mask.astype(bool)
     out = forward_torch(theirs, ids, mask, pos)

@@ -169,19 +169,23 @@ class BertAttention(nnx.Module):
         self.output_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, x_btd, mask_b11s):
-        B, T, _ = x_btd.shape
-        heads = (B, T, self.num_heads, self.head_dim)
-        q_btnh = self.query(x_btd).reshape(heads)  # (B, T, D) -> (B, T, nh, hs)
-        k_bsnh = self.key(x_btd).reshape(heads)
-        v_bsnh = self.value(x_btd).reshape(heads)
+        B, T, D = x_btd.shape
 
-        scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh) / math.sqrt(self.head_dim)
+        def split_heads(y_btd):  # (B, T, D) -> (B, T, nh, hs) -> (B, nh, T, hs)
+            # Heads-major layout: XLA's CPU batched matmul is ~3.5x faster than contracting (B, T, nh, hs).
+            return y_btd.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        q_bnth = split_heads(self.query(x_btd))
+        k_bnsh = split_heads(self.key(x_btd))
+        v_bnsh = split_heads(self.value(x_btd))
+        scores_bnts = jnp.einsum("bnth,bnsh->bnts", q_bnth, k_bnsh) / math.sqrt(self.head_dim)
         # Masked keys get the dtype's minimum, as transformers does: a fully padded row then becomes a
         # uniform distribution over its keys instead of NaN.
         scores_bnts = jnp.where(mask_b11s, scores_bnts, jnp.finfo(scores_bnts.dtype).min)
         probs_bnts = jax.nn.softmax(scores_bnts.astype(jnp.float32), axis=-1).astype(x_btd.dtype)
         probs_bnts = self.attn_dropout(probs_bnts)
-        ctx_btd = jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh).reshape(B, T, -1)  # (B, T, nh*hs)
+        ctx_bnth = jnp.einsum("bnts,bnsh->bnth", probs_bnts, v_bnsh)
+        ctx_btd = ctx_bnth.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, nh, T, hs) -> (B, T, nh*hs)
         return self.layer_norm(x_btd + self.output_dropout(self.output(ctx_btd)))
 
 

@@ -142,8 +142,8 @@ class KVCache(NamedTuple):
     common length, so every row writes its next token into the same slot.
     """
 
-    keys: tuple[jax.Array, ...]  # per layer (B, S, nh, hs)
-    values: tuple[jax.Array, ...]  # per layer (B, S, nh, hs)
+    keys: tuple[jax.Array, ...]  # per layer (B, nh, S, hs)
+    values: tuple[jax.Array, ...]  # per layer (B, nh, S, hs)
     valid: jax.Array  # (B, S) bool
     index: jax.Array  # () int32, the next slot to write
 
@@ -151,7 +151,7 @@ class KVCache(NamedTuple):
     def create(cls, cfg: GPT2Config, batch: int, max_length: int) -> KVCache:
         if max_length > cfg.n_positions:
             raise ValueError(f"cache length {max_length} exceeds n_positions={cfg.n_positions}")
-        shape = (batch, max_length, cfg.n_head, cfg.head_dim)
+        shape = (batch, cfg.n_head, max_length, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer))
         return cls(zeros, zeros, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
 
@@ -173,24 +173,29 @@ class GPT2Attention(nnx.Module):
 
     def __call__(self, x_btd, mask_b1ts, kv=None, index=None):
         """`mask_b1ts[b, 0, t, s]` says whether query t may attend to key s. With `kv=(k, v)` of shape
-        (B, S, nh, hs), the new keys and values are written at slot `index` and attention runs over all S
+        (B, nh, S, hs), the new keys and values are written at slot `index` and attention runs over all S
         slots; the updated (k, v) is returned alongside the output."""
         B, T, D = x_btd.shape
-        heads = (B, T, self.num_heads, self.head_dim)
-        q_btd, k_btd, v_btd = jnp.split(self.c_attn(x_btd), 3, axis=-1)  # (B, T, 3D) -> 3 x (B, T, D)
-        q_btnh, k_bsnh, v_bsnh = q_btd.reshape(heads), k_btd.reshape(heads), v_btd.reshape(heads)
-        if kv is not None:
-            k_bsnh = jax.lax.dynamic_update_slice(kv[0], k_bsnh.astype(kv[0].dtype), (0, index, 0, 0))
-            v_bsnh = jax.lax.dynamic_update_slice(kv[1], v_bsnh.astype(kv[1].dtype), (0, index, 0, 0))
-            kv = (k_bsnh, v_bsnh)
 
-        scores_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh) * self.scale
+        def split_heads(y_btd):  # (B, T, D) -> (B, T, nh, hs) -> (B, nh, T, hs)
+            # Heads-major layout: XLA's CPU batched matmul is ~3.5x faster than contracting (B, T, nh, hs).
+            return y_btd.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        q_btd, k_btd, v_btd = jnp.split(self.c_attn(x_btd), 3, axis=-1)  # (B, T, 3D) -> 3 x (B, T, D)
+        q_bnth, k_bnsh, v_bnsh = split_heads(q_btd), split_heads(k_btd), split_heads(v_btd)
+        if kv is not None:
+            k_bnsh = jax.lax.dynamic_update_slice(kv[0], k_bnsh.astype(kv[0].dtype), (0, 0, index, 0))
+            v_bnsh = jax.lax.dynamic_update_slice(kv[1], v_bnsh.astype(kv[1].dtype), (0, 0, index, 0))
+            kv = (k_bnsh, v_bnsh)
+
+        scores_bnts = jnp.einsum("bnth,bnsh->bnts", q_bnth, k_bnsh) * self.scale
         # Disallowed keys get the dtype's minimum, as transformers does; a query with no allowed key (a
         # left-padding position) then attends uniformly instead of producing NaN.
         scores_bnts = jnp.where(mask_b1ts, scores_bnts, jnp.finfo(scores_bnts.dtype).min)
         probs_bnts = jax.nn.softmax(scores_bnts.astype(jnp.float32), axis=-1).astype(x_btd.dtype)
         probs_bnts = self.attn_dropout(probs_bnts)
-        ctx_btd = jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh).reshape(B, T, D)  # (B, T, nh*hs)
+        ctx_bnth = jnp.einsum("bnts,bnsh->bnth", probs_bnts, v_bnsh)
+        ctx_btd = ctx_bnth.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, nh, T, hs) -> (B, T, nh*hs)
         return self.resid_dropout(self.c_proj(ctx_btd)), kv
 
 
