@@ -268,6 +268,24 @@ def test_hub_id_offline_without_cache(tmp_path):
     assert out.startswith("CheckpointError") and "HF_HUB_OFFLINE=1" in out
 
 
+def test_hub_id_resolves_from_the_cache_offline(tmp_path, minilm_dir):
+    """A hub id is resolved through huggingface_hub's cache layout (as a previous online run leaves it)."""
+    repo = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        (snapshot / name).symlink_to(minilm_dir / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    code = ("from research.models import from_pretrained, load_tokenizer\n"
+            "m = from_pretrained('sentence-transformers/all-MiniLM-L6-v2')\n"
+            "print(m.hf_source)\n"
+            "print(load_tokenizer('sentence-transformers/all-MiniLM-L6-v2').encode('hi').ids)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.splitlines() == [str(snapshot), "[101, 7632, 102]"]
+
+
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         from_pretrained(tmp_path / "nowhere" / "deep" / "model")
