@@ -243,3 +243,18 @@ def test_generate_rejects_right_padding(lm_pair):
     _, ours = lm_pair
     with pytest.raises(ValueError, match="left-padded"):
         generate(ours, np.array([[4, 8, 0]]), np.array([[1, 1, 0]]), max_new_tokens=2)
+
+
+def test_generate_compiles_once_per_shape_and_settings(lm_pair):
+    """New prompts, seeds, temperatures and top-p values of the same shape reuse one compiled decoder."""
+    from research.generate import _generate
+
+    _, ours = lm_pair
+    ids = np.array([[0, 4, 8], [16, 23, 42]])
+    mask = (ids != 0).astype(np.int64)
+    generate(ours, ids, mask, max_new_tokens=6, do_sample=True, top_k=5)
+    before = _generate._cache_size()
+    for s in range(3):
+        generate(ours, ids + s, mask, max_new_tokens=6, do_sample=True, top_k=5, seed=s, temperature=0.5 + s,
+                 top_p=0.5 + s / 10)
+    assert _generate._cache_size() == before
