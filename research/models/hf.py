@@ -11,6 +11,7 @@ dropped and reported the same way, as transformers does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -258,6 +259,43 @@ def from_pretrained(
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     wanted = {path: var for path, var in nnx.to_flat_state(params)}
 
+    match = _match_tensors(mod, cfg, task, tensors, wanted)
+    _raise_or_warn(match, where=f"{directory} as {model_cls.__name__} (task {task!r})", strict=strict)
+    missing = match.missing
+
+    # Initialize only what is missing (plus the RNG state): inside jit, XLA drops the unused initializers.
+    @jax.jit
+    def init_missing():
+        model = model_cls(cfg, rngs=nnx.Rngs(seed))
+        _, p, r = nnx.split(model, nnx.Param, ...)
+        flat = dict(nnx.to_flat_state(p))
+        return {path: flat[path][...] for path in missing}, r
+
+    new_values, rest = init_missing()
+    for path, var in nnx.to_flat_state(params):
+        var.set_value(jnp.asarray(match.loaded[path], dtype=cfg.dtype) if path in match.loaded else new_values[path])
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    model.hf_source = str(directory)  # where save_pretrained finds tokenizer files to copy
+    return model
+
+
+@dataclasses.dataclass
+class _Match:
+    """How each checkpoint tensor found (or failed to find) its parameter. Names are HF keys."""
+
+    loaded: dict[tuple, np.ndarray]  # our path -> array in our layout
+    missing: list[tuple]  # our paths with no tensor, head parameters included
+    missing_base: list[str]  # HF names of missing weights that are not part of a task head
+    mismatched: list[str]
+    unexpected: list[str]
+    dropped: list[str]  # heads of other tasks
+    bad_buffers: list[str]
+    untied: list[str]
+    vocab_hint: str
+
+
+def _match_tensors(mod: ModuleType, cfg, task: str, tensors: dict[str, np.ndarray], wanted: dict) -> _Match:
     # Strip the base-model prefix ("bert.", "transformer.") that task checkpoints put on base weights.
     prefix = mod.BASE_ATTR + "."
     stripped = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in tensors}
@@ -293,57 +331,41 @@ def from_pretrained(
 
     missing = sorted(set(wanted) - set(loaded) - mismatched_paths, key=str)
     head_prefixes = mod.INIT_IF_MISSING.get(task, [])
-    head_missing = [p for p in missing if (task != "base" and p[0] != mod.BASE_ATTR)
-                    or any(p[: len(q)] == q for q in head_prefixes)]
-    base_missing = [p for p in missing if p not in head_missing]
+    is_head = [(task != "base" and p[0] != mod.BASE_ATTR) or any(p[: len(q)] == q for q in head_prefixes)
+               for p in missing]
+    missing_base = [_hf_name(mod, table, p, task) for p, head in zip(missing, is_head, strict=True) if not head]
+    return _Match(loaded, missing, missing_base, mismatched, sorted(unexpected), sorted(dropped), bad_buffers,
+                  untied, _vocab_hint(mod, cfg, mismatched))
 
+
+def _raise_or_warn(m: _Match, *, where: str, strict: bool) -> None:
+    """Every problem in one error; what is tolerated in one warning per kind, each listing the tensors."""
     problems = []
-    if mismatched:
-        problems.append("shape mismatches:\n  " + "\n  ".join(mismatched) + _vocab_hint(mod, cfg, mismatched))
-    if untied:
+    if m.mismatched:
+        problems.append("shape mismatches:\n  " + "\n  ".join(m.mismatched) + m.vocab_hint)
+    if m.untied:
         problems.append("tied weights that differ (untied output embeddings are not supported):\n  "
-                        + "\n  ".join(untied))
-    if bad_buffers:
+                        + "\n  ".join(m.untied))
+    if m.bad_buffers:
         problems.append("buffers that do not hold what the architecture implies (corrupt checkpoint?):\n  "
-                        + "\n  ".join(bad_buffers))
-    if strict and base_missing:
-        problems.append("missing tensors:\n  " + "\n  ".join(_hf_name(mod, table, p, task) for p in base_missing))
-    if strict and unexpected:
-        problems.append("unexpected tensors:\n  " + "\n  ".join(sorted(unexpected)))
+                        + "\n  ".join(m.bad_buffers))
+    if strict and m.missing_base:
+        problems.append("missing tensors:\n  " + "\n  ".join(m.missing_base))
+    if strict and m.unexpected:
+        problems.append("unexpected tensors:\n  " + "\n  ".join(m.unexpected))
     if problems:
-        raise CheckpointError(
-            f"cannot load {directory} as {model_cls.__name__} (task {task!r}):\n" + "\n".join(problems)
-            + ("\nPass strict=False to initialize missing weights and ignore unexpected ones."
-               if (base_missing or unexpected) and not mismatched else "")
-        )
-    if unexpected:
-        warnings.warn(f"ignored unexpected tensors (strict=False): {sorted(unexpected)}", CheckpointWarning,
-                      stacklevel=2)
-    if dropped:
-        warnings.warn(f"{directory}: dropped tensors that task {task!r} has no place for: {sorted(dropped)}",
-                      CheckpointWarning, stacklevel=2)
-    if missing:
-        warnings.warn(
-            f"{model_cls.__name__}: newly initialized parameters (not in {directory}), train them before use: "
-            + ", ".join("/".join(map(str, p)) for p in missing),
-            CheckpointWarning, stacklevel=2,
-        )
-
-    # Initialize only what is missing (plus the RNG state): inside jit, XLA drops the unused initializers.
-    @jax.jit
-    def init_missing():
-        model = model_cls(cfg, rngs=nnx.Rngs(seed))
-        _, p, r = nnx.split(model, nnx.Param, ...)
-        flat = dict(nnx.to_flat_state(p))
-        return {path: flat[path][...] for path in missing}, r
-
-    new_values, rest = init_missing()
-    for path, var in nnx.to_flat_state(params):
-        var.set_value(jnp.asarray(loaded[path], dtype=cfg.dtype) if path in loaded else new_values[path])
-    model = nnx.merge(graphdef, params, rest)
-    model.eval()
-    model.hf_source = str(directory)  # where save_pretrained finds tokenizer files to copy
-    return model
+        hint = ("\nPass strict=False to initialize missing weights and ignore unexpected ones."
+                if (m.missing_base or m.unexpected) and not m.mismatched else "")
+        raise CheckpointError(f"cannot load {where}:\n" + "\n".join(problems) + hint)
+    if m.unexpected:
+        warnings.warn(f"{where}: ignored unexpected tensors (strict=False): {m.unexpected}", CheckpointWarning,
+                      stacklevel=3)
+    if m.dropped:
+        warnings.warn(f"{where}: dropped tensors the task has no place for: {m.dropped}", CheckpointWarning,
+                      stacklevel=3)
+    if m.missing:
+        warnings.warn(f"{where}: newly initialized parameters, train them before use: "
+                      + ", ".join("/".join(map(str, p)) for p in m.missing), CheckpointWarning, stacklevel=3)
 
 
 def _hf_key(mod: ModuleType, key: str, path: tuple, task: str) -> str:
