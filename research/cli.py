@@ -39,13 +39,10 @@ def demo(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = from_pretrained(model_dir, "base")
     tokenizer = load_tokenizer(model_dir)
-    texts = [args.query, *args.candidates]
-    encodings = tokenizer.encode_batch(texts)
-    T = max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(texts), T), np.int32)
-    mask = np.zeros_like(ids)
-    for i, e in enumerate(encodings):
-        ids[i, : len(e.ids)], mask[i, : len(e.ids)] = e.ids, 1
+    tokenizer.enable_padding(pad_id=model.config.pad_token_id)  # to the longest text; nothing truncated
+    encodings = tokenizer.encode_batch([args.query, *args.candidates])
+    ids = np.array([e.ids for e in encodings], np.int32)
+    mask = np.array([e.attention_mask for e in encodings], np.int32)
 
     graphdef, state = nnx.split(model)
 

@@ -145,13 +145,10 @@ def test_real_minilm_hidden_states(minilm_dir):
     from research.models import load_tokenizer
 
     tok = load_tokenizer(minilm_dir)
+    tok.enable_padding(pad_id=0)
     sentences = ["The movie was a delight from start to finish.", "Terrible.", "An unremarkable, forgettable film."]
     enc = tok.encode_batch(sentences)
-    T = max(len(e.ids) for e in enc)
-    ids = np.zeros((len(enc), T), np.int64)
-    mask = np.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, : len(e.ids)], mask[i, : len(e.ids)] = e.ids, 1
+    ids, mask = np.array([e.ids for e in enc]), np.array([e.attention_mask for e in enc])
 
     theirs = transformers.BertModel.from_pretrained(str(minilm_dir), attn_implementation="eager").eval()
     ours = from_pretrained(minilm_dir, "base")

@@ -80,10 +80,10 @@ def test_minilm_fresh_head_to_pytorch(tmp_path, minilm_dir):
     theirs, info = transformers.BertForSequenceClassification.from_pretrained(
         out, output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    enc = load_tokenizer(out).encode_batch(["a gripping, beautiful film", "dull and far too long"])
-    T = max(len(e.ids) for e in enc)
-    ids = np.array([e.ids + [0] * (T - len(e.ids)) for e in enc])
-    mask = (np.arange(T)[None] < np.array([[len(e.ids)] for e in enc])).astype(np.int64)
+    tok = load_tokenizer(out)
+    tok.enable_padding(pad_id=0)
+    enc = tok.encode_batch(["a gripping, beautiful film", "dull and far too long"])
+    ids, mask = np.array([e.ids for e in enc]), np.array([e.attention_mask for e in enc])
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask))),
                                torch_output(theirs.eval(), ids, mask), atol=1e-5, rtol=0)
 
