@@ -68,12 +68,11 @@ def forward_torch(model, ids, mask, pos, **kw):
                      position_ids=torch.tensor(pos), output_hidden_states=True, **kw)
 
 
-def assert_hidden_states_equal(ours, theirs, real, atol):
-    """Compare at real tokens: a left-padding query sees no key at all, and its (unused) output is defined by
-    each implementation's masking constant, not by the model."""
+def assert_hidden_states_equal(ours, theirs, atol):
+    """Every position, padding included (a left-padding query sees no key and attends uniformly in both)."""
     assert len(ours) == len(theirs)
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        np.testing.assert_allclose(np.asarray(a)[real], to_numpy(b)[real], atol=atol, rtol=0,
+        np.testing.assert_allclose(np.asarray(a), to_numpy(b), atol=atol, rtol=0,
                                    err_msg=f"hidden state {i}")
 
 
@@ -103,7 +102,7 @@ def test_layers_match(tmp_path, name):
     T = ids.shape[1]
     mask_b1ts = jnp.tril(jnp.ones((T, T), bool))[None, None] & jnp.asarray(real)[:, None, None, :]
     attn, _ = ours.h[1].attn(jnp.asarray(to_numpy(seen["attn_in"])), mask_b1ts)
-    np.testing.assert_allclose(np.asarray(attn)[real], to_numpy(seen["attn_out"])[real], atol=ATOL_SMALL, rtol=0)
+    np.testing.assert_allclose(np.asarray(attn), to_numpy(seen["attn_out"]), atol=ATOL_SMALL, rtol=0)
 
     mlp = ours.h[1].mlp(jnp.asarray(to_numpy(seen["mlp_in"])))
     np.testing.assert_allclose(np.asarray(mlp), to_numpy(seen["mlp_out"]), atol=ATOL_SMALL, rtol=0)
@@ -116,33 +115,28 @@ def test_full_model_matches(tmp_path, name, task, left):
     cfg = SMALL_CONFIGS[name]
     theirs, ours = torch_and_ours(tmp_path, task, seed=3, **cfg)
     ids, mask, pos = make_batch(cfg["vocab_size"], seed=2, left=left)
-    real = mask.astype(bool)
     out = forward_torch(theirs, ids, mask, pos)
 
     base = ours if task == "base" else ours.transformer
     _, hidden = base(jnp.asarray(ids), jnp.asarray(mask), position_ids=jnp.asarray(pos), output_hidden_states=True)
-    assert_hidden_states_equal(hidden, out.hidden_states, real, ATOL_SMALL)
+    assert_hidden_states_equal(hidden, out.hidden_states, ATOL_SMALL)
 
     # Our default positions (counting real tokens) are the ones passed to transformers explicitly above.
     logits = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
     assert np.isfinite(logits).all()
-    if task == "sequence_classification":
-        np.testing.assert_allclose(logits, to_numpy(out.logits), atol=ATOL_SMALL, rtol=0)
-    else:
-        expected = to_numpy(out.last_hidden_state if task == "base" else out.logits)
-        np.testing.assert_allclose(logits[real], expected[real], atol=ATOL_SMALL, rtol=0)
+    expected = to_numpy(out.last_hidden_state if task == "base" else out.logits)
+    np.testing.assert_allclose(logits, expected, atol=ATOL_SMALL, rtol=0)
 
 
 def test_full_gpt2_124m_config(tmp_path):
     """The 124M `gpt2` shapes (12 x 768, vocab 50257, 1024 positions) with random weights, 1e-4 absolute."""
     theirs, ours = torch_and_ours(tmp_path, "causal_lm", seed=5, std=0.02)
     ids, mask, pos = make_batch(50257, T=24)
-    real = mask.astype(bool)
     out = forward_torch(theirs, ids, mask, pos)
     _, hidden = ours.transformer(jnp.asarray(ids), jnp.asarray(mask), output_hidden_states=True)
-    assert_hidden_states_equal(hidden, out.hidden_states, real, ATOL_FULL)
+    assert_hidden_states_equal(hidden, out.hidden_states, ATOL_FULL)
     logits = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
-    np.testing.assert_allclose(logits[real], to_numpy(out.logits)[real], atol=ATOL_FULL, rtol=0)
+    np.testing.assert_allclose(logits, to_numpy(out.logits), atol=ATOL_FULL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ generation
