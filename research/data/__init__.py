@@ -1,0 +1,1 @@
+"""Data pipelines, one module per task format. `classification`: text (or text pair) -> label."""

@@ -1,0 +1,280 @@
+"""Sequence-classification data: read a split (TSV/CSV/JSONL under the data root, or a hub dataset), check
+its labels, tokenize it, and cut it into padded batches.
+
+Nothing is lost silently. Rows that cannot be used are skipped with a reason and counted; inputs longer
+than `max_length` are truncated and counted (examples and tokens); a label outside the label set is an error,
+because JAX clamps out-of-range indices instead of failing. All of it lands in a `SplitReport`, which the
+runner prints and writes to the run directory.
+
+Batches have static shapes so the train step compiles a bounded number of times: `batch_size` rows (the
+last batch of an epoch is filled with weight-0 repeats, so every example counts exactly once) and a length
+padded up to the smallest of a few buckets. The order within an epoch is a permutation drawn from
+(seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from research.config import DataConfig
+
+
+class DataError(ValueError):
+    """Data that cannot be used as configured; the message names the file, the row and the fix."""
+
+
+def data_root() -> Path:
+    root = os.environ.get("RESEARCH_DATA_DIR")
+    if not root:
+        raise DataError("RESEARCH_DATA_DIR is not set: point it at the data folder that holds sst2/, conll2003/, "
+                        "... (in this repository's CI: RESEARCH_DATA_DIR=../shared/data)")
+    return Path(root).expanduser()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+@dataclasses.dataclass
+class SplitReport:
+    """What became of every row of one split."""
+
+    name: str
+    source: str
+    rows: int = 0  # data rows read (header excluded)
+    used: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
+    skipped_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # reason -> first row numbers
+    subset_of: int | None = None  # set when max_*_examples took a subset
+    truncated_examples: int = 0
+    truncated_tokens: int = 0
+    label_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    length_percentiles: dict[str, int] = dataclasses.field(default_factory=dict)  # tokens, before truncation
+
+    def skip(self, reason: str, row: int) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        first = self.skipped_rows.setdefault(reason, [])
+        if len(first) < 5:
+            first.append(row)
+
+    def summary(self) -> str:
+        parts = [f"{self.name}: {self.used:,} examples from {self.rows:,} rows of {self.source}"]
+        if self.subset_of is not None:
+            parts.append(f"a subset of the {self.subset_of:,} usable")
+        for reason, n in self.skipped.items():
+            parts.append(f"skipped {n:,} ({reason}; rows {self.skipped_rows[reason]}...)")
+        parts.append(f"truncated {self.truncated_examples:,} examples ({self.truncated_tokens:,} tokens)")
+        parts.append("labels " + ", ".join(f"{k}: {v:,}" for k, v in self.label_counts.items()))
+        parts.append("length p50/p95/max " + "/".join(str(v) for v in self.length_percentiles.values()))
+        return "; ".join(parts)
+
+
+@dataclasses.dataclass
+class Split:
+    """A tokenized split: ragged token ids per example, and label ids."""
+
+    name: str
+    input_ids: list[np.ndarray]  # each (T_i,) int32, special tokens included, T_i <= max_length
+    token_type_ids: list[np.ndarray]
+    labels: np.ndarray  # (N,) int32
+    texts: list[str]
+    report: SplitReport
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _read_rows(cfg: DataConfig, split: str) -> tuple[str, Iterator[tuple[int, dict[str, Any] | str]]]:
+    """(source description, rows as (row number, {column: value}) or (row number, problem))."""
+    where = cfg.train if split == "train" else cfg.dev
+    if cfg.source.startswith("hf:"):
+        return _read_hub(cfg, where)
+    if cfg.source != "files":
+        raise DataError(f"data.source={cfg.source!r}: use 'files' or 'hf:<dataset>[/<config>]'")
+    path = Path(where).expanduser()
+    path = path if path.is_absolute() else data_root() / path
+    if not path.is_file():
+        raise DataError(f"data.{split}: {path} does not exist (check data.{split} and RESEARCH_DATA_DIR)")
+    suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".csv", ".jsonl"):
+        raise DataError(f"data.{split}: {path} is not .tsv, .csv or .jsonl")
+    return str(path), (_jsonl_rows(path) if suffix == ".jsonl" else _delimited_rows(path, suffix))
+
+
+def _delimited_rows(path: Path, suffix: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        # GLUE TSVs are not quoted: a literal " belongs to the sentence (QUOTE_NONE keeps it).
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path} is empty (a header row naming the columns is expected)")
+        for row_number, row in enumerate(reader, start=2):  # 1-based file lines; line 1 is the header
+            if len(row) != len(header):
+                yield row_number, f"malformed row ({len(row)} fields, header has {len(header)})"
+            else:
+                yield row_number, dict(zip(header, row, strict=True))
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    with path.open(encoding="utf-8") as f:
+        for row_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                yield row_number, "invalid JSON"
+                continue
+            yield row_number, obj if isinstance(obj, dict) else "not a JSON object"
+
+
+def _read_hub(cfg: DataConfig, split_name: str) -> tuple[str, Iterator[tuple[int, dict[str, Any] | str]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data.source={cfg.source!r} needs the `datasets` package: pip install datasets "
+                        "(or download the files and use data.source='files')") from None
+    name, _, config = cfg.source.removeprefix("hf:").partition("/")
+    ds = datasets.load_dataset(name, config or None, split=split_name)
+    return f"{cfg.source}:{split_name}", ((i + 1, row) for i, row in enumerate(ds))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int) -> Split:
+    """Read, check and tokenize one split ("train" or "dev"). `labels` None infers them (training split only)."""
+    source, rows = _read_rows(cfg, split)
+    report = SplitReport(split, source)
+    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
+    texts, pairs, raw_labels = [], [], []
+    for row_number, row in rows:
+        report.rows += 1
+        if isinstance(row, str):
+            report.skip(row, row_number)
+            continue
+        absent = [c for c in columns if c not in row]
+        if absent:
+            raise DataError(f"{source} row {row_number} has no column {absent[0]!r} (columns: {sorted(row)}); "
+                            f"set data.text_column / data.label_column")
+        text = str(row[cfg.text_column]).strip()
+        if not text:
+            report.skip("empty text", row_number)
+            continue
+        label = str(row[cfg.label_column]).strip()
+        if not label:
+            raise DataError(f"{source} row {row_number} has an empty label")
+        texts.append(text)
+        pairs.append(str(row[cfg.text_pair_column]).strip() if cfg.text_pair_column else None)
+        raw_labels.append((label, row_number))
+
+    if labels is None:
+        labels = tuple(sorted({label for label, _ in raw_labels}))
+    index = {name: i for i, name in enumerate(labels)}
+    for label, row_number in raw_labels:
+        if label not in index:
+            raise DataError(f"{source} row {row_number}: label {label!r} is not in the label set {list(labels)}; "
+                            "fix the file or set data.labels to the full label set")
+    label_ids = np.array([index[label] for label, _ in raw_labels], np.int32)
+
+    limit = cfg.max_train_examples if split == "train" else cfg.max_dev_examples
+    keep = np.arange(len(texts))
+    if limit is not None and limit < len(texts):
+        report.subset_of = len(texts)
+        # Train: a random subset (a prefix of a sorted file would be one-sided); dev: the first N rows.
+        keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:limit]) if split == "train" \
+            else keep[:limit]
+    texts = [texts[i] for i in keep]
+    pairs = [pairs[i] for i in keep]
+    label_ids = label_ids[keep]
+
+    input_ids, token_types = _tokenize(tokenizer, texts, pairs, cfg.max_length, report)
+    report.used = len(texts)
+    report.label_counts = {name: int((label_ids == i).sum()) for i, name in enumerate(labels)}
+    if not texts:
+        raise DataError(f"{source}: no usable examples ({report.summary()})")
+    return Split(split, input_ids, token_types, label_ids, texts, report)
+
+
+def _tokenize(tokenizer, texts: list[str], pairs: list[str | None], max_length: int,
+              report: SplitReport) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    inputs = texts if pairs[0] is None else list(zip(texts, pairs, strict=True))
+    tokenizer.no_truncation()
+    encodings = tokenizer.encode_batch(inputs)
+    lengths = np.array([len(e.ids) for e in encodings])
+    long = np.flatnonzero(lengths > max_length)
+    if len(long):
+        # Re-encode only the long ones with the tokenizer's own truncation, which keeps [SEP] (and splits
+        # the budget between the two texts of a pair) the way the model saw it in pre-training.
+        tokenizer.enable_truncation(max_length, strategy="longest_first")
+        for i, enc in zip(long, tokenizer.encode_batch([inputs[i] for i in long]), strict=True):
+            encodings[i] = enc
+        tokenizer.no_truncation()
+    report.truncated_examples = int(len(long))
+    report.truncated_tokens = int((lengths[long] - max_length).sum())
+    report.length_percentiles = {q: int(np.percentile(lengths, int(q[1:]))) for q in ("p50", "p95", "p100")} \
+        if len(lengths) else {}
+    return ([np.array(e.ids, np.int32) for e in encodings], [np.array(e.type_ids, np.int32) for e in encodings])
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+def bucket_length(lengths: np.ndarray, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds the longest example."""
+    longest = int(lengths.max())
+    return next(b for b in buckets if b >= longest)
+
+
+def collate(split: Split, indices: np.ndarray, weights: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows `indices` padded on the right to `length`: the batch dict every objective receives."""
+    n = len(indices)
+    batch = {
+        "input_ids": np.full((n, length), pad_id, np.int32),
+        "attention_mask": np.zeros((n, length), np.int32),
+        "token_type_ids": np.zeros((n, length), np.int32),
+        "labels": split.labels[indices],
+        "weights": weights.astype(np.float32),  # 0 for filler rows: they count in no loss and no metric
+    }
+    for row, i in enumerate(indices):
+        ids = split.input_ids[i]
+        batch["input_ids"][row, : len(ids)] = ids
+        batch["attention_mask"][row, : len(ids)] = 1
+        batch["token_type_ids"][row, : len(ids)] = split.token_type_ids[i]
+    return batch
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    return -(-n_examples // batch_size)
+
+
+def epoch_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int, seed: int, epoch: int,
+                  start: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(batch index, batch) for one training epoch, from batch `start` on (resuming mid-epoch)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(split))
+    yield from _batches(split, order, batch_size, buckets, pad_id, start)
+
+
+def eval_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int
+                 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    yield from _batches(split, np.arange(len(split)), batch_size, buckets, pad_id, 0)
+
+
+def _batches(split: Split, order: np.ndarray, batch_size: int, buckets: tuple[int, ...], pad_id: int,
+             start: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    lengths = np.array([len(x) for x in split.input_ids])
+    for b in range(start, steps_per_epoch(len(order), batch_size)):
+        indices = order[b * batch_size : (b + 1) * batch_size]
+        weights = np.ones(batch_size, np.float32)
+        if len(indices) < batch_size:  # the last batch: fill with weight-0 repeats, keep the shape static
+            weights[len(indices):] = 0.0
+            indices = np.resize(indices, batch_size)
+        yield b, collate(split, indices, weights, bucket_length(lengths[indices], buckets), pad_id)
+

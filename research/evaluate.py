@@ -1,0 +1,135 @@
+"""Evaluation: a jit-compiled forward over a split, then classification metrics on the host.
+
+Metrics (accuracy, per-class and macro precision/recall/F1, the loss) come from the confusion matrix;
+`tests/test_train.py` checks them against scikit-learn's `classification_report`, which we do not depend on
+at run time for five lines of arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from research.data.classification import Split, eval_batches, load_split
+from research.sharding import make_mesh, put_batch, replicated
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh) -> Callable:
+    """(params, batch) -> logits (B, C) float32, with the model in eval mode (no dropout)."""
+
+    def step(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        mb = jax.tree.map(lambda x: x[0], batch)  # (1, B, ...) -> (B, ...): eval batches are never split
+        return model(mb["input_ids"], mb["attention_mask"], mb["token_type_ids"])
+
+    jitted = jax.jit(step, out_shardings=replicated(mesh))
+    return lambda params, batch: jitted(params, rest, batch)
+
+
+def predict(eval_step: Callable, params: dict, split: Split, batch_size: int, buckets: tuple[int, ...],
+            pad_id: int, mesh: Mesh) -> np.ndarray:
+    """Logits (N, C) for every example of `split`, in order."""
+    out = []
+    for _, batch in eval_batches(split, batch_size, buckets, pad_id):
+        logits = np.asarray(eval_step(params, put_batch(batch, mesh)))
+        out.append(logits[batch["weights"] > 0])  # filler rows of the last batch dropped here
+    return np.concatenate(out)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> tuple[dict, str]:
+    """Scalars {accuracy, loss, precision_macro, recall_macro, f1_macro} and a per-class report."""
+    n = len(names)
+    pred = logits.argmax(-1)
+    confusion = np.zeros((n, n), np.int64)  # rows: true label, columns: predicted
+    np.add.at(confusion, (labels, pred), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # A class never predicted (or absent) has precision (recall) 0, as scikit-learn's zero_division=0.
+        precision = np.nan_to_num(tp / confusion.sum(0))
+        recall = np.nan_to_num(tp / support)
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    loss = float(-np.asarray(log_probs)[np.arange(len(labels)), labels].mean())
+    scalars = {"accuracy": float(tp.sum() / len(labels)), "loss": loss, "precision_macro": float(precision.mean()),
+               "recall_macro": float(recall.mean()), "f1_macro": float(f1.mean())}
+    width = max(len(x) for x in (*names, "macro avg"))
+    lines = [f"{'':>{width}}  precision  recall  f1-score  support"]
+    for i, name in enumerate(names):
+        lines.append(f"{name:>{width}}  {precision[i]:9.4f}  {recall[i]:6.4f}  {f1[i]:8.4f}  {support[i]:7d}")
+    lines.append(f"{'macro avg':>{width}}  {precision.mean():9.4f}  {recall.mean():6.4f}  {f1.mean():8.4f}  "
+                 f"{support.sum():7d}")
+    lines.append(f"{'accuracy':>{width}}  {scalars['accuracy']:.4f} of {len(labels)}")
+    return scalars, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- run directories
+
+
+def load_trained_model(workdir: Path, which: str = "best") -> tuple[nnx.Module, int, str]:
+    """The model of a run directory with the parameters of its best (or latest) checkpoint, in eval mode."""
+    from research.checkpoint import Checkpoints
+    from research.experiment import build_model, read_run_config
+    from research.optim import make_optimizer
+
+    cfg = read_run_config(workdir)
+    model = build_model(cfg, cfg.data.labels)
+    mesh = make_mesh()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), params)
+    c = cfg.checkpoint
+    ckpts = Checkpoints(workdir, c.keep, c.best_metric, c.best_mode)
+    try:
+        if which == "best":
+            if c.best_metric is None:
+                raise FileNotFoundError(f"{workdir} keeps no best checkpoint (checkpoint.best_metric is None); "
+                                        "use --checkpoint latest")
+            params, step = ckpts.restore_best(abstract)
+        else:
+            # The optimizer state's structure does not depend on the schedule length: 1 step will do.
+            tx, _ = make_optimizer(cfg.optim, model, params, 1)
+            abstract_state = {"params": abstract, "opt_state": jax.eval_shape(tx.init, params),
+                              "step": jax.ShapeDtypeStruct((), jnp.int32),
+                              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+            abstract_state = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), abstract_state)
+            if ckpts.latest_step() is None:
+                raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
+            state, _ = ckpts.restore(abstract_state)
+            params, step = state["params"], int(state["step"])
+    finally:
+        ckpts.close()
+    param_state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(param_state, params)
+    nnx.update(model, param_state)
+    model.eval()
+    return model, step, which
+
+
+def evaluate_run(workdir: Path, which: str = "best") -> tuple[dict[str, float], str]:
+    """Evaluate a run's checkpoint on its dev split; the scalars are appended to the run's metrics.jsonl
+    (and TensorBoard) as `eval_<which>/...` at the checkpoint's step."""
+    from research.experiment import read_run_config
+    from research.metrics import MetricWriter
+    from research.models import load_tokenizer
+
+    cfg = read_run_config(workdir)
+    model, step, which = load_trained_model(workdir, which)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    dev = load_split(cfg.data, "dev", tokenizer, cfg.data.labels, cfg.train.seed)
+    mesh = make_mesh()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    logits = predict(make_eval_step(graphdef, rest, mesh), params, dev, cfg.train.eval_batch_size,
+                     cfg.data.buckets, model.config.pad_token_id or 0, mesh)
+    scalars, report = classification_metrics(logits, dev.labels, cfg.data.labels)
+    metrics = {f"eval_{which}/{k}": v for k, v in scalars.items()}
+    writer = MetricWriter(workdir)
+    writer.write(step, metrics)
+    writer.close()
+    return metrics, f"{which} checkpoint (step {step}) on {dev.report.source}:\n{report}"

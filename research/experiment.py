@@ -1,0 +1,131 @@
+"""From an experiment config to its pieces (tokenizer, checked data, model) and the run directory's record
+of what ran (`config.json`: the resolved config plus package versions, git commit, devices and command).
+
+Training, evaluation and export all build their model here, so a run directory always rebuilds the model
+it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from research.config import ConfigError, ExperimentConfig, from_dict
+from research.data.classification import DataError, Split, load_split
+from research.models import from_config, from_pretrained, load_tokenizer
+from research.models.hf import MODEL_FILES, read_hf_config, resolve_checkpoint_dir
+from research.objectives import objective_options
+
+
+@dataclasses.dataclass
+class Pieces:
+    tokenizer: object
+    labels: tuple[str, ...]
+    train: Split | None
+    dev: Split
+    model: nnx.Module  # in eval mode; the runner switches it to train mode for the train step
+    pad_id: int
+
+
+def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
+    """Load the tokenizer, read and check the data, and build the model (pretrained or from scratch)."""
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    train = load_split(cfg.data, "train", tokenizer, cfg.data.labels, cfg.train.seed) if with_train else None
+    if cfg.data.labels is not None:
+        labels = cfg.data.labels
+    elif train is not None:
+        labels = tuple(train.report.label_counts)  # inferred from the training split, in id order
+    else:
+        raise ConfigError("data.labels must be set when the training split is not read (evaluation only)")
+    dev = load_split(cfg.data, "dev", tokenizer, labels, cfg.train.seed)
+    model = build_model(cfg, labels)
+    pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+    vocab = model.config.vocab_size
+    for split in (s for s in (train, dev) if s is not None):
+        top = max(int(ids.max()) for ids in split.input_ids)
+        if top >= vocab:
+            raise DataError(f"the tokenizer of {cfg.model.name_or_path} produced token id {top} in the {split.name} "
+                            f"split, but the model's vocab_size is {vocab}: tokenizer and model do not match")
+    return Pieces(tokenizer, labels, train, dev, model, pad_id)
+
+
+def build_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
+    m = cfg.model
+    label_args = {"num_labels": len(labels), "id2label": labels}
+    if m.init == "pretrained":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = from_pretrained(m.name_or_path, m.task, seed=cfg.train.seed, **label_args, **m.overrides)
+        for w in caught:  # the new classification head is expected; print it rather than bury it in warnings
+            print(f"model: {w.message}")
+        return model
+    directory = resolve_checkpoint_dir(m.name_or_path)
+    hf = read_hf_config(directory)
+    if hf.get("model_type") not in MODEL_FILES:
+        raise ConfigError(f"model.name_or_path: {directory} has model_type={hf.get('model_type')!r}; "
+                          f"supported: {sorted(MODEL_FILES)}")
+    model_cfg = MODEL_FILES[hf["model_type"]].CONFIG.from_hf_config(hf, **label_args, **m.overrides)
+    model = from_config(model_cfg, m.task, seed=cfg.train.seed)
+    model.hf_source = str(directory)  # tokenizer files for export
+    return model
+
+
+# ----------------------------------------------------------------------------------- the run directory
+
+
+def provenance() -> dict:
+    packages = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "safetensors", "research"]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    root = Path(__file__).resolve().parent.parent
+    git = {}
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode == 0:
+            git = {"commit": head.stdout.strip(), "dirty": bool(run("status", "--porcelain").stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "git": git or None,
+        "devices": [str(d) for d in jax.devices()],
+        "processes": jax.process_count(),
+        "command": sys.argv,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def normalized(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with the objective's default options filled in: how configs are compared and recorded."""
+    objective = dataclasses.replace(cfg.objective, params=objective_options(cfg.objective))
+    return dataclasses.replace(cfg, objective=objective)
+
+
+def write_run_config(workdir: Path, cfg: ExperimentConfig) -> None:
+    record = normalized(cfg).to_dict()
+    record["provenance"] = provenance()
+    (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_run_config(workdir: Path) -> ExperimentConfig:
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a run directory")
+    record = json.loads(path.read_text())
+    record.pop("provenance", None)
+    return from_dict(ExperimentConfig, record)

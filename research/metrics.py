@@ -1,0 +1,68 @@
+"""Metrics out: append-only `metrics.jsonl` and TensorBoard event files, written by process 0 only.
+
+Each JSONL line is `{"step": N, "<group>/<name>": value, ...}`; the TensorBoard scalars carry the same names
+and values. On resume, records after the restored step are dropped from both (TensorBoard through
+`purge_step`), because the resumed run writes them again: the files end up as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+
+
+class MetricWriter:
+    def __init__(self, workdir: Path, resume_step: int | None = None):
+        self.active = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.tb = None
+        if not self.active:
+            return
+        if resume_step is not None and self.path.exists():
+            kept, dropped = [], 0
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    dropped += 1
+                    continue
+                if record["step"] <= resume_step:
+                    kept.append(line)
+                else:
+                    dropped += 1
+            self.path.write_text("".join(line + "\n" for line in kept))
+            if dropped:
+                print(f"metrics.jsonl: dropped {dropped} records after step {resume_step}; "
+                      "the resumed run writes them again")
+        from tensorboardX import SummaryWriter
+
+        purge = resume_step + 1 if resume_step is not None else None
+        self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge, flush_secs=10)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name != "step" and isinstance(value, int | float):
+                self.tb.add_scalar(name, value, step)
+
+    def write_text(self, step: int, name: str, text: str) -> None:
+        if self.active:
+            self.tb.add_text(name, f"```\n{text}\n```", step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(value):
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the fact as a string
+    return value

@@ -1,0 +1,107 @@
+"""The optimizer: an optax chain built from `OptimConfig`.
+
+    clip by global norm -> AdamW (no decay on biases and LayerNorm) -> layer-wise lr scale,
+    with frozen parameters routed to `set_to_zero` by `multi_transform`.
+
+Schedules follow `transformers.get_{linear,cosine,constant}_schedule_with_warmup`: the first update uses
+step 0 of the schedule (lr 0 under warmup), warmup is `ceil(warmup_ratio * total_steps)` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable
+
+import jax
+import optax
+from flax import nnx
+
+from research.config import ConfigError, OptimConfig
+from research.models.hf import num_layers
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    warm = warmup_steps(cfg, total_steps)
+    after = max(total_steps - warm, 1)
+    decay = {
+        "linear": optax.linear_schedule(cfg.lr, 0.0, after),
+        "cosine": optax.cosine_decay_schedule(cfg.lr, after),
+        "constant": optax.constant_schedule(cfg.lr),
+    }[cfg.schedule]
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), decay], [warm])
+
+
+def path_name(path: tuple) -> str:
+    """'bert/layers/0/attention/query/kernel' for a pytree path of dict keys."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _layer_norm_paths(model: nnx.Module) -> set[str]:
+    return {path_name(p) for p, node in nnx.iter_graph(model) if isinstance(node, nnx.LayerNorm)}
+
+
+def _depth(name: str, layer_container: str, embedding_modules: tuple[str, ...], n_layers: int) -> int:
+    """0 for embeddings, i + 1 for transformer layer i, n_layers + 1 for everything above (pooler, heads)."""
+    parts = name.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part == layer_container and parts[i + 1].isdigit():
+            return int(parts[i + 1]) + 1
+    if any(part in embedding_modules for part in parts):
+        return 0
+    return n_layers + 1
+
+
+def _scale_by_path(factor: Callable[[str], float]) -> optax.GradientTransformation:
+    """Multiply each update by factor(parameter name). optax has per-group learning rates only through
+    multi_transform with one AdamW per group; a per-leaf scale after AdamW is the same update (decoupled
+    decay included, as torch param groups scale it by their lr) with a single optimizer state."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(path_name(p)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain for `params` (the pure-dict `nnx.Param` state of `model`) and its lr schedule."""
+    schedule = make_schedule(cfg, total_steps)
+    norms = _layer_norm_paths(model)
+
+    def decays(path: tuple) -> bool:
+        name = path_name(path)
+        return not (name.endswith("/bias") or name.rsplit("/", 1)[0] in norms)
+
+    chain = []
+    if cfg.clip_norm is not None:
+        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             mask=lambda tree: jax.tree_util.tree_map_with_path(lambda p, _: decays(p), tree)))
+    if cfg.layerwise_lr_decay != 1.0:
+        mod = sys.modules[type(model).__module__]  # the model file: bert.py or gpt2.py
+        n = num_layers(model.config)
+        chain.append(_scale_by_path(lambda name: cfg.layerwise_lr_decay ** (
+            n + 1 - _depth(name, mod.LAYER_CONTAINER, mod.EMBEDDING_MODULES, n))))
+    tx = optax.chain(*chain)
+
+    if not cfg.freeze:
+        return tx, schedule
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in cfg.freeze:
+        if not any(re.fullmatch(pattern, name) for name in names):
+            raise ConfigError(f"optim.freeze pattern {pattern!r} matches no parameter; names look like {names[0]!r}")
+
+    def label(path: tuple, _) -> str:
+        return "frozen" if any(re.fullmatch(p, path_name(path)) for p in cfg.freeze) else "train"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels), schedule

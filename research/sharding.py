@@ -1,0 +1,68 @@
+"""Devices: one `Mesh` with a single data axis, parameters replicated, batches split along that axis.
+
+Works unchanged from 1 device to N, and across hosts: `init_distributed` joins a multi-host job, after which
+`jax.devices()` lists every host's devices and each host feeds only the rows of the batch its devices hold.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def init_distributed() -> None:
+    """Join a multi-host job when one is configured; a no-op for a single process.
+
+    `jax.distributed.initialize()` finds the coordinator itself on SLURM, Open MPI, Cloud TPU and GKE; on
+    other clusters set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host."""
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                                   int(env["JAX_PROCESS_ID"]))
+    elif "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    return Mesh(np.array(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are laid out (micro-batches, rows, ...): the rows axis is split over the data axis, so every
+    micro-batch of gradient accumulation is spread over all devices."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
+def check_divisible(batch_size: int, grad_accum: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+    n = mesh.devices.size
+    if batch_size % (grad_accum * n):
+        raise ValueError(f"{what}={batch_size} must be divisible by grad_accum ({grad_accum}) x devices ({n}) "
+                         f"= {grad_accum * n}")
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, grad_accum: int = 1) -> dict[str, jax.Array]:
+    """A host batch (B, ...) as global arrays (grad_accum, B / grad_accum, ...) split over the mesh.
+
+    Every host builds the same global batch (cheap, and it fixes the bucket length globally); each then
+    hands over only the rows its own devices hold."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for name, x in batch.items():
+        x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])  # (B, ...) -> (A, B/A, ...)
+        if jax.process_count() == 1:
+            out[name] = jax.device_put(x, sharding)
+        else:
+            rows = x.shape[1] // jax.process_count()
+            local = x[:, jax.process_index() * rows : (jax.process_index() + 1) * rows]
+            out[name] = jax.make_array_from_process_local_data(sharding, local, x.shape)
+    return out

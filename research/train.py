@@ -1,0 +1,270 @@
+"""The train step and the training loop.
+
+`make_train_step` builds ONE jit-compiled function over the device mesh: parameters replicated, the batch
+split along the data axis, the state donated. It knows nothing of the model family or the objective: it
+merges the parameters into the model, reseeds the dropout streams from (seed, step), calls
+`loss_fn(model, batch, rng) -> (loss, aux)`, averages gradients over micro-batches, and applies the optax
+update. A new objective is a new `loss_fn`, never a branch in here.
+
+`train` is the loop: data -> step -> metrics -> evaluation -> checkpoints, resumable bit-exactly because
+everything random is a function of (seed, step) or (seed, epoch) and the data position is checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from research import experiment
+from research.checkpoint import Checkpoints
+from research.config import ExperimentConfig
+from research.data.classification import epoch_batches, steps_per_epoch
+from research.evaluate import classification_metrics, make_eval_step, predict
+from research.metrics import MetricWriter
+from research.objectives import make_objective
+from research.optim import make_optimizer
+from research.sharding import batch_sharding, check_divisible, init_distributed, make_mesh, put_batch, replicated
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message names the step."""
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (e.g. training over an existing run without --resume)."""
+
+
+class TrainStep:
+    """The compiled step `(state, batch) -> (state, metrics)`; `traces` counts compilations (one per
+    distinct batch shape, i.e. per length bucket)."""
+
+    def __init__(self, fn: Callable, rest: nnx.State):
+        self._fn, self._rest, self.traces = fn, rest, 0
+
+    def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        return self._fn(state, self._rest, batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh: Mesh, compute_dtype: str = "float32") -> TrainStep:
+    """`graphdef` is the model in train mode built with the compute dtype; `rest` its non-parameter state
+    (the dropout streams). The state is {"params", "opt_state", "step", "rng"}; batches are laid out
+    (micro-batches, rows, ...) as `put_batch` makes them."""
+
+    def grads_of(params, rest, micro_batch, key):
+        dropout_key, objective_key = jax.random.split(key)
+
+        def loss_of(params):
+            cast = jax.tree.map(lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                                params)  # float32 master weights, compute in compute_dtype
+            # A copy of `rest`: NNX refuses to mutate (reseed) variables created under another trace level.
+            model = nnx.merge(graphdef, cast, jax.tree.map(lambda x: x, rest))
+            nnx.reseed(model, default=dropout_key)  # a fresh, distinct key for every dropout layer
+            return loss_fn(model, micro_batch, objective_key)
+
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return loss, aux, grads
+
+    def step(state, rest, batch):
+        wrapper.traces += 1  # runs only while tracing
+        params = state["params"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        n_micro = batch["labels"].shape[0]
+        if n_micro == 1:
+            loss, aux, grads = grads_of(params, rest, jax.tree.map(lambda x: x[0], batch), key)
+        else:
+            # Each micro-batch's mean is weighted by its number of real examples, so the sum divided by the
+            # total weight is the gradient of the whole batch's mean (filler rows carry weight 0).
+            def weighted(micro_batch, k):
+                loss, aux, grads = grads_of(params, rest, micro_batch, k)
+                w = aux.pop("weight")
+                return {"loss": loss * w, "aux": {n: v * w for n, v in aux.items()},
+                        "grads": jax.tree.map(lambda g: g * w, grads), "weight": w}
+
+            keys = jax.random.split(key, n_micro)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(weighted, jax.tree.map(lambda x: x[0], batch), keys[0]))
+            total, _ = jax.lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, weighted(*xs)), None),
+                                    zeros, (batch, keys))
+            w = jnp.maximum(total["weight"], 1.0)
+            loss, grads = total["loss"] / w, jax.tree.map(lambda g: g / w, total["grads"])
+            aux = {n: v / w for n, v in total["aux"].items()}
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"train/loss": loss, **{f"train/{n}": v for n, v in aux.items() if n != "weight"},
+                   "train/grad_norm": optax.global_norm(grads), "train/update_norm": optax.global_norm(updates),
+                   "train/param_norm": optax.global_norm(params), "train/lr": schedule(state["step"])}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+
+    jitted = jax.jit(step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh)),
+                     out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+    wrapper = TrainStep(jitted, rest)
+    return wrapper
+
+
+# -------------------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> dict[str, float]:
+    """Train `cfg` in `workdir`; returns the last evaluation's metrics. See the module docstring."""
+    init_distributed()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh()
+    t = cfg.train
+    check_divisible(t.batch_size, t.grad_accum, mesh)
+    check_divisible(t.eval_batch_size, 1, mesh, "train.eval_batch_size")
+    ckpts = Checkpoints(workdir, cfg.checkpoint.keep, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
+    latest = ckpts.latest_step()
+    if latest is not None and not resume:
+        raise RunError(f"{workdir} already holds checkpoints (latest step {latest}); pass --resume to continue "
+                       "that run, or choose another --workdir")
+
+    pieces = experiment.prepare(cfg)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))  # resolved
+    _record_run(workdir, cfg, pieces, resuming=latest is not None)
+
+    model = pieces.model
+    model.eval()
+    eval_graphdef, _, eval_rest = nnx.split(model, nnx.Param, ...)
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if t.compute_dtype != "float32":  # same structure, layers computing in compute_dtype
+        low = dataclasses.replace(model.config, dtype=t.compute_dtype)
+        abstract = nnx.eval_shape(lambda: type(model)(low, rngs=nnx.Rngs(0)))
+        abstract.train()
+        graphdef = nnx.graphdef(abstract)
+    params = nnx.to_pure_dict(params)
+
+    per_epoch = steps_per_epoch(len(pieces.train), t.batch_size)
+    total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
+    tx, schedule = make_optimizer(cfg.optim, model, params, total)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(t.seed))}
+    state = jax.device_put(state, replicated(mesh))
+    meta = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "evals_since_best": 0}
+    if latest is not None:
+        state, meta = ckpts.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                                 state))
+        print(f"resumed from {workdir}/checkpoints/{latest} (epoch {meta['epoch']}, batch {meta['batch']})")
+    start = int(state["step"])
+
+    train_step = make_train_step(graphdef, rest, make_objective(cfg.objective), tx, schedule, mesh, t.compute_dtype)
+    eval_step = make_eval_step(eval_graphdef, eval_rest, mesh)
+    writer = MetricWriter(workdir, resume_step=start if latest is not None else None)
+    d, c = cfg.data, cfg.checkpoint
+
+    def evaluate(step: int) -> dict[str, float]:
+        logits = predict(eval_step, state["params"], pieces.dev, t.eval_batch_size, d.buckets, pieces.pad_id, mesh)
+        scalars, report = classification_metrics(logits, pieces.dev.labels, pieces.labels)
+        metrics = {f"dev/{k}": v for k, v in scalars.items()}
+        writer.write(step, metrics)
+        writer.write_text(step, "dev/report", report)
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
+    bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0, desc=cfg.name, dynamic_ncols=True)
+    window, examples, tokens, t0 = [], 0.0, 0, time.perf_counter()
+    last_eval: dict[str, float] = {}
+    step, epoch, first_batch = start, meta["epoch"], meta["batch"]
+    try:
+        while step < total and stop["signal"] is None:
+            for b, batch in epoch_batches(pieces.train, t.batch_size, d.buckets, pieces.pad_id, t.seed, epoch,
+                                          first_batch):
+                state, metrics = train_step(state, put_batch(batch, mesh, t.grad_accum))
+                metrics = jax.device_get(metrics)
+                step += 1
+                if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
+                    raise NonFiniteLossError(
+                        f"non-finite loss {metrics['train/loss']} (grad norm {metrics['train/grad_norm']}) at step "
+                        f"{step} (epoch {epoch}, batch {b}); nothing was saved for it, the last checkpoint is step "
+                        f"{ckpts.latest_step()}. Lower optim.lr, check the data, or use train.compute_dtype=float32")
+                window.append(metrics)
+                examples += float(batch["weights"].sum())
+                tokens += int(batch["attention_mask"][batch["weights"] > 0].sum())
+                meta.update(epoch=epoch + (b + 1 == per_epoch), batch=(b + 1) % per_epoch)
+                bar.update(1)
+                if step % t.log_every == 0 or step == total:
+                    seconds = time.perf_counter() - t0
+                    logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                    logged.update({"train/examples_per_s": examples / seconds, "train/tokens_per_s": tokens / seconds,
+                                   "train/epoch": step / per_epoch})
+                    writer.write(step, logged)
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}")
+                    window, examples, tokens = [], 0.0, 0
+                end_of_epoch = b + 1 == per_epoch
+                early_stop = False
+                if step == total or (step % t.eval_every == 0 if t.eval_every else end_of_epoch):
+                    last_eval = evaluate(step)
+                    early_stop = _track_best(ckpts, c, meta, step, state["params"], last_eval)
+                if step % c.every_steps == 0 or step == total or stop["signal"] or early_stop:
+                    ckpts.save(step, state, meta)
+                if early_stop:
+                    tqdm.write(f"early stopping at step {step}: no {c.best_metric} improvement in {c.patience} "
+                               f"evaluations (best {meta['best']:.4f} at step {meta['best_step']})")
+                    total = step
+                if stop["signal"] or step == total:
+                    break
+                if step % t.log_every == 0:
+                    t0 = time.perf_counter()  # throughput excludes evaluation and checkpointing
+            epoch, first_batch = epoch + 1, 0
+        if stop["signal"]:
+            tqdm.write(f"{stop['signal']}: saved a checkpoint at step {step}; resume with --resume")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        writer.close()
+        ckpts.close()
+    return last_eval
+
+
+def _track_best(ckpts: Checkpoints, c, meta: dict, step: int, params: dict, metrics: dict) -> bool:
+    """Update the best-so-far record (and best/ checkpoint); True when early stopping should trigger."""
+    if c.best_metric is None:
+        return False
+    if c.best_metric not in metrics:
+        raise KeyError(f"checkpoint.best_metric={c.best_metric!r} is not an evaluation metric; "
+                       f"choose from {sorted(metrics)}")
+    value = metrics[c.best_metric]
+    better = meta["best"] is None or (value > meta["best"] if c.best_mode == "max" else value < meta["best"])
+    if better:
+        meta.update(best=value, best_step=step, evals_since_best=0)
+        ckpts.save_best(step, params, metrics)
+    else:
+        meta["evals_since_best"] += 1
+    return c.patience is not None and meta["evals_since_best"] >= c.patience
+
+
+def _record_run(workdir: Path, cfg: ExperimentConfig, pieces: experiment.Pieces, resuming: bool) -> None:
+    """Write config.json and data_report.json; when resuming, refuse a config that differs from the run's."""
+    if resuming and (workdir / "config.json").exists():
+        saved = experiment.read_run_config(workdir)
+        if experiment.normalized(saved) != experiment.normalized(cfg):
+            a, b = experiment.normalized(saved).to_dict(), experiment.normalized(cfg).to_dict()
+            diff = [f"{g}.{k}: {a[g][k]!r} -> {b[g][k]!r}" for g in a if isinstance(a[g], dict)
+                    for k in a[g] if a[g][k] != b[g][k]]
+            raise RunError(f"--resume with a config that differs from {workdir}/config.json ({'; '.join(diff)}); "
+                           "a resumed run must be the same experiment: start a new --workdir instead")
+    if jax.process_index() != 0:
+        return
+    if not resuming:
+        experiment.write_run_config(workdir, cfg)
+    reports = {s.name: dataclasses.asdict(s.report) for s in (pieces.train, pieces.dev)}
+    (workdir / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
+    for s in (pieces.train, pieces.dev):
+        print(f"data {s.report.summary()}")
