@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
+from research.models.linear import Linear
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -97,8 +98,8 @@ PRESETS = {
 }
 
 
-def _dense(cfg: BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
+def _dense(cfg: BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> Linear:
+    return Linear(
         d_in,
         d_out,
         kernel_init=nnx.initializers.normal(cfg.initializer_range),

