@@ -6,8 +6,9 @@ recipe of scripts/baseline_sst2_torch.py, so the two can be set side by side.
 
 Recipe: max length 64, batch 32, AdamW lr 5e-5, weight decay 0.01 (not on biases and LayerNorm), linear
 warmup over 6% of the steps then linear decay to 0, gradient clipping at 1.0, 1 epoch (2,105 steps over the
-67,349 training sentences), evaluation on the 872 dev sentences every 500 steps and at the end. Batches are padded to multiples of 8
-tokens (7 buckets, so 7 compilations), close to the baseline's padding to each batch's longest sentence.
+67,349 training sentences), evaluation on the 872 dev sentences every 500 steps and at the end. Batches are
+padded to multiples of 8 tokens (7 buckets, so 7 compilations), close to the baseline's padding to each
+batch's longest sentence.
 
 Expected: SST-2 dev accuracy about 0.89-0.90 after one epoch (README, "SST-2 with all-MiniLM-L6-v2", has
 the measured mean and std over 3 seeds next to the PyTorch baseline's).

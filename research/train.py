@@ -105,8 +105,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"train/loss": loss, **{f"train/{n}": v for n, v in aux.items() if n != "weight"},
-                   "train/grad_norm": optax.global_norm(grads), "train/update_norm": optax.global_norm(updates),
-                   "train/param_norm": optax.global_norm(params), "train/lr": schedule(state["step"])}
+                   "train/grad_norm": optax.tree.norm(grads), "train/update_norm": optax.tree.norm(updates),
+                   "train/param_norm": optax.tree.norm(params), "train/lr": schedule(state["step"])}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
     jitted = jax.jit(step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh)),
@@ -190,10 +190,12 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
                 metrics = jax.device_get(metrics)
                 step += 1
                 if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
+                    last = ckpts.latest_step()
                     raise NonFiniteLossError(
                         f"non-finite loss {metrics['train/loss']} (grad norm {metrics['train/grad_norm']}) at step "
-                        f"{step} (epoch {epoch}, batch {b}); nothing was saved for it, the last checkpoint is step "
-                        f"{ckpts.latest_step()}. Lower optim.lr, check the data, or use train.compute_dtype=float32")
+                        f"{step} (epoch {epoch}, batch {b}); nothing was saved for it "
+                        f"({f'the last checkpoint is step {last}' if last is not None else 'no checkpoint yet'}). "
+                        "Lower optim.lr, check the data, or use train.compute_dtype=float32")
                 window.append(metrics)
                 examples += float(batch["weights"].sum())
                 tokens += int(batch["attention_mask"][batch["weights"] > 0].sum())
@@ -203,7 +205,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
                     seconds = time.perf_counter() - t0
                     logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                     logged.update({"train/examples_per_s": examples / seconds, "train/tokens_per_s": tokens / seconds,
-                                   "train/epoch": step / per_epoch})
+                                   "train/epoch": step / per_epoch, "train/compilations": train_step.traces})
                     writer.write(step, logged)
                     bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}")
                     window, examples, tokens = [], 0.0, 0

@@ -1,0 +1,257 @@
+"""The runner end to end on experiments/smoke.py (a 2-layer, 32-wide BERT on 256 SST-2 sentences):
+
+- the run directory holds what DESIGN.md promises, TensorBoard's own reader sees the metrics.jsonl values,
+  and the step compiles once per length bucket;
+- SIGKILL mid-run (delivered right after a known step) + --resume gives the uninterrupted run's
+  metrics.jsonl and final parameters, bit for bit;
+- a half-written (temporary) checkpoint directory is never resumed from; SIGTERM saves before exiting;
+- a NaN loss stops the run naming the step, with no checkpoint after it; early stopping; refusals;
+- gradient accumulation equals the big batch; 8 simulated devices equal 1 device;
+- `research export` writes a directory transformers loads, predicting what `research eval` measured.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from research.cli import main
+from research.config import apply_overrides, load_experiment
+from research.evaluate import load_trained_model
+from research.train import NonFiniteLossError, RunError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "smoke.py"
+# Per-step values; throughput and compile counts depend on the machine and the process, not the math.
+TIMING_KEYS = ("train/examples_per_s", "train/tokens_per_s", "train/compilations")
+
+
+def smoke(*overrides):
+    return apply_overrides(load_experiment(SMOKE), list(overrides))
+
+
+def records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def deterministic(rs):
+    """The training records without timings (`research eval` records, added later, left out too)."""
+    kept = [r for r in rs if not any(k.startswith("eval_") for k in r)]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in kept]
+
+
+def params_of(workdir, which="latest"):
+    from flax import nnx
+
+    model, step, _ = load_trained_model(Path(workdir), which)
+    return step, {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("runs") / "smoke"
+    metrics = train(smoke(), workdir)
+    return workdir, metrics
+
+
+def test_run_directory_and_metrics(smoke_run):
+    workdir, final = smoke_run
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["name"] == "smoke" and config["data"]["labels"] == ["0", "1"]
+    assert config["provenance"]["versions"]["jax"] == jax.__version__ and "git" in config["provenance"]
+    assert config["objective"]["params"] == {"label_smoothing": 0.0}  # defaults recorded
+    report = json.loads((workdir / "data_report.json").read_text())
+    assert report["train"]["used"] == 256 and report["dev"]["used"] == 64
+    rs = records(workdir)
+    train_rs = [r for r in rs if "train/loss" in r]
+    dev_rs = [r for r in rs if "dev/accuracy" in r]
+    assert [r["step"] for r in train_rs] == list(range(2, 17, 2))  # log_every=2 over 16 steps
+    assert [r["step"] for r in dev_rs] == [4, 8, 12, 16]  # eval_every=4
+    assert dev_rs[-1]["dev/accuracy"] == final["dev/accuracy"]
+    assert train_rs[0]["train/lr"] < train_rs[1]["train/lr"] > train_rs[-1]["train/lr"]  # warmup then decay
+    assert all(np.isfinite(r["train/grad_norm"]) and r["train/update_norm"] > 0 for r in train_rs)
+    # Compiled once per length bucket (16 and 32), however many steps run.
+    assert train_rs[-1]["train/compilations"] <= 2
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "16"]  # keep=2
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    expected = {"train/loss", "train/lr", "train/grad_norm", "dev/accuracy", "dev/f1_macro"}
+    assert expected <= set(events.Tags()["scalars"])
+    tb_loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert tb_loss == [(r["step"], pytest.approx(r["train/loss"], rel=1e-6)) for r in train_rs]
+
+
+def test_eval_and_export_agree_with_transformers(smoke_run, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from research.data.classification import eval_batches, load_split
+    from research.models import load_tokenizer
+
+    workdir, _ = smoke_run
+    main(["eval", str(workdir), "--checkpoint", "latest"])
+    out = capsys.readouterr().out
+    accuracy = records(workdir)[-1]["eval_latest/accuracy"]
+    assert "macro avg" in out and f"eval_latest/accuracy {accuracy:.4f}" in out
+    assert accuracy == [r for r in records(workdir) if "dev/accuracy" in r][-1]["dev/accuracy"]
+
+    main(["export", str(workdir), str(tmp_path / "hf"), "--checkpoint", "latest"])
+    torch_model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch_model.config.id2label == {0: "0", 1: "1"}
+    cfg = smoke()
+    dev = load_split(cfg.data, "dev", load_tokenizer(tmp_path / "hf"), cfg.data.labels, 0)
+    correct = 0
+    with torch.no_grad():
+        for _, b in eval_batches(dev, 32, cfg.data.buckets, 0):
+            logits = torch_model.eval()(input_ids=torch.tensor(b["input_ids"]).long(),
+                                        attention_mask=torch.tensor(b["attention_mask"]).long()).logits.numpy()
+            correct += ((logits.argmax(-1) == b["labels"]) * b["weights"]).sum()
+    assert correct / len(dev) == pytest.approx(accuracy, abs=1e-9)
+
+
+SIGNAL_AT_STEP = """
+import os, signal, sys
+from research import metrics
+from research.cli import main
+
+step_at, signum = int(sys.argv[1]), getattr(signal, sys.argv[2])
+write = metrics.MetricWriter.write
+
+def write_then_signal(self, step, values):
+    write(self, step, values)
+    if step == step_at and "train/loss" in values:
+        os.kill(os.getpid(), signum)  # a real signal, delivered mid-run at a known step
+
+metrics.MetricWriter.write = write_then_signal
+main(sys.argv[3:])
+"""
+
+
+def _run_and_signal(workdir, step, signum):
+    """`research train smoke` in a subprocess that receives `signum` right after logging `step`."""
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(step), signum, "train", str(SMOKE),
+                           "--workdir", str(workdir)], capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_then_resume_is_bit_identical(smoke_run, tmp_path):
+    reference, _ = smoke_run
+    workdir = tmp_path / "killed"
+    killed = _run_and_signal(workdir, 6, "SIGKILL")  # after the step-4 checkpoint, before the step-8 one
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4"]
+    assert records(workdir)[-1]["step"] == 6
+    # A half-written checkpoint (orbax's temporary directory for a save cut short) must be ignored.
+    (workdir / "checkpoints" / "14.orbax-checkpoint-tmp-1700000000000000").mkdir()
+    done = subprocess.run([sys.executable, "-m", "research.cli", "train", str(SMOKE), "--workdir", str(workdir),
+                           "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in done.stdout
+    assert deterministic(records(workdir)) == deterministic(records(reference))
+    step_a, a = params_of(reference)
+    step_b, b = params_of(workdir)
+    assert step_a == step_b == 16
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    workdir = tmp_path / "terminated"
+    done = _run_and_signal(workdir, 2, "SIGTERM")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SIGTERM: saved a checkpoint at step 2; resume with --resume" in done.stdout + done.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
+    train(smoke(), workdir, resume=True)
+    assert records(workdir)[-1]["step"] == 16
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path, data_dir):
+    # lr 1e30 from the first step: the first update wrecks the weights and a later loss is NaN.
+    cfg = smoke("optim.lr=1e30", "optim.warmup_ratio=0", "optim.clip_norm=null", "train.log_every=1",
+                "checkpoint.every_steps=1")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan .* at step \d+ .*nothing was saved for it") as e:
+        train(cfg, tmp_path / "nan")
+    bad = int(str(e.value).split(" at step ")[1].split()[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == list(range(1, bad))  # every step before it, none from it on
+    assert f"the last checkpoint is step {bad - 1}" in str(e.value)
+    logged = [r["step"] for r in records(tmp_path / "nan") if "train/loss" in r]
+    assert logged == list(range(1, bad))  # the NaN step is never logged as a number
+
+
+def test_early_stopping_and_refusals(tmp_path, data_dir):
+    workdir = tmp_path / "early"
+    # The smoke model sits at chance: dev accuracy never improves after the first evaluation (step 4).
+    train(smoke("checkpoint.patience=1"), workdir)
+    dev = [r["step"] for r in records(workdir) if "dev/accuracy" in r]
+    assert dev == [4, 8] and sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8]
+    with pytest.raises(RunError, match="already holds checkpoints .* pass --resume"):
+        train(smoke(), workdir)
+    with pytest.raises(RunError, match=r"differs from .*config.json \(optim.lr: 0.001 -> 0.002\)"):
+        train(smoke("optim.lr=2e-3", "checkpoint.patience=1"), workdir, resume=True)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, data_dir):
+    # Without dropout the two are the same computation, up to float summation order.
+    no_dropout = ["model.overrides.hidden_dropout_prob=0", "model.overrides.attention_probs_dropout_prob=0",
+                  "train.max_steps=3", "train.eval_every=null"]
+    train(smoke(*no_dropout), tmp_path / "full")
+    train(smoke(*no_dropout, "train.grad_accum=4"), tmp_path / "accum")
+    full = [r["train/loss"] for r in records(tmp_path / "full") if "train/loss" in r]
+    accum = [r["train/loss"] for r in records(tmp_path / "accum") if "train/loss" in r]
+    np.testing.assert_allclose(accum, full, rtol=1e-5)
+    _, a = params_of(tmp_path / "full")
+    _, b = params_of(tmp_path / "accum")
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+EIGHT_DEVICES = """
+import json, sys
+import jax
+import numpy as np
+from flax import nnx
+from research.config import apply_overrides, load_experiment
+from research.evaluate import load_trained_model
+from research import sharding, train as train_module
+from pathlib import Path
+
+assert jax.device_count() == 8, jax.devices()
+out = {}
+for n in (1, 8):
+    devices = jax.devices()[:n]
+    train_module.make_mesh = lambda devices=devices: sharding.make_mesh(devices)
+    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null"])
+    workdir = Path(sys.argv[2]) / f"d{n}"
+    train_module.train(cfg, workdir)
+    losses = [json.loads(l)["train/loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in l]
+    model, _, _ = load_trained_model(workdir, "latest")
+    state = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    flat = {"/".join(map(str, k)): np.asarray(v[...]).tolist() for k, v in state}
+    out[n] = {"losses": losses, "params": flat}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_eight_simulated_devices_match_one(tmp_path, data_dir):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(SMOKE), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.split("RESULT")[1])
+    one, eight = out["1"], out["8"]
+    # Same math, with the batch split 8 ways: only the order of float sums differs (dropout included: the
+    # random bits do not depend on the sharding).
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+    for name in one["params"]:
+        np.testing.assert_allclose(eight["params"][name], one["params"][name], rtol=1e-4, atol=1e-6, err_msg=name)
