@@ -57,6 +57,10 @@ class TrainStep:
     def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
         return self._fn(state, self._rest, batch)
 
+    def lower(self, state: dict, batch: dict):
+        """The lowered step (for XLA's cost analysis or HLO inspection)."""
+        return self._fn.lower(state, self._rest, batch)
+
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, compute_dtype: str = "float32") -> TrainStep:
