@@ -208,3 +208,12 @@ def test_layerwise_lr_decay_and_freezing():
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u["embeddings"]))
     with pytest.raises(ConfigError, match="optim.freeze pattern 'encoder/.*' matches no parameter"):
         _one_update(OptimConfig(freeze=("encoder/.*",)))
+
+
+def test_hub_datasets_without_the_package_say_how_to_get_it(monkeypatch, tokenizer):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    cfg = DataConfig(source="hf:glue/sst2", train="train", dev="validation", labels=("0", "1"))
+    with pytest.raises(DataError, match=r"needs the `datasets` package: pip install datasets"):
+        load_split(cfg, "train", tokenizer, cfg.labels, seed=0)
