@@ -165,6 +165,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
                                                  state))
         print(f"resumed from {workdir}/checkpoints/{latest} (epoch {meta['epoch']}, batch {meta['batch']})")
     start = int(state["step"])
+    if cfg.checkpoint.patience is not None and meta["evals_since_best"] >= cfg.checkpoint.patience:
+        total = start  # this run already stopped early; resuming it has nothing left to do
+    if start >= total:
+        print(f"{workdir} is complete (step {start} of {total}); nothing to train")
 
     train_step = make_train_step(graphdef, rest, make_objective(cfg.objective), tx, schedule, mesh, t.compute_dtype)
     eval_step = make_eval_step(eval_graphdef, eval_rest, mesh)

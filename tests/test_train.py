@@ -194,6 +194,9 @@ def test_early_stopping_and_refusals(tmp_path, data_dir):
     train(smoke("checkpoint.patience=1"), workdir)
     dev = [r["step"] for r in records(workdir) if "dev/accuracy" in r]
     assert dev == [4, 8] and sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8]
+    before = records(workdir)
+    train(smoke("checkpoint.patience=1"), workdir, resume=True)  # stopped early: nothing left to do
+    assert records(workdir) == before
     with pytest.raises(RunError, match="already holds checkpoints .* pass --resume"):
         train(smoke(), workdir)
     with pytest.raises(RunError, match=r"differs from .*config.json \(optim.lr: 0.001 -> 0.002\)"):
