@@ -31,7 +31,6 @@ def _manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
 class Checkpoints:
     def __init__(self, workdir: Path, keep: int, best_metric: str | None = None, best_mode: str = "max"):
         self.latest = _manager(Path(workdir) / "checkpoints", max_to_keep=keep)
-        self.best_metric = best_metric
         self.best = None
         if best_metric is not None:
             self.best = _manager(Path(workdir) / "best", max_to_keep=1, best_fn=lambda m: m[best_metric],

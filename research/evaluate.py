@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from research.data.classification import Split, eval_batches, load_split
+from research.data.classification import Split, eval_batches
 from research.sharding import make_mesh, put_batch, replicated
 
 
@@ -74,12 +74,18 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[
 
 def load_trained_model(workdir: Path, which: str = "best") -> tuple[nnx.Module, int, str]:
     """The model of a run directory with the parameters of its best (or latest) checkpoint, in eval mode."""
-    from research.checkpoint import Checkpoints
     from research.experiment import build_model, read_run_config
-    from research.optim import make_optimizer
 
     cfg = read_run_config(workdir)
     model = build_model(cfg, cfg.data.labels)
+    return model, restore_params(workdir, cfg, model, which), which
+
+
+def restore_params(workdir: Path, cfg, model: nnx.Module, which: str = "best") -> int:
+    """Put the best (or latest) checkpoint's parameters into `model` (eval mode); returns the step."""
+    from research.checkpoint import Checkpoints
+    from research.optim import make_optimizer
+
     mesh = make_mesh()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), params)
@@ -109,27 +115,25 @@ def load_trained_model(workdir: Path, which: str = "best") -> tuple[nnx.Module, 
     nnx.replace_by_pure_dict(param_state, params)
     nnx.update(model, param_state)
     model.eval()
-    return model, step, which
+    return step
 
 
 def evaluate_run(workdir: Path, which: str = "best") -> tuple[dict[str, float], str]:
     """Evaluate a run's checkpoint on its dev split; the scalars are appended to the run's metrics.jsonl
     (and TensorBoard) as `eval_<which>/...` at the checkpoint's step."""
-    from research.experiment import read_run_config
+    from research.experiment import prepare, read_run_config
     from research.metrics import MetricWriter
-    from research.models import load_tokenizer
 
     cfg = read_run_config(workdir)
-    model, step, which = load_trained_model(workdir, which)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    dev = load_split(cfg.data, "dev", tokenizer, cfg.data.labels, cfg.train.seed)
+    pieces = prepare(cfg, with_train=False)  # tokenizer, checked dev split, model: as in training
+    step = restore_params(workdir, cfg, pieces.model, which)
     mesh = make_mesh()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    logits = predict(make_eval_step(graphdef, rest, mesh), params, dev, cfg.train.eval_batch_size,
-                     cfg.data.buckets, model.config.pad_token_id or 0, mesh)
-    scalars, report = classification_metrics(logits, dev.labels, cfg.data.labels)
+    graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
+    logits = predict(make_eval_step(graphdef, rest, mesh), params, pieces.dev, cfg.train.eval_batch_size,
+                     cfg.data.buckets, pieces.pad_id, mesh)
+    scalars, report = classification_metrics(logits, pieces.dev.labels, pieces.labels)
     metrics = {f"eval_{which}/{k}": v for k, v in scalars.items()}
     writer = MetricWriter(workdir)
     writer.write(step, metrics)
     writer.close()
-    return metrics, f"{which} checkpoint (step {step}) on {dev.report.source}:\n{report}"
+    return metrics, f"{which} checkpoint (step {step}) on {pieces.dev.report.source}:\n{report}"

@@ -195,6 +195,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
             for b, batch in epoch_batches(pieces.train, t.batch_size, d.buckets, pieces.pad_id, t.seed, epoch,
                                           first_batch):
                 state, metrics = train_step(state, put_batch(batch, mesh, t.grad_accum))
+                # One small host transfer per step: the NaN check must see every loss before any checkpoint
+                # of that step is written (on CPU the step dominates; the data for the next step is ready).
                 metrics = jax.device_get(metrics)
                 step += 1
                 if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
