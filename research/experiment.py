@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import inspect
 import json
 import subprocess
 import sys
@@ -48,6 +49,9 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
         raise ConfigError("data.labels must be set when the training split is not read (evaluation only)")
     dev = load_split(cfg.data, "dev", tokenizer, labels, cfg.train.seed)
     model = build_model(cfg, labels)
+    if cfg.data.pack_length is not None and "pool_index" not in inspect.signature(type(model).__call__).parameters:
+        raise ConfigError(f"data.pack_length: {type(model).__name__} does not take packed rows (segment_ids, "
+                          "pool_index); set data.pack_length=null to pad instead")
     pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
     vocab = model.config.vocab_size
     for split in (s for s in (train, dev) if s is not None):

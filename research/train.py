@@ -36,7 +36,15 @@ from research.evaluate import classification_metrics, make_eval_step, predict
 from research.metrics import MetricWriter
 from research.objectives import make_objective
 from research.optim import make_optimizer
-from research.sharding import batch_sharding, check_divisible, init_distributed, make_mesh, put_batch, replicated
+from research.sharding import (
+    DATA_AXIS,
+    batch_sharding,
+    check_divisible,
+    init_distributed,
+    make_mesh,
+    put_batch,
+    replicated,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -193,7 +201,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     try:
         while step < total and stop["signal"] is None:
             for b, batch in epoch_batches(pieces.train, t.batch_size, d.buckets, pieces.pad_id, t.seed, epoch,
-                                          first_batch):
+                                          first_batch, pack_length=d.pack_length, micro_batches=t.grad_accum,
+                                          shards=mesh.shape[DATA_AXIS]):
                 state, metrics = train_step(state, put_batch(batch, mesh, t.grad_accum))
                 # One small host transfer per step: the NaN check must see every loss before any checkpoint
                 # of that step is written (on CPU the step dominates; the data for the next step is ready).
@@ -208,7 +217,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
                         "Lower optim.lr, check the data, or use train.compute_dtype=float32")
                 window.append(metrics)
                 examples += float(batch["weights"].sum())
-                tokens += int(batch["attention_mask"][batch["weights"] > 0].sum())
+                tokens += int(batch["attention_mask"].sum())  # non-padding tokens (filler repeats included)
                 meta.update(epoch=epoch + (b + 1 == per_epoch), batch=(b + 1) % per_epoch)
                 bar.update(1)
                 if step % t.log_every == 0 or step == total:

@@ -233,7 +233,7 @@ out = {}
 for n in (1, 8):
     devices = jax.devices()[:n]
     train_module.make_mesh = lambda devices=devices: sharding.make_mesh(devices)
-    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null"])
+    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null", *sys.argv[3:]])
     workdir = Path(sys.argv[2]) / f"d{n}"
     train_module.train(cfg, workdir)
     losses = [json.loads(l)["train/loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
@@ -246,13 +246,17 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def test_eight_simulated_devices_match_one(tmp_path, data_dir):
+def run_on_one_and_eight_devices(tmp_path, *overrides):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(SMOKE), str(tmp_path)], env=env,
+    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(SMOKE), str(tmp_path), *overrides], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads(done.stdout.split("RESULT")[1])
-    one, eight = out["1"], out["8"]
+    return out["1"], out["8"]
+
+
+def test_eight_simulated_devices_match_one(tmp_path, data_dir):
+    one, eight = run_on_one_and_eight_devices(tmp_path)
     # Same math, with the batch split 8 ways: only the order of float sums differs (dropout included: the
     # random bits do not depend on the sharding).
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)

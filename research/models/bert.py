@@ -169,7 +169,7 @@ class BertAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
         self.output_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b11s):
+    def __call__(self, x_btd, mask_b1ts):
         B, T, D = x_btd.shape
 
         def split_heads(y_btd):  # (B, T, D) -> (B, T, nh, hs) -> (B, nh, T, hs)
@@ -182,7 +182,7 @@ class BertAttention(nnx.Module):
         scores_bnts = jnp.einsum("bnth,bnsh->bnts", q_bnth, k_bnsh) / math.sqrt(self.head_dim)
         # Masked keys get the dtype's minimum, as transformers does: a fully padded row then becomes a
         # uniform distribution over its keys instead of NaN.
-        scores_bnts = jnp.where(mask_b11s, scores_bnts, jnp.finfo(scores_bnts.dtype).min)
+        scores_bnts = jnp.where(mask_b1ts, scores_bnts, jnp.finfo(scores_bnts.dtype).min)
         probs_bnts = jax.nn.softmax(scores_bnts.astype(jnp.float32), axis=-1).astype(x_btd.dtype)
         probs_bnts = self.attn_dropout(probs_bnts)
         ctx_bnth = jnp.einsum("bnts,bnsh->bnth", probs_bnts, v_bnsh)
@@ -211,8 +211,8 @@ class BertLayer(nnx.Module):
         self.attention = BertAttention(cfg, rngs=rngs)
         self.mlp = BertMLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b11s):
-        return self.mlp(self.attention(x_btd, mask_b11s))
+    def __call__(self, x_btd, mask_b1ts):
+        return self.mlp(self.attention(x_btd, mask_b1ts))
 
 
 # --------------------------------------------------------------------------------------------- encoder
@@ -240,8 +240,14 @@ class BertModel(nnx.Module):
         position_ids=None,
         inputs_embeds=None,
         *,
+        segment_ids=None,
         output_hidden_states: bool = False,
     ):
+        """`segment_ids` (B, T) marks packed rows: several examples side by side in one row, numbered 1, 2,
+        ... (0: padding). A token then attends only to tokens of its own example, and `position_ids` must
+        restart at 0 for every example; the result at each example's tokens is then that of the example
+        alone in its own padded row (it replaces `attention_mask`). Packing removes the padding that
+        otherwise dominates the work on short sentences."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
@@ -259,19 +265,32 @@ class BertModel(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(T), (B, T))
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must have shape (batch, length)={(B, T)}, got {attention_mask.shape}")
-        mask_b11s = attention_mask.astype(bool)[:, None, None, :]  # (B, S) -> (B, 1, 1, S): padding keys
+        if segment_ids is None:
+            mask_b1ts = attention_mask.astype(bool)[:, None, None, :]  # (B, S) -> (B, 1, 1, S): padding keys
+        else:
+            if segment_ids.shape != (B, T) or position_ids is None:
+                raise ValueError(f"segment_ids must have shape (batch, length)={(B, T)} and come with position_ids "
+                                 "that restart at 0 for every packed example")
+            # (B, T, 1) == (B, 1, S) -> (B, 1, T, S): same example, and the key is not padding
+            mask_b1ts = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0))[:, None]
 
         x_btd = self.embeddings(x_btd, token_type_ids, position_ids)
         hidden = [x_btd]
         for layer in self.layers:
-            x_btd = layer(x_btd, mask_b11s)
+            x_btd = layer(x_btd, mask_b1ts)
             hidden.append(x_btd)
         return (x_btd, hidden) if output_hidden_states else x_btd
 
-    def pool(self, last_hidden_btd: jax.Array) -> jax.Array:
+    def pool(self, last_hidden_btd: jax.Array, pool_index=None) -> jax.Array:
+        """The tanh-pooled [CLS] vectors: (B, D) from position 0 of every row, or with `pool_index` (E, 2) of
+        (row, position) pairs, (E, D) from those positions (the [CLS] of each packed example)."""
         if self.pooler is None:
             raise ValueError("this BertModel was built without a pooler (add_pooling_layer=False)")
-        return jnp.tanh(self.pooler(last_hidden_btd[:, 0]))  # (B, D): the [CLS] position
+        if pool_index is None:
+            cls_bd = last_hidden_btd[:, 0]
+        else:
+            cls_bd = last_hidden_btd[pool_index[:, 0], pool_index[:, 1]]  # (E, D)
+        return jnp.tanh(self.pooler(cls_bd))
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -291,9 +310,14 @@ class BertForSequenceClassification(nnx.Module):
         return self.bert.embed(input_ids_bt)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 inputs_embeds=None):
-        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
-        return self.classifier(self.dropout(self.bert.pool(h_btd))).astype(jnp.float32)
+                 inputs_embeds=None, *, segment_ids=None, pool_index=None):
+        """Packed rows (`segment_ids`, see `BertModel`) need `pool_index`: one logit row per example."""
+        if (segment_ids is None) != (pool_index is None):
+            raise ValueError("packed rows need both segment_ids and pool_index (the (row, position) of every "
+                             "example's [CLS])")
+        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          segment_ids=segment_ids)
+        return self.classifier(self.dropout(self.bert.pool(h_btd, pool_index))).astype(jnp.float32)
 
 
 class BertForTokenClassification(nnx.Module):
@@ -310,8 +334,9 @@ class BertForTokenClassification(nnx.Module):
         return self.bert.embed(input_ids_bt)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 inputs_embeds=None):
-        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+                 inputs_embeds=None, *, segment_ids=None):
+        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          segment_ids=segment_ids)
         return self.classifier(self.dropout(h_btd)).astype(jnp.float32)
 
 
@@ -330,8 +355,9 @@ class BertForMaskedLM(nnx.Module):
         return self.bert.embed(input_ids_bt)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 inputs_embeds=None):
-        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+                 inputs_embeds=None, *, segment_ids=None):
+        h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          segment_ids=segment_ids)
         h_btd = self.transform_layer_norm(self.act(self.transform(h_btd)))
         # Tied decoder: (B, T, D) @ (V, D)^T -> (B, T, V).
         logits_btv = self.bert.embeddings.word_embeddings.attend(h_btd) + self.decoder_bias[...]

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from research.data.classification import model_inputs
+
 
 @dataclasses.dataclass(frozen=True)
 class CrossEntropyOptions:
@@ -26,11 +28,12 @@ def weighted_mean(values_b: jax.Array, weights_b: jax.Array) -> jax.Array:
 
 
 def cross_entropy(options: CrossEntropyOptions):
-    """Cross-entropy on `model(...)`'s logits (B, C) against `batch["labels"]` (B,)."""
+    """Cross-entropy on `model(...)`'s logits (B, C) against `batch["labels"]` (B,); B counts examples, so
+    a packed batch (several examples per row) gives one logit row per example."""
 
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
         del rng  # dropout draws come from the model's own streams, reseeded by the train step
-        logits_bc = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        logits_bc = model(**model_inputs(batch))
         n_classes = logits_bc.shape[-1]
         targets_bc = optax.smooth_labels(jax.nn.one_hot(batch["labels"], n_classes), options.label_smoothing)
         losses_b = optax.softmax_cross_entropy(logits_bc, targets_bc)
