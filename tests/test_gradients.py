@@ -20,7 +20,10 @@ RTOL = 1e-4
 
 def our_grads_by_hf_name(model, loss_fn, task, mod):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest)))(params)
+    # A copy of `rest` per trace: NNX refuses to update (e.g. an inner nnx transform's dropout count)
+    # variables that belong to another trace level.
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))))(
+        params)
     by_path = {path: (key, t) for key, (path, t) in key_table(mod, model.config, task).items()}
     out = {}
     for path, g in nnx.to_flat_state(grads):

@@ -12,13 +12,13 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import records, run_on_one_and_eight_devices, smoke
 
 from research.config import ConfigError
 from research.data.classification import Split, SplitReport, collate, model_inputs, pack
 from research.experiment import prepare
 from research.models import from_pretrained
 from research.train import train
-from test_train import records, run_on_one_and_eight_devices, smoke
 
 NO_DROPOUT = ["model.overrides.hidden_dropout_prob=0", "model.overrides.attention_probs_dropout_prob=0"]
 

@@ -9,10 +9,15 @@ import dataclasses
 from collections.abc import Callable
 
 from research.config import ConfigError, ObjectiveConfig, from_dict
-from research.objectives import supervised
+from research.objectives import adversarial, supervised
 
 OBJECTIVES: dict[str, tuple[type, Callable]] = {
     "cross_entropy": (supervised.CrossEntropyOptions, supervised.cross_entropy),
+    "fgm": (adversarial.FGMOptions, adversarial.fgm),
+    "pgd": (adversarial.PGDOptions, adversarial.pgd),
+    "freelb": (adversarial.FreeLBOptions, adversarial.freelb),
+    "smart": (adversarial.SMARTOptions, adversarial.smart),
+    "vat": (adversarial.VATOptions, adversarial.vat),
 }
 
 

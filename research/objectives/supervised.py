@@ -22,23 +22,32 @@ class CrossEntropyOptions:
     label_smoothing: float = 0.0  # mass spread uniformly over all classes (Szegedy et al. 2016)
 
 
-def weighted_mean(values_b: jax.Array, weights_b: jax.Array) -> jax.Array:
-    # Clamped so an all-filler micro-batch (possible with accumulation) gives 0, not NaN.
-    return (values_b * weights_b).sum() / jnp.maximum(weights_b.sum(), 1.0)
+def weights_for(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """Weights aligned with the logits' leading axes: (E,) per example, or (B, T) per token (`label_weights`)."""
+    return batch["weights"] if logits.ndim == 2 else batch["label_weights"]
+
+
+def task_loss(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+              ) -> tuple[jax.Array, dict]:
+    """Weighted mean cross-entropy and accuracy of `logits` against `batch["labels"]`.
+
+    Sequence classification: logits (E, C), labels and `weights` (E,). Token level (token classification,
+    causal LM with next-token labels): logits (B, T, C), labels and `label_weights` (B, T). `aux["weight"]` is
+    the weight total, so the train step can combine micro-batches exactly."""
+    w = weights_for(logits, batch)
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["labels"], logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+    correct = (logits.argmax(-1) == batch["labels"]).astype(jnp.float32)
+    total = jnp.maximum(w.sum(), 1.0)  # an all-filler micro-batch gives 0, not NaN
+    return (losses * w).sum() / total, {"accuracy": (correct * w).sum() / total, "weight": w.sum()}
 
 
 def cross_entropy(options: CrossEntropyOptions):
-    """Cross-entropy on `model(...)`'s logits (B, C) against `batch["labels"]` (B,); B counts examples, so
-    a packed batch (several examples per row) gives one logit row per example."""
+    """Cross-entropy on `model(...)`'s logits; a packed batch (several examples per row) gives one logit
+    row per example."""
 
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
         del rng  # dropout draws come from the model's own streams, reseeded by the train step
-        logits_bc = model(**model_inputs(batch))
-        n_classes = logits_bc.shape[-1]
-        targets_bc = optax.smooth_labels(jax.nn.one_hot(batch["labels"], n_classes), options.label_smoothing)
-        losses_b = optax.softmax_cross_entropy(logits_bc, targets_bc)
-        correct_b = (logits_bc.argmax(-1) == batch["labels"]).astype(jnp.float32)
-        w_b = batch["weights"]
-        return weighted_mean(losses_b, w_b), {"accuracy": weighted_mean(correct_b, w_b), "weight": w_b.sum()}
+        return task_loss(model(**model_inputs(batch)), batch, options.label_smoothing)
 
     return loss_fn
