@@ -4,7 +4,8 @@
 split along the data axis, the state donated. It knows nothing of the model family or the objective: it
 merges the parameters into the model, reseeds the dropout streams from (seed, step), calls
 `loss_fn(model, batch, rng) -> (loss, aux)`, averages gradients over micro-batches, and applies the optax
-update. A new objective is a new `loss_fn`, never a branch in here.
+update. A new objective is a new `loss_fn`, never a branch in here (an objective with state of its own,
+`objectives.state.StatefulObjective`, gets it threaded through the train state).
 
 `train` is the loop: data -> step -> metrics -> evaluation -> checkpoints, resumable bit-exactly because
 everything random is a function of (seed, step) or (seed, epoch) and the data position is checkpointed.
@@ -35,6 +36,7 @@ from research.data.classification import epoch_batches, steps_per_epoch
 from research.evaluate import classification_metrics, make_eval_step, predict
 from research.metrics import MetricWriter
 from research.objectives import make_objective
+from research.objectives.state import StatefulObjective
 from research.optim import make_optimizer
 from research.sharding import (
     DATA_AXIS,
@@ -73,10 +75,11 @@ class TrainStep:
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, compute_dtype: str = "float32") -> TrainStep:
     """`graphdef` is the model in train mode built with the compute dtype; `rest` its non-parameter state
-    (the dropout streams). The state is {"params", "opt_state", "step", "rng"}; batches are laid out
-    (micro-batches, rows, ...) as `put_batch` makes them."""
+    (the dropout streams). The state is {"params", "opt_state", "step", "rng"}, plus "objective" for a
+    `StatefulObjective`; batches are laid out (micro-batches, rows, ...) as `put_batch` makes them."""
+    stateful = isinstance(loss_fn, StatefulObjective)
 
-    def grads_of(params, rest, micro_batch, key):
+    def grads_of(params, rest, micro_batch, key, objective_state):
         dropout_key, objective_key = jax.random.split(key)
 
         def loss_of(params):
@@ -85,26 +88,33 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
             # A copy of `rest`: NNX refuses to mutate (reseed) variables created under another trace level.
             model = nnx.merge(graphdef, cast, jax.tree.map(lambda x: x, rest))
             nnx.reseed(model, default=dropout_key)  # a fresh, distinct key for every dropout layer
-            return loss_fn(model, micro_batch, objective_key)
+            if stateful:
+                loss, aux, new_state = loss_fn.loss(model, micro_batch, objective_key, objective_state)
+                return loss, (aux, new_state)
+            loss, aux = loss_fn(model, micro_batch, objective_key)
+            return loss, (aux, None)
 
-        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        return loss, aux, grads
+        (loss, (aux, new_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return loss, aux, grads, new_state
 
     def step(state, rest, batch):
         wrapper.traces += 1  # runs only while tracing
         params = state["params"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        objective_state = state.get("objective")
         n_micro = batch["labels"].shape[0]
         if n_micro == 1:
-            loss, aux, grads = grads_of(params, rest, jax.tree.map(lambda x: x[0], batch), key)
+            loss, aux, grads, objective_state = grads_of(params, rest, jax.tree.map(lambda x: x[0], batch), key,
+                                                         objective_state)
         else:
             # Each micro-batch's mean is weighted by its number of real examples, so the sum divided by the
             # total weight is the gradient of the whole batch's mean (filler rows carry weight 0).
             def weighted(micro_batch, k):
-                loss, aux, grads = grads_of(params, rest, micro_batch, k)
+                loss, aux, grads, new_state = grads_of(params, rest, micro_batch, k, objective_state)
                 w = aux.pop("weight")
                 return {"loss": loss * w, "aux": {n: v * w for n, v in aux.items()},
-                        "grads": jax.tree.map(lambda g: g * w, grads), "weight": w}
+                        "grads": jax.tree.map(lambda g: g * w, grads), "weight": w,
+                        "objective": jax.tree.map(lambda x: x * w, new_state)}
 
             keys = jax.random.split(key, n_micro)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
@@ -114,12 +124,16 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
             w = jnp.maximum(total["weight"], 1.0)
             loss, grads = total["loss"] / w, jax.tree.map(lambda g: g / w, total["grads"])
             aux = {n: v / w for n, v in total["aux"].items()}
+            objective_state = jax.tree.map(lambda x: (x / w).astype(x.dtype), total["objective"])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"train/loss": loss, **{f"train/{n}": v for n, v in aux.items() if n != "weight"},
                    "train/grad_norm": optax.tree.norm(grads), "train/update_norm": optax.tree.norm(updates),
                    "train/param_norm": optax.tree.norm(params), "train/lr": schedule(state["step"])}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        if stateful:
+            new["objective"] = objective_state
+        return new, metrics
 
     jitted = jax.jit(step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh)),
                      out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
@@ -164,8 +178,11 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     per_epoch = steps_per_epoch(len(pieces.train), t.batch_size)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
     tx, schedule = make_optimizer(cfg.optim, model, params, total)
+    objective = make_objective(cfg.objective)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(t.seed))}
+    if isinstance(objective, StatefulObjective):
+        state["objective"] = objective.init_state(params)
     state = jax.device_put(state, replicated(mesh))
     meta = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "evals_since_best": 0}
     if latest is not None:
@@ -178,7 +195,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     if start >= total:
         print(f"{workdir} is complete (step {start} of {total}); nothing to train")
 
-    train_step = make_train_step(graphdef, rest, make_objective(cfg.objective), tx, schedule, mesh, t.compute_dtype)
+    train_step = make_train_step(graphdef, rest, objective, tx, schedule, mesh, t.compute_dtype)
     eval_step = make_eval_step(eval_graphdef, eval_rest, mesh)
     writer = MetricWriter(workdir, resume_step=start if latest is not None else None)
     d, c = cfg.data, cfg.checkpoint

@@ -8,6 +8,11 @@ supervised training, perturbations respect epsilon and never touch padding (padd
 inner maximization does not decrease what it maximizes.
 """
 
+import copy
+import signal
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,11 +23,14 @@ import transformers
 from conftest import randomize_
 from flax import nnx
 from test_gradients import assert_grads_match, our_grads_by_hf_name
+from test_train import SMOKE, _run_and_signal, deterministic, records, smoke
 
 from research.data.classification import Split, SplitReport, collate, pack
 from research.models import bert, from_pretrained
+from research.models.hf import _hf_key, key_table
 from research.objectives import adversarial as adv
 from research.objectives.supervised import CrossEntropyOptions, cross_entropy
+from research.train import train
 
 KEY = jax.random.key(3)
 
@@ -158,7 +166,7 @@ def test_freelb_matches_pytorch(models, batch):
 
 
 def test_smart_smoothness_matches_pytorch(models, batch):
-    o = adv.SMARTOptions(lambda_s=2.0, epsilon=0.05, noise_std=0.02, step_size=0.03, steps=2)
+    o = adv.SMARTOptions(lambda_s=2.0, epsilon=0.05, noise_std=0.02, step_size=0.03, steps=2, mu=0.0)
     t = Torch(models[0], batch)
     sym = lambda p, q: t.kl(p, q) + t.kl(q, p)  # noqa: E731
     e = t.embed()
@@ -192,6 +200,55 @@ def test_vat_matches_pytorch(models, batch):
     check(models, adv.vat(o), loss, batch)
 
 
+def test_smart_bregman_proximal_point_matches_pytorch(models, batch):
+    # The teacher before the step is some earlier average (here: the weights plus noise); the loss first moves
+    # it to (1 - beta) theta + beta theta~, then adds mu * symKL(f(x; theta), f(x; theta~) held).
+    o = adv.SMARTOptions(lambda_s=0.5, epsilon=0.05, noise_std=0.02, step_size=0.03, steps=1, mu=1.5, beta=0.9)
+    theirs, mine = models
+    objective = adv.smart(o)
+    params = nnx.to_pure_dict(nnx.state(mine, nnx.Param))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    previous = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                            for x, k in zip(leaves, keys, strict=True)])
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    _, _, new_teacher = objective.loss(mine, b, KEY, previous)
+    for got, p, q in zip(jax.tree.leaves(new_teacher), leaves, jax.tree.leaves(previous), strict=True):
+        np.testing.assert_allclose(got, (1 - o.beta) * p + o.beta * q, rtol=1e-6, atol=1e-7)
+    loss, grads = our_grads_by_hf_name(mine, lambda m: objective.loss(m, b, KEY, previous)[0],
+                                       "sequence_classification", bert)
+
+    # Torch: the teacher is a copy of the model holding the averaged weights, named as transformers names them.
+    teacher = copy.deepcopy(theirs).eval()
+    table = {path: (key, transpose) for key, (path, transpose) in key_table(bert, mine.config,
+                                                                            "sequence_classification").items()}
+    averaged = jax.tree.map(lambda p, q: (1 - o.beta) * p + o.beta * q, params, previous)
+    state = nnx.state(mine, nnx.Param)
+    nnx.replace_by_pure_dict(state, averaged)
+    named = {}
+    for path, value in nnx.to_flat_state(state):
+        key, transpose = table[path]
+        v = np.asarray(value[...])
+        named[_hf_key(bert, key, path, "sequence_classification")] = torch.tensor(v.T if transpose else v)
+    teacher.load_state_dict(named, strict=False)  # tied/buffer entries keep the model's own
+    t = Torch(theirs, batch)
+    sym = lambda p, q: t.kl(p, q) + t.kl(q, p)  # noqa: E731
+    e = t.embed()
+    clean_logits = t.logits(e)
+    noise = o.noise_std * to_torch(jax.random.normal(KEY, (*batch["input_ids"].shape, 32))) * t.mask3
+    d = noise.clone().requires_grad_()
+    (g,) = torch.autograd.grad(sym(clean_logits.detach(), t.logits(e.detach() + d)), d)
+    g_max = g.abs().reshape(g.shape[0], -1).max(1).values.view(-1, 1, 1)
+    noise = (noise + o.step_size * g / g_max.clamp(min=adv.TINY) * t.mask3).clamp(-o.epsilon, o.epsilon)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=t.ids, attention_mask=t.mask).logits
+    torch_loss = (t.loss(clean_logits) + o.lambda_s * sym(clean_logits, t.logits(e + noise.detach()))
+                  + o.mu * sym(clean_logits, teacher_logits))
+    torch_loss.backward()
+    np.testing.assert_allclose(loss, float(torch_loss), rtol=1e-5)
+    assert_grads_match(grads, theirs)
+
+
 # ------------------------------------------------------------------------------------------ properties
 
 
@@ -199,7 +256,7 @@ def test_vat_matches_pytorch(models, batch):
     (adv.fgm(adv.FGMOptions(epsilon=0.0, adversarial_weight=0.5)), 1.5),  # clean + 0.5 * clean
     (adv.pgd(adv.PGDOptions(epsilon=0.0, random_start=True)), 1.0),
     (adv.freelb(adv.FreeLBOptions(epsilon=0.0)), 1.0),
-    (adv.smart(adv.SMARTOptions(epsilon=0.0, noise_std=0.0)), 1.0),
+    (adv.smart(adv.SMARTOptions(epsilon=0.0, noise_std=0.0, mu=0.0)), 1.0),
     (adv.vat(adv.VATOptions(epsilon=0.0)), 1.0),
 ], ids=["fgm", "pgd", "freelb", "smart", "vat"])
 def test_a_zero_perturbation_is_supervised_training(models, batch, objective, factor):
@@ -225,7 +282,8 @@ def test_perturbations_stay_in_the_ball_and_maximization_does_not_decrease_the_l
         assert b["adversarial_loss"] >= b["first_step_loss"]  # the first step starts from the clean input
     f = aux_of(model, adv.freelb(adv.FreeLBOptions(epsilon=0.4, alpha=0.3, init_magnitude=1.0)), batch, key)
     assert f["delta_max_norm"] <= 0.4 * (1 + 1e-6) and f["last_step_loss"] >= f["first_step_loss"]
-    s = aux_of(model, adv.smart(adv.SMARTOptions(epsilon=0.05, noise_std=0.01, step_size=0.05, steps=2)), batch, key)
+    s = aux_of(model, adv.smart(adv.SMARTOptions(epsilon=0.05, noise_std=0.01, step_size=0.05, steps=2, mu=0.0)),
+               batch, key)
     assert s["delta_max_norm"] <= 0.05 * (1 + 1e-6) and s["smoothness"] >= s["first_step_smoothness"]
     g = aux_of(model, adv.fgm(adv.FGMOptions(epsilon=0.5)), batch, key)
     np.testing.assert_allclose(g["delta_max_norm"], 0.5, rtol=1e-5)
@@ -282,3 +340,35 @@ def test_nnx_state_is_usable_after_an_objective(models, batch):
     out = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
     assert np.isfinite(np.asarray(out)).all()
     assert isinstance(nnx.state(model), nnx.State)
+
+
+# ---------------------------------------------------------------------------------------- through the runner
+
+
+@pytest.mark.parametrize("name", ["fgm", "pgd", "freelb", "vat"])
+def test_each_objective_trains_through_the_runner(tmp_path, data_dir, name):
+    train(smoke(f"objective.name=\"{name}\"", "train.max_steps=2", "train.eval_every=null", "train.log_every=1",
+                "data.pack_length=32"), tmp_path)
+    logged = [r for r in records(tmp_path) if "train/loss" in r]
+    assert len(logged) == 2 and all(np.isfinite(r["train/loss"]) for r in logged)
+    assert all("train/delta_norm" in r for r in logged)  # the objective's own metrics reach metrics.jsonl
+
+
+def test_smart_teacher_state_is_checkpointed_and_resumes_bit_exactly(tmp_path, data_dir):
+    # SMART with the proximal point carries a teacher copy of the parameters in the train state: a run killed
+    # with SIGKILL and resumed must equal an uninterrupted one, teacher included.
+    objective = ["--set", "objective.name=\"smart\"", "--set", "objective.params={\"epsilon\": 0.01}"]
+    reference = tmp_path / "reference"
+    done = subprocess.run([sys.executable, "-m", "research.cli", "train", str(SMOKE), "--workdir", str(reference),
+                           *objective], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    killed = _run_and_signal(tmp_path / "killed", 6, "SIGKILL", *objective)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    done = subprocess.run([sys.executable, "-m", "research.cli", "train", str(SMOKE), "--workdir",
+                           str(tmp_path / "killed"), "--resume", *objective], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert deterministic(records(tmp_path / "killed")) == deterministic(records(reference))
+    assert any("train/bregman" in r for r in records(reference))
+    # (Were the teacher not restored, the resumed run would restart it from the resumed weights, and its
+    # train/bregman values would differ from the reference's.)

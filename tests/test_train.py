@@ -137,10 +137,10 @@ main(sys.argv[3:])
 """
 
 
-def _run_and_signal(workdir, step, signum):
-    """`research train smoke` in a subprocess that receives `signum` right after logging `step`."""
+def _run_and_signal(workdir, step, signum, *args):
+    """`research train smoke [args]` in a subprocess that receives `signum` right after logging `step`."""
     return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(step), signum, "train", str(SMOKE),
-                           "--workdir", str(workdir)], capture_output=True, text=True, timeout=600)
+                           "--workdir", str(workdir), *args], capture_output=True, text=True, timeout=600)
 
 
 def test_sigkill_then_resume_is_bit_identical(smoke_run, tmp_path):

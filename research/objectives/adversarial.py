@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.data.classification import model_inputs
+from research.objectives.state import StatefulObjective
 from research.objectives.supervised import task_loss, weights_for
 
 TINY = 1e-8  # the floor under a gradient norm before dividing by it (FreeLB's reference: clamp(min=1e-8))
@@ -271,20 +272,54 @@ class SMARTOptions:
     lambda_s * symKL(f(x), f(x~)), with x~ = x + noise ~ N(0, noise_std^2) moved by `steps` ascent steps
     x~ += step_size * g / ||g||_inf (per example) on symKL(f(x) held, f(x~)), projected onto the L-inf ball of
     radius epsilon. Defaults: the paper's and mt-dnn's (lambda_s 1, epsilon 1e-5, noise 1e-5, step 1e-3, 1
-    step). The Bregman proximal-point term (a momentum copy of the parameters) is not part of this loss."""
+    step).
+
+    With mu > 0 (the paper's mu 1, beta 0.99) it adds the Bregman proximal-point term of the paper's
+    Algorithm 1, mu * symKL(f(x; theta), f(x; theta~)), where theta~ is a momentum (mean-teacher) copy of
+    the parameters, theta~ <- (1 - beta) theta + beta theta~ before every step (theta~ starts at the
+    pretrained weights, and holds no gradient). The teacher predicts without dropout. mt-dnn's public SMART
+    code implements the smoothness term only; the proximal-point update is ours, written from the paper."""
 
     lambda_s: float = 1.0
     epsilon: float = 1e-5
     noise_std: float = 1e-5
     step_size: float = 1e-3
     steps: int = 1
+    mu: float = 1.0
+    beta: float = 0.99
     label_smoothing: float = 0.0
 
 
 def smart(options: SMARTOptions):
     o = options
+    smoothness_fn = _smart_smoothness(o)
+    if o.mu == 0:
+        return smoothness_fn
 
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def init_state(params: dict) -> dict:
+        return jax.tree.map(jnp.copy, params)  # theta~_1 = theta_0
+
+    def loss_with_teacher(model: nnx.Module, batch: dict, rng: jax.Array, teacher: dict):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        current = nnx.to_pure_dict(params)
+        teacher = jax.tree.map(lambda c, t: (1 - o.beta) * jax.lax.stop_gradient(c).astype(t.dtype) + o.beta * t,
+                               current, teacher)
+        teacher_params = jax.tree.map(lambda x: x, params)  # same structure, values replaced below
+        nnx.replace_by_pure_dict(teacher_params, jax.tree.map(lambda t, c: t.astype(c.dtype), teacher, current))
+        teacher_model = nnx.merge(graphdef, teacher_params, jax.tree.map(lambda x: x, rest))
+        teacher_model.eval()
+        loss, aux, logits = smoothness_fn(model, batch, rng, return_logits=True)
+        embeds, inputs = _embedded(teacher_model, batch)
+        teacher_logits = jax.lax.stop_gradient(_logits(teacher_model, embeds, inputs))
+        bregman = symmetric_kl(logits, teacher_logits, batch)
+        aux["bregman"] = bregman
+        return loss + o.mu * bregman, aux, teacher
+
+    return StatefulObjective(loss=loss_with_teacher, init_state=init_state)
+
+
+def _smart_smoothness(o: SMARTOptions):
+    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array, return_logits: bool = False):
         embeds, inputs = _embedded(model, batch)
         clean_logits = _logits(model, embeds, inputs)
         task, aux = task_loss(clean_logits, batch, o.label_smoothing)
@@ -303,7 +338,8 @@ def smart(options: SMARTOptions):
         aux.update(task_loss=task, smoothness=smoothness, **_norm_stats(delta, batch, "linf"))
         if first is not None:
             aux["first_step_smoothness"] = first
-        return task + o.lambda_s * smoothness, aux
+        loss = task + o.lambda_s * smoothness
+        return (loss, aux, clean_logits) if return_logits else (loss, aux)
 
     return loss_fn
 
