@@ -1,7 +1,7 @@
 """`research` command line.
 
     research train CONFIG [--set key=value ...] [--workdir DIR] [--resume]
-    research eval WORKDIR [--checkpoint best|latest]
+    research eval WORKDIR [--checkpoint best|latest] [--attack pgd,char [--epsilons E ...] [--max-words N]]
     research export WORKDIR OUT_DIR [--checkpoint best|latest]
     research demo      the real all-MiniLM-L6-v2 weights in our Flax BERT, ranking sentences by similarity
 
@@ -91,7 +91,9 @@ def train_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     from research.evaluate import evaluate_run
 
-    metrics, report = evaluate_run(Path(args.workdir), args.checkpoint)
+    attacks = tuple(a for a in args.attack.split(",") if a) if args.attack else ()
+    metrics, report = evaluate_run(Path(args.workdir), args.checkpoint, attacks, tuple(args.epsilons),
+                                   args.max_words)
     print(report)
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -120,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("eval", help="evaluate a run directory's checkpoint on the dev split")
     p.add_argument("workdir")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--attack", default="", metavar="pgd,char",
+                   help="robustness: embedding-space PGD at --epsilons and/or the character-level attack")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
+                   help="L2 radii per example for --attack pgd")
+    p.add_argument("--max-words", type=int, default=5, help="words the character attack may edit")
     p.set_defaults(func=eval_command)
 
     p = sub.add_parser("export", help="write a run's model as a Hugging Face directory")

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from research.data.classification import Split, eval_batches
+from research.data.classification import Split, eval_batches, model_inputs
 from research.sharding import make_mesh, put_batch, replicated
 
 
@@ -26,7 +26,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh) -> Calla
     def step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         mb = jax.tree.map(lambda x: x[0], batch)  # (1, B, ...) -> (B, ...): eval batches are never split
-        return model(mb["input_ids"], mb["attention_mask"], mb["token_type_ids"])
+        return model(**model_inputs(mb))
 
     jitted = jax.jit(step, out_shardings=replicated(mesh))
     return lambda params, batch: jitted(params, rest, batch)
@@ -84,6 +84,8 @@ def load_trained_model(workdir: Path, which: str = "best") -> tuple[nnx.Module, 
 def restore_params(workdir: Path, cfg, model: nnx.Module, which: str = "best") -> int:
     """Put the best (or latest) checkpoint's parameters into `model` (eval mode); returns the step."""
     from research.checkpoint import Checkpoints
+    from research.objectives import make_objective
+    from research.objectives.state import StatefulObjective
     from research.optim import make_optimizer
 
     mesh = make_mesh()
@@ -103,6 +105,9 @@ def restore_params(workdir: Path, cfg, model: nnx.Module, which: str = "best") -
             abstract_state = {"params": abstract, "opt_state": jax.eval_shape(tx.init, params),
                               "step": jax.ShapeDtypeStruct((), jnp.int32),
                               "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+            objective = make_objective(cfg.objective)
+            if isinstance(objective, StatefulObjective):  # e.g. SMART's teacher: part of the saved state
+                abstract_state["objective"] = jax.eval_shape(objective.init_state, params)
             abstract_state = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), abstract_state)
             if ckpts.latest_step() is None:
@@ -118,12 +123,19 @@ def restore_params(workdir: Path, cfg, model: nnx.Module, which: str = "best") -
     return step
 
 
-def evaluate_run(workdir: Path, which: str = "best") -> tuple[dict[str, float], str]:
+def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = (),
+                 epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0), max_words: int = 5
+                 ) -> tuple[dict[str, float], str]:
     """Evaluate a run's checkpoint on its dev split; the scalars are appended to the run's metrics.jsonl
-    (and TensorBoard) as `eval_<which>/...` at the checkpoint's step."""
+    (and TensorBoard) as `eval_<which>/...` at the checkpoint's step. `attacks` adds robustness numbers
+    (research/attacks.py): "pgd" (embedding-space PGD at each of `epsilons`) and "char" (character edits
+    to at most `max_words` salient words)."""
     from research.experiment import prepare, read_run_config
     from research.metrics import MetricWriter
 
+    unknown = set(attacks) - {"pgd", "char"}
+    if unknown:
+        raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from ['char', 'pgd']")
     cfg = read_run_config(workdir)
     pieces = prepare(cfg, with_train=False)  # tokenizer, checked dev split, model: as in training
     step = restore_params(workdir, cfg, pieces.model, which)
@@ -132,6 +144,19 @@ def evaluate_run(workdir: Path, which: str = "best") -> tuple[dict[str, float], 
     logits = predict(make_eval_step(graphdef, rest, mesh), params, pieces.dev, cfg.train.eval_batch_size,
                      cfg.data.buckets, pieces.pad_id, mesh)
     scalars, report = classification_metrics(logits, pieces.dev.labels, pieces.labels)
+    if "pgd" in attacks:
+        from research.attacks import pgd_accuracy
+
+        for eps, acc in pgd_accuracy(pieces.model, pieces.dev, tuple(epsilons), cfg.train.eval_batch_size,
+                                     cfg.data.buckets, pieces.pad_id).items():
+            scalars[f"pgd_eps{eps:g}/accuracy"] = acc
+    if "char" in attacks:
+        from research.attacks import char_attack
+
+        result = char_attack(pieces.model, pieces.tokenizer, pieces.dev, cfg.data.max_length, cfg.data.buckets,
+                             pieces.pad_id, max_words=max_words, batch_size=cfg.train.eval_batch_size,
+                             seed=cfg.train.seed)
+        scalars.update({f"char_attack/{k}": v for k, v in result.items()})
     metrics = {f"eval_{which}/{k}": v for k, v in scalars.items()}
     writer = MetricWriter(workdir)
     writer.write(step, metrics)

@@ -52,6 +52,8 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
     if cfg.data.pack_length is not None and "pool_index" not in inspect.signature(type(model).__call__).parameters:
         raise ConfigError(f"data.pack_length: {type(model).__name__} does not take packed rows (segment_ids, "
                           "pool_index); set data.pack_length=null to pad instead")
+    if not hasattr(model.config, "type_vocab_size"):  # GPT-2: no token types (see Split.token_type_ids)
+        train, dev = (dataclasses.replace(s, token_type_ids=None) if s is not None else None for s in (train, dev))
     pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
     vocab = model.config.vocab_size
     for split in (s for s in (train, dev) if s is not None):

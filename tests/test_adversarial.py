@@ -372,3 +372,60 @@ def test_smart_teacher_state_is_checkpointed_and_resumes_bit_exactly(tmp_path, d
     assert any("train/bregman" in r for r in records(reference))
     # (Were the teacher not restored, the resumed run would restart it from the resumed weights, and its
     # train/bregman values would differ from the reference's.)
+
+
+# ------------------------------------------------------------------------------------------- every head
+
+
+def head_batch(head: str):
+    """A tiny model of `head` and a right-padded batch with the labels that head trains on."""
+    from research.models import from_config
+    from research.models.bert import BertConfig
+    from research.models.gpt2 import GPT2Config
+
+    rng = np.random.default_rng(4)
+    ids = rng.integers(1, 50, (3, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "weights": np.ones(3, np.float32)}
+    if head.startswith("bert"):  # GPT-2 batches carry no token types (see Split.token_type_ids)
+        batch["token_type_ids"] = np.zeros_like(ids)
+        model = from_config(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=24, num_labels=5), "token_classification")
+        batch.update(labels=rng.integers(0, 5, ids.shape).astype(np.int32), label_weights=mask.astype(np.float32))
+    elif head == "gpt2_causal_lm":
+        model = from_config(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2), "causal_lm")
+        # Next-token labels: position t predicts token t + 1; the last position and padding carry no weight.
+        batch.update(labels=np.roll(ids, -1, axis=1),
+                     label_weights=(mask * np.roll(mask, -1, axis=1) * (np.arange(9) < 8)).astype(np.float32))
+    else:
+        model = from_config(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, num_labels=3),
+                            "sequence_classification")
+        batch.update(labels=np.array([0, 2, 1], np.int32))
+    return model, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("head", ["bert_token_classification", "gpt2_causal_lm", "gpt2_sequence_classification"])
+def test_every_objective_works_on_every_head(head):
+    from research.objectives.supervised import task_loss
+
+    model, b = head_batch(head)
+    clean, _ = task_loss(model(b["input_ids"], b["attention_mask"]), b)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    objectives = {
+        "fgm": (adv.fgm(adv.FGMOptions()), adv.fgm(adv.FGMOptions(epsilon=0.0, adversarial_weight=0.0))),
+        "pgd": (adv.pgd(adv.PGDOptions(random_start=True)), adv.pgd(adv.PGDOptions(epsilon=0.0))),
+        "freelb": (adv.freelb(adv.FreeLBOptions()), adv.freelb(adv.FreeLBOptions(epsilon=0.0))),
+        "smart": (adv.smart(adv.SMARTOptions()), adv.smart(adv.SMARTOptions(epsilon=0.0, noise_std=0.0, mu=0.0))),
+        "vat": (adv.vat(adv.VATOptions()), adv.vat(adv.VATOptions(epsilon=0.0))),
+    }
+    for name, (default, zero) in objectives.items():
+        if isinstance(default, adv.StatefulObjective):
+            loss, aux, _ = default.loss(model, b, KEY, params)
+        else:
+            loss, aux = default(model, b, KEY)
+        assert np.isfinite(float(loss)), name
+        if name in ("fgm", "smart", "vat"):  # clean loss + non-negative terms
+            assert float(loss) >= float(clean) - 1e-6, name
+        zero_loss, _ = zero(model, b, KEY)
+        np.testing.assert_allclose(float(zero_loss), float(clean), rtol=1e-6, err_msg=name)

@@ -82,7 +82,9 @@ class Split:
 
     name: str
     input_ids: list[np.ndarray]  # each (T_i,) int32, special tokens included, T_i <= max_length
-    token_type_ids: list[np.ndarray]
+    # None for models without token types (GPT-2): HF's GPT-2 tokenizer returns none, and GPT-2 given zeros
+    # would add the embedding of token 0 to every position.
+    token_type_ids: list[np.ndarray] | None
     labels: np.ndarray  # (N,) int32
     texts: list[str]
     report: SplitReport
@@ -239,15 +241,17 @@ def collate(split: Split, indices: np.ndarray, weights: np.ndarray, length: int,
     batch = {
         "input_ids": np.full((n, length), pad_id, np.int32),
         "attention_mask": np.zeros((n, length), np.int32),
-        "token_type_ids": np.zeros((n, length), np.int32),
         "labels": split.labels[indices],
         "weights": weights.astype(np.float32),  # 0 for filler rows: they count in no loss and no metric
     }
+    if split.token_type_ids is not None:
+        batch["token_type_ids"] = np.zeros((n, length), np.int32)
     for row, i in enumerate(indices):
         ids = split.input_ids[i]
         batch["input_ids"][row, : len(ids)] = ids
         batch["attention_mask"][row, : len(ids)] = 1
-        batch["token_type_ids"][row, : len(ids)] = split.token_type_ids[i]
+        if split.token_type_ids is not None:
+            batch["token_type_ids"][row, : len(ids)] = split.token_type_ids[i]
     return batch
 
 
@@ -295,13 +299,14 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
     batch = {
         "input_ids": np.full(shape, pad_id, np.int32),
         "attention_mask": np.zeros(shape, np.int32),
-        "token_type_ids": np.zeros(shape, np.int32),
         "position_ids": np.zeros(shape, np.int32),
         "segment_ids": np.zeros(shape, np.int32),
         "pool_index": np.zeros((n, 2), np.int32),
         "labels": split.labels[indices],
         "weights": weights.astype(np.float32),
     }
+    if split.token_type_ids is not None:
+        batch["token_type_ids"] = np.zeros(shape, np.int32)
     for g, rows in enumerate(layout):
         for r, members in enumerate(rows):
             row, start = g * n_rows + r, 0
@@ -309,7 +314,8 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
                 i, end = indices[j], start + lengths[j]
                 batch["input_ids"][row, start:end] = split.input_ids[i]
                 batch["attention_mask"][row, start:end] = 1
-                batch["token_type_ids"][row, start:end] = split.token_type_ids[i]
+                if split.token_type_ids is not None:
+                    batch["token_type_ids"][row, start:end] = split.token_type_ids[i]
                 batch["position_ids"][row, start:end] = np.arange(lengths[j])
                 batch["segment_ids"][row, start:end] = segment
                 batch["pool_index"][j] = ((g % shards) * n_rows + r, start)  # row within its micro-batch

@@ -107,22 +107,22 @@ def project(delta_btd: jax.Array, batch: dict, epsilon: float | None, norm: Lite
 # ------------------------------------------------------------------------------------------- forward passes
 
 
-def _embedded(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
+def embedded(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
     """The word embeddings (B, T, D) and the model's other inputs."""
     inputs = model_inputs(batch)
     return model.embed(inputs.pop("input_ids")), inputs
 
 
-def _logits(model: nnx.Module, embeds: jax.Array, inputs: dict) -> jax.Array:
+def logits_at(model: nnx.Module, embeds: jax.Array, inputs: dict) -> jax.Array:
     return model(inputs_embeds=embeds, **inputs)
 
 
-def _attack(model: nnx.Module, inputs: dict, batch: dict, label_smoothing: float):
+def attack_loss(model: nnx.Module, inputs: dict, batch: dict, label_smoothing: float):
     """The task loss (and aux) as a function of the model and the input embeddings."""
-    return lambda m, x: task_loss(_logits(m, x, inputs), batch, label_smoothing)
+    return lambda m, x: task_loss(logits_at(m, x, inputs), batch, label_smoothing)
 
 
-def _delta_grad(model: nnx.Module, objective, embeds: jax.Array, delta: jax.Array):
+def delta_grad(model: nnx.Module, objective, embeds: jax.Array, delta: jax.Array):
     """((loss, aux), d loss / d delta) for `objective(model, embeds + delta)`, from one forward and one backward.
 
     `nnx.value_and_grad` over delta only: the model's dropout streams advance (a fresh mask per pass) without
@@ -153,11 +153,11 @@ def fgm(options: FGMOptions):
 
     def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         del rng
-        embeds, inputs = _embedded(model, batch)
-        (clean, aux), g = _delta_grad(model, _attack(model, inputs, batch, o.label_smoothing), embeds,
+        embeds, inputs = embedded(model, batch)
+        (clean, aux), g = delta_grad(model, attack_loss(model, inputs, batch, o.label_smoothing), embeds,
                                       jnp.zeros_like(embeds))
         delta = jax.lax.stop_gradient(o.epsilon * normalize(g, batch, o.norm))
-        adversarial, adv_aux = task_loss(_logits(model, embeds + delta, inputs), batch, o.label_smoothing)
+        adversarial, adv_aux = task_loss(logits_at(model, embeds + delta, inputs), batch, o.label_smoothing)
         aux.update(clean_loss=clean, adversarial_loss=adversarial, adversarial_accuracy=adv_aux["accuracy"],
                    **_norm_stats(delta, batch, o.norm))
         return clean + o.adversarial_weight * adversarial, aux
@@ -195,21 +195,21 @@ def pgd(options: PGDOptions):
     o = options
 
     def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-        embeds, inputs = _embedded(model, batch)
-        attack = _attack(model, inputs, batch, o.label_smoothing)
+        embeds, inputs = embedded(model, batch)
+        attack = attack_loss(model, inputs, batch, o.label_smoothing)
         delta = random_start(rng, embeds, batch, o.epsilon, o.norm) if o.random_start else jnp.zeros_like(embeds)
         losses = []
         for _ in range(o.steps):
-            (value, _), g = _delta_grad(model, attack, jax.lax.stop_gradient(embeds), delta)
+            (value, _), g = delta_grad(model, attack, jax.lax.stop_gradient(embeds), delta)
             losses.append(value)
             delta = project(delta + o.alpha * normalize(g, batch, o.norm), batch, o.epsilon, o.norm)
         delta = jax.lax.stop_gradient(delta)
-        adversarial, aux = task_loss(_logits(model, embeds + delta, inputs), batch, o.label_smoothing)
+        adversarial, aux = task_loss(logits_at(model, embeds + delta, inputs), batch, o.label_smoothing)
         loss = adversarial
         aux.update(adversarial_loss=adversarial, first_step_loss=losses[0] if losses else adversarial,
                    **_norm_stats(delta, batch, o.norm))
         if o.clean_weight > 0:
-            clean, clean_aux = task_loss(_logits(model, embeds, inputs), batch, o.label_smoothing)
+            clean, clean_aux = task_loss(logits_at(model, embeds, inputs), batch, o.label_smoothing)
             loss = o.clean_weight * clean + adversarial
             aux.update(clean_loss=clean, adversarial_accuracy=aux["accuracy"], accuracy=clean_aux["accuracy"])
         return loss, aux
@@ -244,15 +244,15 @@ def freelb(options: FreeLBOptions):
     o = options
 
     def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-        embeds, inputs = _embedded(model, batch)
+        embeds, inputs = embedded(model, batch)
         delta = freelb_init(rng, embeds, batch, o.init_magnitude) if o.init_magnitude > 0 else jnp.zeros_like(embeds)
         delta = project(delta, batch, o.epsilon, o.norm)
-        attack = _attack(model, inputs, batch, o.label_smoothing)
+        attack = attack_loss(model, inputs, batch, o.label_smoothing)
         total, losses, auxes = 0.0, [], []
         for k in range(o.steps):
             # One pass per step gives the step's loss (its parameter gradient joins the mean) and the
             # delta gradient for the next ascent step; delta itself is a constant for the parameters.
-            (loss_k, aux_k), g = _delta_grad(model, attack, embeds, jax.lax.stop_gradient(delta))
+            (loss_k, aux_k), g = delta_grad(model, attack, embeds, jax.lax.stop_gradient(delta))
             losses.append(loss_k)
             auxes.append(aux_k)
             total = total + loss_k / o.steps
@@ -309,8 +309,8 @@ def smart(options: SMARTOptions):
         teacher_model = nnx.merge(graphdef, teacher_params, jax.tree.map(lambda x: x, rest))
         teacher_model.eval()
         loss, aux, logits = smoothness_fn(model, batch, rng, return_logits=True)
-        embeds, inputs = _embedded(teacher_model, batch)
-        teacher_logits = jax.lax.stop_gradient(_logits(teacher_model, embeds, inputs))
+        embeds, inputs = embedded(teacher_model, batch)
+        teacher_logits = jax.lax.stop_gradient(logits_at(teacher_model, embeds, inputs))
         bregman = symmetric_kl(logits, teacher_logits, batch)
         aux["bregman"] = bregman
         return loss + o.mu * bregman, aux, teacher
@@ -320,21 +320,21 @@ def smart(options: SMARTOptions):
 
 def _smart_smoothness(o: SMARTOptions):
     def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array, return_logits: bool = False):
-        embeds, inputs = _embedded(model, batch)
-        clean_logits = _logits(model, embeds, inputs)
+        embeds, inputs = embedded(model, batch)
+        clean_logits = logits_at(model, embeds, inputs)
         task, aux = task_loss(clean_logits, batch, o.label_smoothing)
         held = jax.lax.stop_gradient(clean_logits)
-        divergence = lambda m, x: (symmetric_kl(held, _logits(m, x, inputs), batch), {})  # noqa: E731
+        divergence = lambda m, x: (symmetric_kl(held, logits_at(m, x, inputs), batch), {})  # noqa: E731
         delta = o.noise_std * jax.random.normal(rng, embeds.shape) * token_mask(batch)
         first = None
         for _ in range(o.steps):
-            (value, _), g = _delta_grad(model, divergence, jax.lax.stop_gradient(embeds), delta)
+            (value, _), g = delta_grad(model, divergence, jax.lax.stop_gradient(embeds), delta)
             first = value if first is None else first
             step = g / jnp.maximum(example_max_abs(g, batch), TINY) * token_mask(batch)
             delta = project(delta + o.step_size * step, batch, o.epsilon, "linf")
         delta = jax.lax.stop_gradient(delta)
         # Both predictions depend on the parameters here (the regularizer smooths f around x).
-        smoothness = symmetric_kl(clean_logits, _logits(model, embeds + delta, inputs), batch)
+        smoothness = symmetric_kl(clean_logits, logits_at(model, embeds + delta, inputs), batch)
         aux.update(task_loss=task, smoothness=smoothness, **_norm_stats(delta, batch, "linf"))
         if first is not None:
             aux["first_step_smoothness"] = first
@@ -363,17 +363,17 @@ def vat(options: VATOptions):
     o = options
 
     def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-        embeds, inputs = _embedded(model, batch)
-        clean_logits = _logits(model, embeds, inputs)
+        embeds, inputs = embedded(model, batch)
+        clean_logits = logits_at(model, embeds, inputs)
         task, aux = task_loss(clean_logits, batch, o.label_smoothing)
         held = jax.lax.stop_gradient(clean_logits)
-        divergence = lambda m, x: (kl_divergence(held, _logits(m, x, inputs), batch), {})  # noqa: E731
+        divergence = lambda m, x: (kl_divergence(held, logits_at(m, x, inputs), batch), {})  # noqa: E731
         d = normalize(jax.random.normal(rng, embeds.shape), batch, "l2")
         for _ in range(o.power_iterations):
-            _, g = _delta_grad(model, divergence, jax.lax.stop_gradient(embeds), o.xi * d)
+            _, g = delta_grad(model, divergence, jax.lax.stop_gradient(embeds), o.xi * d)
             d = normalize(g, batch, "l2")
         r = jax.lax.stop_gradient(o.epsilon * d)
-        smoothness = kl_divergence(held, _logits(model, embeds + r, inputs), batch)
+        smoothness = kl_divergence(held, logits_at(model, embeds + r, inputs), batch)
         aux.update(task_loss=task, vat_loss=smoothness, **_norm_stats(r, batch, "l2"))
         return o.supervised_weight * task + o.alpha * smoothness, aux
 
