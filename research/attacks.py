@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.data.classification import Split, SplitReport, collate, eval_batches, model_inputs
+from research.data.batches import eval_batches
+from research.data.classification import Split, SplitReport, collate, model_inputs
 from research.objectives import adversarial
 
 # --------------------------------------------------------------------------------------- embedding PGD

@@ -36,6 +36,25 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpuriousConfig:
+    """A controlled spurious correlation (a text analogue of IRM's Colored MNIST), built from any binary
+    classification data at load time, deterministically from `seed` (research/data/spurious.py).
+
+    Each label is flipped with probability `label_noise` (every split, as Colored MNIST does, so the text
+    predicts the label only up to 1 - label_noise). Then a marker word is prepended to each example: the
+    marker of its (noisy) label with probability `agreement`, the other marker otherwise. Training examples
+    are dealt at random into one environment per value of `train_agreements`; the dev split is the test
+    environment, with `dev_agreement`. `oracle` leaves the markers out (the ceiling)."""
+
+    markers: tuple[str, ...] = ("nebula", "quasar")  # one word per label, in label id order
+    train_agreements: tuple[float, ...] = (0.9, 0.8)
+    dev_agreement: float = 0.1
+    label_noise: float = 0.25
+    oracle: bool = False
+    seed: int = 0  # the benchmark's own seed: the same data for every training seed
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     # Paths are relative to the data root (RESEARCH_DATA_DIR) unless absolute; `hf:<name>[/<config>]` reads
     # a Hugging Face dataset through `datasets` instead (split names then go in train/dev, e.g. "validation").
@@ -56,6 +75,26 @@ class DataConfig:
     pack_length: int | None = None
     max_train_examples: int | None = None  # a seeded random subset of the training split (None: all)
     max_dev_examples: int | None = None  # the first N dev examples (None: all)
+    # Environments (for IRM, V-REx, Group DRO), training split only: each example's environment comes from
+    # `environment_column`, or from `environment_files` (name -> file: the environment is the file that holds
+    # the example's text, e.g. CAD's orig/ and new/ halves of the combined data), or from `spurious` (the
+    # controlled benchmark). Training batches then hold every environment in fixed proportions on every device
+    # shard and micro-batch (research/data/batches.py).
+    environment_column: str | None = None
+    environment_files: dict[str, str] | None = None
+    environments: tuple[str, ...] | None = None  # names in id order; None: the sorted set found in training
+    environment_proportions: tuple[float, ...] | None = None  # per environment, in id order; None: equal
+    # Counterfactual pairs, training split only: rows sharing a value of this column (exactly two each) are a
+    # pair, and training batches hold both members side by side (examples 2p and 2p+1) on the same device
+    # shard and micro-batch. With environments too, batches are made of pairs (CAD: one member per environment).
+    pair_column: str | None = None
+    # Environments from pairs: the first member of each pair (in file order) is in environment [0], the second
+    # in [1]. CAD's paired file lists the original review first and its revision second.
+    pair_environments: tuple[str, ...] | None = None
+    spurious: SpuriousConfig | None = None
+    # Extra evaluation sets, name -> file (read like `dev`), evaluated at the end of training and by
+    # `research eval`: e.g. CAD's original and revised test sets.
+    test: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +116,9 @@ class OptimConfig:
     warmup_steps: int | None = None
     layerwise_lr_decay: float = 1.0  # layer l of L gets lr * decay**(L - l); embeddings decay**L; 1.0: off
     freeze: tuple[str, ...] = ()  # regexes on "/"-joined parameter paths, e.g. "bert/embeddings/.*"
+    # Adam's moments and bias correction start afresh at this update (the lr schedule goes on): DomainBed
+    # does this where IRM's and V-REx's penalty weight switches on (objective.params.anneal_steps).
+    reset_at_step: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +213,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
+        key_type, value_type = typing.get_args(hint) or (Any, Any)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -200,6 +243,32 @@ def _check_values(cfg: ExperimentConfig) -> None:
                           "example must fit one packed row)")
     if d.labels is not None and len(set(d.labels)) != len(d.labels):
         raise ConfigError(f"data.labels={d.labels} has duplicates")
+    sources = [k for k, v in (("data.environment_column", d.environment_column),
+                              ("data.environment_files", d.environment_files), ("data.spurious", d.spurious),
+                              ("data.pair_environments", d.pair_environments)) if v]
+    if len(sources) > 1:
+        raise ConfigError(f"{' and '.join(sources)} are both set: environments come from one of them")
+    if d.pair_environments is not None and (d.pair_column is None or len(set(d.pair_environments)) != 2):
+        raise ConfigError(f"data.pair_environments={d.pair_environments} needs data.pair_column and two distinct "
+                          "names (first member, second member)")
+    if d.environments is not None and len(set(d.environments)) != len(d.environments):
+        raise ConfigError(f"data.environments={d.environments} has duplicates")
+    if d.environment_proportions is not None:
+        if not sources:
+            raise ConfigError("data.environment_proportions is set but no environments are: set "
+                              "data.environment_column, data.environment_files or data.spurious")
+        if any(p <= 0 for p in d.environment_proportions):
+            raise ConfigError(f"data.environment_proportions={d.environment_proportions} must all be positive")
+    if d.spurious is not None:
+        sp = d.spurious
+        if not all(0.0 <= a <= 1.0 for a in (*sp.train_agreements, sp.dev_agreement)):
+            raise ConfigError("data.spurious agreements must lie in [0, 1]")
+        if not 0.0 <= sp.label_noise < 0.5:
+            raise ConfigError(f"data.spurious.label_noise={sp.label_noise} must be in [0, 0.5)")
+        if not sp.train_agreements:
+            raise ConfigError("data.spurious.train_agreements must name at least one training environment")
+        if len(set(sp.markers)) != len(sp.markers) or any(not m.strip() or " " in m for m in sp.markers):
+            raise ConfigError(f"data.spurious.markers={sp.markers} must be distinct single words")
     if not 0.0 <= o.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
     if not 0.0 < o.layerwise_lr_decay <= 1.0:

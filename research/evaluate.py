@@ -7,6 +7,7 @@ at run time for five lines of arithmetic.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from research.data.classification import Split, eval_batches, model_inputs
+from research.data.batches import eval_batches
+from research.data.classification import Split, model_inputs
 from research.sharding import make_mesh, put_batch, replicated
 
 
@@ -105,7 +107,9 @@ def restore_params(workdir: Path, cfg, model: nnx.Module, which: str = "best") -
             abstract_state = {"params": abstract, "opt_state": jax.eval_shape(tx.init, params),
                               "step": jax.ShapeDtypeStruct((), jnp.int32),
                               "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
-            objective = make_objective(cfg.objective)
+            # The run's training environments (their number shapes e.g. Group DRO's state), as it recorded them.
+            report = json.loads((workdir / "data_report.json").read_text())["train"]
+            objective = make_objective(cfg.objective, tuple(report.get("environment_counts", {})))
             if isinstance(objective, StatefulObjective):  # e.g. SMART's teacher: part of the saved state
                 abstract_state["objective"] = jax.eval_shape(objective.init_state, params)
             abstract_state = jax.tree.map(

@@ -13,8 +13,10 @@ import math
 import re
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -71,6 +73,27 @@ def _scale_by_path(factor: Callable[[str], float]) -> optax.GradientTransformati
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+class ResetState(NamedTuple):
+    count: jax.Array  # updates so far
+    inner: optax.OptState
+
+
+def reset_at(inner: optax.GradientTransformation, step: int) -> optax.GradientTransformation:
+    """`inner` with its state replaced by a fresh one just before update number `step` (0-based), as if a
+    new optimizer took over there. Inside jit, so the step is a traced comparison, not a Python branch."""
+
+    def init(params):
+        return ResetState(jnp.zeros((), jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        fresh = inner.init(updates)  # the state's initial values depend on shapes only (Adam: zeros)
+        current = jax.tree.map(lambda f, s: jnp.where(state.count == step, f, s), fresh, state.inner)
+        updates, new_inner = inner.update(updates, current, params)
+        return updates, ResetState(state.count + 1, new_inner)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax chain for `params` (the pure-dict `nnx.Param` state of `model`) and its lr schedule."""
@@ -84,8 +107,13 @@ def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_step
     chain = []
     if cfg.clip_norm is not None:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
-    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=lambda tree: jax.tree_util.tree_map_with_path(lambda p, _: decays(p), tree)))
+    mask = lambda tree: jax.tree_util.tree_map_with_path(lambda p, _: decays(p), tree)  # noqa: E731
+    if cfg.reset_at_step is None:
+        chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 mask=mask))
+    else:  # optax.adamw's own three parts, with the moments in a resettable wrapper
+        chain += [reset_at(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), cfg.reset_at_step),
+                  optax.add_decayed_weights(cfg.weight_decay, mask), optax.scale_by_learning_rate(schedule)]
     if cfg.layerwise_lr_decay != 1.0:
         mod = sys.modules[type(model).__module__]  # the model file: bert.py or gpt2.py
         n = num_layers(model.config)

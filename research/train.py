@@ -32,7 +32,7 @@ from tqdm import tqdm
 from research import experiment
 from research.checkpoint import Checkpoints
 from research.config import ExperimentConfig
-from research.data.classification import epoch_batches, steps_per_epoch
+from research.data.batches import epoch_batches, oversampling, steps_per_epoch
 from research.evaluate import classification_metrics, make_eval_step, predict
 from research.metrics import MetricWriter
 from research.objectives import make_objective
@@ -161,6 +161,12 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
 
     pieces = experiment.prepare(cfg)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))  # resolved
+    groups = t.grad_accum * mesh.shape[DATA_AXIS]  # blocks of a batch: one per micro-batch and device shard
+    train_split = pieces.train
+    if train_split.environments is not None and train_split.pair_ids is None:  # say what stratifying costs
+        draws = oversampling(train_split.environments, len(train_split.environment_names), t.batch_size, groups,
+                             cfg.data.environment_proportions)
+        train_split.report.draws_per_epoch = {train_split.environment_names[e]: round(v, 3) for e, v in draws.items()}
     _record_run(workdir, cfg, pieces, resuming=latest is not None)
 
     model = pieces.model
@@ -175,10 +181,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
         graphdef = nnx.graphdef(abstract)
     params = nnx.to_pure_dict(params)
 
-    per_epoch = steps_per_epoch(len(pieces.train), t.batch_size)
+    per_epoch = steps_per_epoch(pieces.train, t.batch_size, groups, cfg.data.environment_proportions)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
     tx, schedule = make_optimizer(cfg.optim, model, params, total)
-    objective = make_objective(cfg.objective)
+    objective = make_objective(cfg.objective, pieces.train.environment_names)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(t.seed))}
     if isinstance(objective, StatefulObjective):
@@ -219,7 +225,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
         while step < total and stop["signal"] is None:
             for b, batch in epoch_batches(pieces.train, t.batch_size, d.buckets, pieces.pad_id, t.seed, epoch,
                                           first_batch, pack_length=d.pack_length, micro_batches=t.grad_accum,
-                                          shards=mesh.shape[DATA_AXIS]):
+                                          shards=mesh.shape[DATA_AXIS], proportions=d.environment_proportions):
                 state, metrics = train_step(state, put_batch(batch, mesh, t.grad_accum))
                 # One small host transfer per step: the NaN check must see every loss before any checkpoint
                 # of that step is written (on CPU the step dominates; the data for the next step is ready).

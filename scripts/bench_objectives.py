@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from research.config import ObjectiveConfig, apply_overrides, load_experiment
-from research.data.classification import epoch_batches
+from research.data.batches import epoch_batches
 from research.experiment import prepare
 from research.objectives import OBJECTIVES, make_objective
 from research.objectives.state import StatefulObjective

@@ -96,7 +96,7 @@ def ours(model, objective, batch, key=KEY):
 def check(model_pair, objective, torch_loss, batch):
     theirs, mine = model_pair
     loss, grads = ours(mine, objective, batch)
-    np.testing.assert_allclose(loss, float(torch_loss), rtol=1e-5)
+    np.testing.assert_allclose(loss, float(torch_loss.detach()), rtol=1e-5)
     assert_grads_match(grads, theirs)
 
 

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from research.config import ConfigError, DataConfig, ExperimentConfig, OptimConfig, apply_overrides, load_experiment
-from research.data.classification import DataError, epoch_batches, load_split
+from research.data.batches import epoch_batches
+from research.data.classification import DataError, load_split
 from research.evaluate import classification_metrics
 from research.models import from_config, load_tokenizer
 from research.models.bert import BertConfig

@@ -94,7 +94,8 @@ def test_eval_and_export_agree_with_transformers(smoke_run, tmp_path, capsys):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from research.data.classification import eval_batches, load_split
+    from research.data.batches import eval_batches
+    from research.data.classification import load_split
     from research.models import load_tokenizer
 
     workdir, _ = smoke_run

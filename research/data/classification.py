@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from research.config import DataConfig
+from research.data import spurious
 
 
 class DataError(ValueError):
@@ -57,6 +58,10 @@ class SplitReport:
     truncated_tokens: int = 0
     label_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     length_percentiles: dict[str, int] = dataclasses.field(default_factory=dict)  # tokens, before truncation
+    environment_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Training with environments: draws per example per epoch (above 1: oversampled to keep the proportions).
+    draws_per_epoch: dict[str, float] = dataclasses.field(default_factory=dict)
+    pairs: int | None = None
 
     def skip(self, reason: str, row: int) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -73,6 +78,12 @@ class SplitReport:
         parts.append(f"truncated {self.truncated_examples:,} examples ({self.truncated_tokens:,} tokens)")
         parts.append("labels " + ", ".join(f"{k}: {v:,}" for k, v in self.label_counts.items()))
         parts.append("length p50/p95/max " + "/".join(str(v) for v in self.length_percentiles.values()))
+        if self.environment_counts:
+            parts.append("environments " + ", ".join(f"{k}: {v:,}" for k, v in self.environment_counts.items()))
+        if self.draws_per_epoch:
+            parts.append("drawn per epoch " + ", ".join(f"{k}: {v:g}x" for k, v in self.draws_per_epoch.items()))
+        if self.pairs is not None:
+            parts.append(f"{self.pairs:,} counterfactual pairs")
         return "; ".join(parts)
 
 
@@ -88,6 +99,9 @@ class Split:
     labels: np.ndarray  # (N,) int32
     texts: list[str]
     report: SplitReport
+    environments: np.ndarray | None = None  # (N,) int32 environment ids, when the data has environments
+    environment_names: tuple[str, ...] = ()
+    pair_ids: np.ndarray | None = None  # (N,) int32: the counterfactual pair of each example (two per pair)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -95,7 +109,10 @@ class Split:
 
 def _read_rows(cfg: DataConfig, split: str) -> tuple[str, Iterator[tuple[int, dict[str, Any] | str]]]:
     """(source description, rows as (row number, {column: value}) or (row number, problem))."""
-    where = cfg.train if split == "train" else cfg.dev
+    if split not in ("train", "dev") and split not in cfg.test:
+        raise DataError(f"no split {split!r}: use 'train', 'dev' or a name of data.test {sorted(cfg.test)}")
+    where = {"train": cfg.train, "dev": cfg.dev}.get(split) or cfg.test[split]
+    setting = f"data.{split}" if split in ("train", "dev") else f"data.test.{split}"
     if cfg.source.startswith("hf:"):
         return _read_hub(cfg, where)
     if cfg.source != "files":
@@ -103,10 +120,10 @@ def _read_rows(cfg: DataConfig, split: str) -> tuple[str, Iterator[tuple[int, di
     path = Path(where).expanduser()
     path = path if path.is_absolute() else data_root() / path
     if not path.is_file():
-        raise DataError(f"data.{split}: {path} does not exist (check data.{split} and RESEARCH_DATA_DIR)")
+        raise DataError(f"{setting}: {path} does not exist (check {setting} and RESEARCH_DATA_DIR)")
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".csv", ".jsonl"):
-        raise DataError(f"data.{split}: {path} is not .tsv, .csv or .jsonl")
+        raise DataError(f"{setting}: {path} is not .tsv, .csv or .jsonl")
     return str(path), (_jsonl_rows(path) if suffix == ".jsonl" else _delimited_rows(path, suffix))
 
 
@@ -152,11 +169,16 @@ def _read_hub(cfg: DataConfig, split_name: str) -> tuple[str, Iterator[tuple[int
 
 
 def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int) -> Split:
-    """Read, check and tokenize one split ("train" or "dev"). `labels` None infers them (training split only)."""
+    """Read, check and tokenize one split: "train", "dev" or a name of `cfg.test`. `labels` None infers them
+    (training split only)."""
     source, rows = _read_rows(cfg, split)
     report = SplitReport(split, source)
-    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
-    texts, pairs, raw_labels = [], [], []
+    # Environments and pairs shape training batches: they are read for the training split only.
+    env_column = cfg.environment_column if split == "train" else None
+    pair_column = cfg.pair_column if split == "train" else None
+    env_files = cfg.environment_files if split == "train" else None
+    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, env_column, pair_column) if c]
+    texts, pairs, raw_labels, raw_envs, pair_keys = [], [], [], [], []
     for row_number, row in rows:
         report.rows += 1
         if isinstance(row, str):
@@ -165,9 +187,13 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
         absent = [c for c in columns if c not in row]
         if absent:
             raise DataError(f"{source} row {row_number} has no column {absent[0]!r} (columns: {sorted(row)}); "
-                            f"set data.text_column / data.label_column")
+                            f"set data.text_column / data.label_column / data.environment_column / "
+                            "data.pair_column")
         text = str(row[cfg.text_column]).strip()
         if not text:
+            if pair_column:  # skipping one member would orphan the other
+                raise DataError(f"{source} row {row_number} has an empty text, and it belongs to pair "
+                                f"{row[pair_column]!r}: fix the file")
             report.skip("empty text", row_number)
             continue
         label = str(row[cfg.label_column]).strip()
@@ -176,6 +202,10 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
         texts.append(text)
         pairs.append(str(row[cfg.text_pair_column]).strip() if cfg.text_pair_column else None)
         raw_labels.append((label, row_number))
+        if env_column:
+            raw_envs.append((str(row[env_column]).strip(), row_number))
+        if pair_column:
+            pair_keys.append((str(row[pair_column]).strip(), row_number))
 
     if labels is None:
         labels = tuple(sorted({label for label, _ in raw_labels}))
@@ -185,24 +215,101 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
             raise DataError(f"{source} row {row_number}: label {label!r} is not in the label set {list(labels)}; "
                             "fix the file or set data.labels to the full label set")
     label_ids = np.array([index[label] for label, _ in raw_labels], np.int32)
+    pair_ids = _pair_ids(pair_keys, source) if pair_column else None
+    if env_column:
+        env_names = cfg.environments or tuple(sorted({e for e, _ in raw_envs}))
+        env_ids = _environment_ids(raw_envs, env_names, source, "data.environment_column")
+    elif env_files:
+        env_names = cfg.environments or tuple(env_files)
+        env_ids = _environment_ids(_environments_from_files(cfg, texts, raw_labels, source), env_names, source,
+                                   "data.environment_files")
+    elif pair_column and cfg.pair_environments:
+        env_names = cfg.pair_environments
+        first = np.zeros(len(pair_ids), bool)
+        first[np.unique(pair_ids, return_index=True)[1]] = True  # the first row of each pair, in file order
+        env_ids = np.where(first, 0, 1).astype(np.int32)
+    else:
+        env_names, env_ids = (), None
 
     limit = cfg.max_train_examples if split == "train" else cfg.max_dev_examples
     keep = np.arange(len(texts))
     if limit is not None and limit < len(texts):
         report.subset_of = len(texts)
-        # Train: a random subset (a prefix of a sorted file would be one-sided); dev: the first N rows.
-        keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:limit]) if split == "train" \
-            else keep[:limit]
+        if pair_ids is not None:  # whole pairs: limit // 2 of them, drawn at random
+            chosen = np.random.default_rng(seed).permutation(pair_ids.max() + 1)[: limit // 2]
+            keep = np.flatnonzero(np.isin(pair_ids, chosen))
+        elif split == "train":  # a random subset (a prefix of a sorted file would be one-sided)
+            keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:limit])
+        else:  # dev: the first N rows
+            keep = keep[:limit]
     texts = [texts[i] for i in keep]
     pairs = [pairs[i] for i in keep]
     label_ids = label_ids[keep]
+    if pair_ids is not None:
+        pair_ids = np.unique(pair_ids[keep], return_inverse=True)[1].astype(np.int32)  # renumbered 0..P-1
+    if env_ids is not None:
+        env_ids = env_ids[keep]
+    if cfg.spurious is not None:
+        # The split's own environments: training's, or the one test environment of dev and test sets.
+        texts, label_ids, env_ids, env_names = spurious.apply(cfg.spurious, texts, label_ids, split, len(labels))
 
     input_ids, token_types = _tokenize(tokenizer, texts, pairs, cfg.max_length, report)
     report.used = len(texts)
     report.label_counts = {name: int((label_ids == i).sum()) for i, name in enumerate(labels)}
+    if env_ids is not None:
+        report.environment_counts = {name: int((env_ids == i).sum()) for i, name in enumerate(env_names)}
+    if pair_ids is not None:
+        report.pairs = int(len(texts) // 2)
     if not texts:
         raise DataError(f"{source}: no usable examples ({report.summary()})")
-    return Split(split, input_ids, token_types, label_ids, texts, report)
+    return Split(split, input_ids, token_types, label_ids, texts, report, env_ids, tuple(env_names), pair_ids)
+
+
+def _pair_ids(pair_keys: list[tuple[str, int]], source: str) -> np.ndarray:
+    """Pair index per example (pairs numbered in order of first appearance); every key exactly twice."""
+    rows: dict[str, list[int]] = {}
+    for key, row_number in pair_keys:
+        rows.setdefault(key, []).append(row_number)
+    odd = {k: r for k, r in rows.items() if len(r) != 2}
+    if odd:
+        key, where = next(iter(odd.items()))
+        raise DataError(f"{source}: {len(odd)} pair ids do not occur exactly twice, e.g. {key!r} on rows {where}; "
+                        "every counterfactual pair needs both members (check data.pair_column)")
+    number = {key: i for i, key in enumerate(rows)}
+    return np.array([number[key] for key, _ in pair_keys], np.int32)
+
+
+def _environment_ids(raw: list[tuple[str, int]], names: tuple[str, ...], source: str, setting: str) -> np.ndarray:
+    index = {name: i for i, name in enumerate(names)}
+    for env, row_number in raw:
+        if env not in index:
+            raise DataError(f"{source} row {row_number}: environment {env!r} is not one of {list(names)} (from "
+                            f"{setting}); fix the file or set data.environments")
+    return np.array([index[env] for env, _ in raw], np.int32)
+
+
+def _environments_from_files(cfg: DataConfig, texts: list[str], raw_labels: list[tuple[str, int]],
+                             source: str) -> list[tuple[str, int]]:
+    """(environment, row) per example: the one file of `cfg.environment_files` that holds the example's text
+    with its label. The label is part of the key because a counterfactual may keep the text and flip only
+    the label (CAD has one such review in both orig/ and new/)."""
+    where: dict[tuple[str, str], str] = {}
+    for name, file in cfg.environment_files.items():
+        _, rows = _read_rows(dataclasses.replace(cfg, train=file), "train")
+        for _, row in rows:
+            if isinstance(row, dict) and cfg.text_column in row and cfg.label_column in row:
+                key = (str(row[cfg.text_column]).strip(), str(row[cfg.label_column]).strip())
+                if where.get(key, name) != name:
+                    raise DataError(f"data.environment_files: the text {key[0][:60]!r}... with label {key[1]!r} is "
+                                    f"in both {where[key]!r} and {name!r}; the environment must be unambiguous")
+                where[key] = name
+    out = []
+    for text, (label, row_number) in zip(texts, raw_labels, strict=True):
+        if (text, label) not in where:
+            raise DataError(f"{source} row {row_number}: its text and label are in none of data.environment_files "
+                            f"{dict(cfg.environment_files)}; every training example needs an environment")
+        out.append((where[(text, label)], row_number))
+    return out
 
 
 def _tokenize(tokenizer, texts: list[str], pairs: list[str | None], max_length: int,
@@ -243,6 +350,7 @@ def collate(split: Split, indices: np.ndarray, weights: np.ndarray, length: int,
         "attention_mask": np.zeros((n, length), np.int32),
         "labels": split.labels[indices],
         "weights": weights.astype(np.float32),  # 0 for filler rows: they count in no loss and no metric
+        **_example_keys(split, indices),
     }
     if split.token_type_ids is not None:
         batch["token_type_ids"] = np.zeros((n, length), np.int32)
@@ -304,6 +412,7 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
         "pool_index": np.zeros((n, 2), np.int32),
         "labels": split.labels[indices],
         "weights": weights.astype(np.float32),
+        **_example_keys(split, indices),
     }
     if split.token_type_ids is not None:
         batch["token_type_ids"] = np.zeros(shape, np.int32)
@@ -323,47 +432,19 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
     return batch
 
 
+def _example_keys(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-example batch entries beside labels and weights: `environment` ids and `pair_ids`, when present."""
+    out = {}
+    if split.environments is not None:
+        out["environment"] = split.environments[indices]
+    if split.pair_ids is not None:
+        out["pair_ids"] = split.pair_ids[indices]
+    return out
+
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids", "pool_index")
 
 
 def model_inputs(batch: dict) -> dict:
     """The model's keyword arguments from a batch, padded (`collate`) or packed (`pack`)."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
-
-
-def steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    return -(-n_examples // batch_size)
-
-
-def epoch_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int, seed: int, epoch: int,
-                  start: int = 0, *, pack_length: int | None = None, micro_batches: int = 1, shards: int = 1
-                  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(batch index, batch) for one training epoch, from batch `start` on (resuming mid-epoch). With
-    `pack_length`, batches are packed (`pack`) for `micro_batches` x `shards`; otherwise padded to a bucket."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(split))
-    lengths = np.array([len(x) for x in split.input_ids])
-    for b in range(start, steps_per_epoch(len(order), batch_size)):
-        indices = order[b * batch_size : (b + 1) * batch_size]
-        indices, weights = _fill(indices, batch_size)
-        if pack_length is None:
-            yield b, collate(split, indices, weights, bucket_length(lengths[indices], buckets), pad_id)
-        else:
-            yield b, pack(split, indices, weights, pack_length, pad_id, micro_batches, shards)
-
-
-def eval_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int
-                 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    lengths = np.array([len(x) for x in split.input_ids])
-    order = np.arange(len(split))
-    for b in range(steps_per_epoch(len(order), batch_size)):
-        indices, weights = _fill(order[b * batch_size : (b + 1) * batch_size], batch_size)
-        yield b, collate(split, indices, weights, bucket_length(lengths[indices], buckets), pad_id)
-
-
-def _fill(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The last batch of an epoch filled up with weight-0 repeats, so the shape stays static."""
-    weights = np.ones(batch_size, np.float32)
-    if len(indices) < batch_size:
-        weights[len(indices):] = 0.0
-        indices = np.resize(indices, batch_size)
-    return indices, weights

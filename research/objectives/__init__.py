@@ -1,7 +1,8 @@
-"""Fine-tuning objectives: pure functions `loss_fn(model, batch, rng) -> (loss, aux)`.
+"""Fine-tuning objectives: pure functions `loss_fn(model, batch, rng) -> (loss, aux)` (or `StatefulObjective`).
 
 `OBJECTIVES` maps a config name to (options dataclass, builder); `make_objective` checks the config's
-`params` against the options, so a misspelt hyper-parameter fails before anything compiles."""
+`params` against the options, so a misspelt hyper-parameter fails before anything compiles. The builders of
+`ENVIRONMENT_OBJECTIVES` also take the training environments' names (from the data)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import dataclasses
 from collections.abc import Callable
 
 from research.config import ConfigError, ObjectiveConfig, from_dict
-from research.objectives import adversarial, supervised
+from research.objectives import adversarial, invariance, supervised
 
 OBJECTIVES: dict[str, tuple[type, Callable]] = {
     "cross_entropy": (supervised.CrossEntropyOptions, supervised.cross_entropy),
@@ -18,14 +19,26 @@ OBJECTIVES: dict[str, tuple[type, Callable]] = {
     "freelb": (adversarial.FreeLBOptions, adversarial.freelb),
     "smart": (adversarial.SMARTOptions, adversarial.smart),
     "vat": (adversarial.VATOptions, adversarial.vat),
+    "irm": (invariance.IRMOptions, invariance.irm),
+    "vrex": (invariance.VRExOptions, invariance.vrex),
+    "group_dro": (invariance.GroupDROOptions, invariance.group_dro),
 }
+ENVIRONMENT_OBJECTIVES = {"irm", "vrex", "group_dro"}
 
 
-def make_objective(cfg: ObjectiveConfig) -> Callable:
+def make_objective(cfg: ObjectiveConfig, environments: tuple[str, ...] = ()) -> Callable:
+    """The objective `cfg` names; `environments`: the training environments' names, in id order."""
     if cfg.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={cfg.name!r} is not known; choose from {sorted(OBJECTIVES)}")
     options_cls, build = OBJECTIVES[cfg.name]
-    return build(from_dict(options_cls, cfg.params, "objective.params."))
+    options = from_dict(options_cls, cfg.params, "objective.params.")
+    if cfg.name not in ENVIRONMENT_OBJECTIVES:
+        return build(options)
+    if len(environments) < 2:
+        raise ConfigError(f"objective.name={cfg.name!r} compares training environments, and the data has "
+                          f"{len(environments) or 'no'} environment(s): set data.environment_column, "
+                          "data.environment_files, data.pair_environments or data.spurious")
+    return build(options, environments)
 
 
 def objective_options(cfg: ObjectiveConfig) -> dict:
