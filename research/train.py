@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from research import experiment
 from research.checkpoint import Checkpoints
-from research.config import ExperimentConfig
+from research.config import ConfigError, ExperimentConfig
 from research.data.batches import epoch_batches, oversampling, steps_per_epoch
 from research.evaluate import classification_metrics, make_eval_step, predict
 from research.metrics import MetricWriter
-from research.objectives import make_objective
+from research.objectives import PAIR_OBJECTIVES, make_objective
 from research.objectives.state import StatefulObjective
 from research.optim import make_optimizer
 from research.sharding import (
@@ -185,6 +185,9 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
     tx, schedule = make_optimizer(cfg.optim, model, params, total)
     objective = make_objective(cfg.objective, pieces.train.environment_names)
+    if cfg.objective.name in PAIR_OBJECTIVES and pieces.train.pair_ids is None:
+        raise ConfigError(f"objective.name={cfg.objective.name!r} works on counterfactual pairs: set data.pair_column "
+                          "to the column that pairs the training rows")
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(t.seed))}
     if isinstance(objective, StatefulObjective):

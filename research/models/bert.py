@@ -312,12 +312,23 @@ class BertForSequenceClassification(nnx.Module):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, *, segment_ids=None, pool_index=None):
         """Packed rows (`segment_ids`, see `BertModel`) need `pool_index`: one logit row per example."""
+        return self.head(self.features(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                       segment_ids=segment_ids, pool_index=pool_index))
+
+    def features(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, *, segment_ids=None, pool_index=None) -> jax.Array:
+        """What the head reads: the final [CLS] vector of every example (E, D). `model(...)` is
+        `model.head(model.features(...))`; objectives that work on the representation use the two halves."""
         if (segment_ids is None) != (pool_index is None):
             raise ValueError("packed rows need both segment_ids and pool_index (the (row, position) of every "
                              "example's [CLS])")
         h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                           segment_ids=segment_ids)
-        return self.classifier(self.dropout(self.bert.pool(h_btd, pool_index))).astype(jnp.float32)
+        return h_btd[:, 0] if pool_index is None else h_btd[pool_index[:, 0], pool_index[:, 1]]  # (E, D)
+
+    def head(self, cls_ed: jax.Array) -> jax.Array:
+        """pooler (dense + tanh) -> dropout -> classifier: logits (E, num_labels) float32."""
+        return self.classifier(self.dropout(jnp.tanh(self.bert.pooler(cls_ed)))).astype(jnp.float32)
 
 
 class BertForTokenClassification(nnx.Module):

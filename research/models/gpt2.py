@@ -354,6 +354,15 @@ class GPT2ForSequenceClassification(nnx.Module):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None):
+        return self.head(self.features(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds))
+
+    def head(self, pooled_bd: jax.Array) -> jax.Array:
+        """`score`: logits (B, num_labels) float32."""
+        return self.score(pooled_bd).astype(jnp.float32)
+
+    def features(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None) -> jax.Array:
+        """What the head reads: the final hidden state at each row's last real token (B, D)."""
         h_btd = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         B, T = h_btd.shape[:2]
         if attention_mask is not None:
@@ -364,8 +373,7 @@ class GPT2ForSequenceClassification(nnx.Module):
             real_bt = jnp.ones((B, T), bool)
         # Rightmost real position (transformers: argmax of position * non_pad); 0 for an all-padding row.
         last_b = jnp.max(jnp.where(real_bt, jnp.arange(T), 0), axis=-1)
-        pooled_bd = h_btd[jnp.arange(B), last_b]  # (B, D)
-        return self.score(pooled_bd).astype(jnp.float32)
+        return h_btd[jnp.arange(B), last_b]  # (B, D)
 
 
 CONFIG = GPT2Config

@@ -2,7 +2,8 @@
 
 `OBJECTIVES` maps a config name to (options dataclass, builder); `make_objective` checks the config's
 `params` against the options, so a misspelt hyper-parameter fails before anything compiles. The builders of
-`ENVIRONMENT_OBJECTIVES` also take the training environments' names (from the data)."""
+`ENVIRONMENT_OBJECTIVES` also take the training environments' names (from the data); `PAIR_OBJECTIVES` need
+batches of counterfactual pairs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 
 from research.config import ConfigError, ObjectiveConfig, from_dict
-from research.objectives import adversarial, invariance, supervised
+from research.objectives import adversarial, counterfactual, invariance, supervised
 
 OBJECTIVES: dict[str, tuple[type, Callable]] = {
     "cross_entropy": (supervised.CrossEntropyOptions, supervised.cross_entropy),
@@ -22,8 +23,12 @@ OBJECTIVES: dict[str, tuple[type, Callable]] = {
     "irm": (invariance.IRMOptions, invariance.irm),
     "vrex": (invariance.VRExOptions, invariance.vrex),
     "group_dro": (invariance.GroupDROOptions, invariance.group_dro),
+    "clp": (counterfactual.CLPOptions, counterfactual.clp),
+    "gradient_supervision": (counterfactual.GradientSupervisionOptions, counterfactual.gradient_supervision),
+    "pair_margin": (counterfactual.PairMarginOptions, counterfactual.pair_margin),
 }
 ENVIRONMENT_OBJECTIVES = {"irm", "vrex", "group_dro"}
+PAIR_OBJECTIVES = {"clp", "gradient_supervision", "pair_margin"}  # need pair batches (data.pair_column)
 
 
 def make_objective(cfg: ObjectiveConfig, environments: tuple[str, ...] = ()) -> Callable:
