@@ -46,12 +46,16 @@ class SpuriousConfig:
     are dealt at random into one environment per value of `train_agreements`; the dev split is the test
     environment, with `dev_agreement`. `oracle` leaves the markers out (the ceiling)."""
 
-    markers: tuple[str, ...] = ("nebula", "quasar")  # one word per label, in label id order
+    # One word per label, in label id order; the defaults are single word pieces in the BERT vocabulary.
+    markers: tuple[str, ...] = ("nebula", "comet")
     train_agreements: tuple[float, ...] = (0.9, 0.8)
     dev_agreement: float = 0.1
     label_noise: float = 0.25
     oracle: bool = False
     seed: int = 0  # the benchmark's own seed: the same data for every training seed
+    # More test environments, built from the dev split like it (same label noise, same random draws, so
+    # they differ only in the markers): evaluated beside dev as test/agree<a>/..., for accuracy-vs-agreement.
+    test_agreements: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +96,8 @@ class DataConfig:
     # in [1]. CAD's paired file lists the original review first and its revision second.
     pair_environments: tuple[str, ...] | None = None
     spurious: SpuriousConfig | None = None
-    # Extra evaluation sets, name -> file (read like `dev`), evaluated at the end of training and by
-    # `research eval`: e.g. CAD's original and revised test sets.
+    # Extra evaluation sets, name -> file (read like `dev`), evaluated with dev (metrics `test/<name>/...`)
+    # and by `research eval`: e.g. CAD's original and revised test sets.
     test: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -261,7 +265,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"data.environment_proportions={d.environment_proportions} must all be positive")
     if d.spurious is not None:
         sp = d.spurious
-        if not all(0.0 <= a <= 1.0 for a in (*sp.train_agreements, sp.dev_agreement)):
+        if not all(0.0 <= a <= 1.0 for a in (*sp.train_agreements, sp.dev_agreement, *sp.test_agreements)):
             raise ConfigError("data.spurious agreements must lie in [0, 1]")
         if not 0.0 <= sp.label_noise < 0.5:
             raise ConfigError(f"data.spurious.label_noise={sp.label_noise} must be in [0, 0.5)")

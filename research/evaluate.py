@@ -148,6 +148,11 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     logits = predict(make_eval_step(graphdef, rest, mesh), params, pieces.dev, cfg.train.eval_batch_size,
                      cfg.data.buckets, pieces.pad_id, mesh)
     scalars, report = classification_metrics(logits, pieces.dev.labels, pieces.labels)
+    for name, split in pieces.tests.items():  # data.test sets
+        logits = predict(make_eval_step(graphdef, rest, mesh), params, split, cfg.train.eval_batch_size,
+                         cfg.data.buckets, pieces.pad_id, mesh)
+        scalars.update({f"test/{name}/{k}": v for k, v in classification_metrics(logits, split.labels,
+                                                                                 pieces.labels)[0].items()})
     if "pgd" in attacks:
         from research.attacks import pgd_accuracy
 

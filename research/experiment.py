@@ -35,6 +35,7 @@ class Pieces:
     dev: Split
     model: nnx.Module  # in eval mode; the runner switches it to train mode for the train step
     pad_id: int
+    tests: dict[str, Split] = dataclasses.field(default_factory=dict)  # data.test: evaluated beside dev
 
 
 def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
@@ -48,20 +49,28 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
     else:
         raise ConfigError("data.labels must be set when the training split is not read (evaluation only)")
     dev = load_split(cfg.data, "dev", tokenizer, labels, cfg.train.seed)
+    tests = {name: load_split(cfg.data, name, tokenizer, labels, cfg.train.seed) for name in cfg.data.test}
+    sp = cfg.data.spurious
+    for a in sp.test_agreements if sp is not None else ():  # the dev split again, with other marker agreements
+        shifted = dataclasses.replace(cfg.data, spurious=dataclasses.replace(sp, dev_agreement=a))
+        split = load_split(shifted, "dev", tokenizer, labels, cfg.train.seed)
+        tests[f"agree{a:g}"] = dataclasses.replace(split, name=f"agree{a:g}",
+                                                   report=dataclasses.replace(split.report, name=f"agree{a:g}"))
     model = build_model(cfg, labels)
     if cfg.data.pack_length is not None and "pool_index" not in inspect.signature(type(model).__call__).parameters:
         raise ConfigError(f"data.pack_length: {type(model).__name__} does not take packed rows (segment_ids, "
                           "pool_index); set data.pack_length=null to pad instead")
     if not hasattr(model.config, "type_vocab_size"):  # GPT-2: no token types (see Split.token_type_ids)
         train, dev = (dataclasses.replace(s, token_type_ids=None) if s is not None else None for s in (train, dev))
+        tests = {name: dataclasses.replace(s, token_type_ids=None) for name, s in tests.items()}
     pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
     vocab = model.config.vocab_size
-    for split in (s for s in (train, dev) if s is not None):
+    for split in (s for s in (train, dev, *tests.values()) if s is not None):
         top = max(int(ids.max()) for ids in split.input_ids)
         if top >= vocab:
             raise DataError(f"the tokenizer of {cfg.model.name_or_path} produced token id {top} in the {split.name} "
                             f"split, but the model's vocab_size is {vocab}: tokenizer and model do not match")
-    return Pieces(tokenizer, labels, train, dev, model, pad_id)
+    return Pieces(tokenizer, labels, train, dev, model, pad_id, tests)
 
 
 def build_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:

@@ -210,12 +210,15 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     d, c = cfg.data, cfg.checkpoint
 
     def evaluate(step: int) -> dict[str, float]:
-        logits = predict(eval_step, state["params"], pieces.dev, t.eval_batch_size, d.buckets, pieces.pad_id, mesh)
-        scalars, report = classification_metrics(logits, pieces.dev.labels, pieces.labels)
-        metrics = {f"dev/{k}": v for k, v in scalars.items()}
+        metrics = {}
+        for prefix, split in {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}.items():
+            logits = predict(eval_step, state["params"], split, t.eval_batch_size, d.buckets, pieces.pad_id, mesh)
+            scalars, report = classification_metrics(logits, split.labels, pieces.labels)
+            metrics.update({f"{prefix}/{k}": v for k, v in scalars.items()})
+            writer.write_text(step, f"{prefix}/report", report)
         writer.write(step, metrics)
-        writer.write_text(step, "dev/report", report)
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                if k.startswith("dev/") or k.endswith("/accuracy")))
         return metrics
 
     stop = {"signal": None}
@@ -311,7 +314,8 @@ def _record_run(workdir: Path, cfg: ExperimentConfig, pieces: experiment.Pieces,
         return
     if not resuming:
         experiment.write_run_config(workdir, cfg)
-    reports = {s.name: dataclasses.asdict(s.report) for s in (pieces.train, pieces.dev)}
+    splits = (pieces.train, pieces.dev, *pieces.tests.values())
+    reports = {s.name: dataclasses.asdict(s.report) for s in splits}
     (workdir / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
-    for s in (pieces.train, pieces.dev):
+    for s in splits:
         print(f"data {s.report.summary()}")

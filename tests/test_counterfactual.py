@@ -4,6 +4,8 @@ on the tiny BERT of tests/test_adversarial.py (dropout off). Pairs sit at exampl
 label-preserving and label-flipping pairs and a weight-0 filler pair, which must count in no term. Then the
 same objectives on GPT-2's classification head, and through the runner on CAD's real pairs."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,8 +114,13 @@ def test_pair_objectives_train_on_cad_pairs_and_refuse_unpaired_data(tmp_path, d
     cad = ['data.train="cad_imdb/combined/paired/train_paired.tsv"', 'data.dev="cad_imdb/combined/dev.tsv"',
            'data.text_column="Text"', 'data.label_column="Sentiment"', 'data.labels=["Negative", "Positive"]',
            "data.max_train_examples=64", "data.max_dev_examples=16", 'data.pair_column="batch_id"']
-    final = train(smoke(*cad, 'objective.name="gradient_supervision"', "train.max_steps=2", "train.batch_size=16"),
-                  tmp_path / "gs")
+    tests = 'data.test={"orig": "cad_imdb/orig/test.tsv", "new": "cad_imdb/new/test.tsv"}'
+    final = train(smoke(*cad, tests, 'objective.name="gradient_supervision"', "train.max_steps=2",
+                        "train.batch_size=16"), tmp_path / "gs")
     assert np.isfinite(final["dev/loss"])
+    # data.test sets are evaluated beside dev, and reported (read like dev: max_dev_examples applies).
+    assert {"test/orig/accuracy", "test/new/accuracy", "test/new/loss"} <= set(final)
+    report = json.loads((tmp_path / "gs" / "data_report.json").read_text())
+    assert report["orig"]["used"] == report["new"]["used"] == 16 and report["orig"]["source"].endswith("orig/test.tsv")
     with pytest.raises(ConfigError, match="'pair_margin' works on counterfactual pairs: set data.pair_column"):
         train(smoke('objective.name="pair_margin"'), tmp_path / "unpaired")

@@ -140,17 +140,34 @@ def test_spurious_sst2_is_deterministic_and_has_the_configured_correlations(data
     assert train.environment_names == ("agree0.9", "agree0.8")
     assert abs(train.report.environment_counts["agree0.9"] - 4000) <= 1
     markers = np.array([t.split()[0] for t in train.texts])
-    assert set(markers) == {"nebula", "quasar"}
+    assert set(markers) == {"nebula", "comet"}
     assert [t.split(" ", 1)[1] for t in train.texts] == clean.texts  # the sentence itself is untouched
     noise = (train.labels != clean.labels).mean()
     assert abs(noise - 0.25) < 0.02
     for e, target in enumerate((0.9, 0.8)):
-        agree = (markers == np.array(["nebula", "quasar"])[train.labels])[train.environments == e].mean()
+        agree = (markers == np.array(["nebula", "comet"])[train.labels])[train.environments == e].mean()
         assert abs(agree - target) < 0.02, (e, agree)
     dev = load_split(cfg, "dev", tokenizer, cfg.labels, seed=0)
     dev_markers = np.array([t.split()[0] for t in dev.texts])
     assert dev.environment_names == ("test_agree0.1",)
-    assert abs((dev_markers == np.array(["nebula", "quasar"])[dev.labels]).mean() - 0.1) < 0.04
+    assert abs((dev_markers == np.array(["nebula", "comet"])[dev.labels]).mean() - 0.1) < 0.04
     oracle = load_split(DataConfig(labels=("0", "1"), max_train_examples=8000, spurious=SpuriousConfig(oracle=True)),
                         "train", tokenizer, ("0", "1"), 0)
     assert oracle.texts == clean.texts and np.array_equal(oracle.labels, train.labels)  # same noise, no marker
+
+
+def test_spurious_test_agreements_are_the_dev_split_with_other_markers(data_dir):
+    from research.experiment import prepare
+
+    cfg = apply_overrides(load_experiment("experiments/spurious_sst2.py"),
+                          ["data.max_train_examples=64", "data.max_dev_examples=200",
+                           "data.spurious.test_agreements=[0.0, 1.0]"])
+    pieces = prepare(cfg)
+    assert list(pieces.tests) == ["agree0", "agree1"]
+    dev, never, always = pieces.dev, pieces.tests["agree0"], pieces.tests["agree1"]
+    assert np.array_equal(never.labels, dev.labels) and np.array_equal(always.labels, dev.labels)
+    # The same sentences (same noisy labels) behind the marker; the marker follows the label exactly or never.
+    assert [t.split(" ", 1)[1] for t in never.texts] == [t.split(" ", 1)[1] for t in dev.texts]
+    markers = np.array(["nebula", "comet"])
+    assert all(t.split()[0] == markers[y] for t, y in zip(always.texts, always.labels, strict=True))
+    assert all(t.split()[0] == markers[1 - y] for t, y in zip(never.texts, never.labels, strict=True))

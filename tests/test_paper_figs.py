@@ -32,3 +32,19 @@ def test_robust_accuracy_figure_from_run_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["robust_accuracy.py", str(tmp_path), "--out", str(out)])
     fig.main()
     assert out.stat().st_size > 1000
+
+
+def test_spurious_accuracy_figure_from_run_directories(tmp_path, monkeypatch):
+    for method, seed, test_env, high in [("erm", 0, 0.30, 0.95), ("erm", 1, 0.34, 0.93), ("irm", 0, 0.60, 0.70)]:
+        run = tmp_path / f"{method}_s{seed}"
+        run.mkdir()
+        lines = [{"step": 250, "dev/accuracy": 0.5},
+                 {"step": 500, "dev/accuracy": test_env, "test/agree0.9/accuracy": high, "dev/loss": 1.0}]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    fig = load("spurious_accuracy")
+    curves = fig.collect(tmp_path)
+    assert curves["erm"][0.1] == [0.30, 0.34] and curves["irm"][0.9] == [0.70] and sorted(curves["erm"]) == [0.1, 0.9]
+    out = tmp_path / "fig.pdf"
+    monkeypatch.setattr(sys, "argv", ["spurious_accuracy.py", str(tmp_path), "--out", str(out)])
+    fig.main()
+    assert out.stat().st_size > 1000
