@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 from pathlib import Path
+
+from research.sweep import last_record_with, mean_std, records, require_data_dir, train_run, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ["cross_entropy", "fgm", "pgd", "freelb", "smart", "vat"]
 EPSILONS = ["0.5", "1", "2", "4"]
-
-
-def records(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def run(objective: str, seed: int, out: Path) -> dict:
@@ -34,28 +30,19 @@ def run(objective: str, seed: int, out: Path) -> dict:
     done = workdir / "robustness.json"
     if done.exists():
         return json.loads(done.read_text())
-    log = (out / f"{objective}_s{seed}.log").open("a")
-    resume = ["--resume"] if (workdir / "checkpoints").is_dir() else []
-    subprocess.run(["research", "train", str(ROOT / "experiments" / "sst2_robust.py"), "--set",
-                    f'objective.name="{objective}"', "--set", f"train.seed={seed}", "--workdir", str(workdir),
-                    *resume], check=True, stdout=log, stderr=subprocess.STDOUT)
-    subprocess.run(["research", "eval", str(workdir), "--checkpoint", "latest", "--attack", "pgd,char",
-                    "--epsilons", *EPSILONS], check=True, stdout=log, stderr=subprocess.STDOUT)
-    rs = records(workdir)
-    final = [r for r in rs if "eval_latest/accuracy" in r][-1]
-    rates = [r["train/examples_per_s"] for r in rs if "train/examples_per_s" in r][1:]  # first: compilation
+    log = out / f"{objective}_s{seed}.log"
+    train_run(ROOT / "experiments" / "sst2_robust.py", [f'objective.name="{objective}"', f"train.seed={seed}"],
+              workdir, log)
+    with log.open("a") as out_log:
+        subprocess.run(["research", "eval", str(workdir), "--checkpoint", "latest", "--attack", "pgd,char",
+                        "--epsilons", *EPSILONS], check=True, stdout=out_log, stderr=subprocess.STDOUT)
+    final = last_record_with(workdir, "eval_latest/accuracy")
+    rates = [r["train/examples_per_s"] for r in records(workdir) if "train/examples_per_s" in r][1:]  # 1st: compile
     result = {"objective": objective, "seed": seed,
               **{k.removeprefix("eval_latest/"): v for k, v in final.items() if k.startswith("eval_latest/")},
               "examples_per_s": statistics.median(rates) if rates else None}
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} +- {100 * std:.1f}"
 
 
 def main() -> None:
@@ -64,8 +51,7 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=OBJECTIVES, choices=OBJECTIVES)
     parser.add_argument("--out", default="runs/robustness")
     args = parser.parse_args()
-    if "RESEARCH_DATA_DIR" not in os.environ:
-        sys.exit("set RESEARCH_DATA_DIR (e.g. RESEARCH_DATA_DIR=../shared/data)")
+    require_data_dir()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {o: [run(o, s, out) for s in args.seeds] for o in args.objectives}
@@ -73,18 +59,15 @@ def main() -> None:
         if "cross_entropy" in results else None
     header = ["objective", "clean", *[f"PGD eps {e}" for e in EPSILONS], "char attack", "char success",
               "step time vs supervised"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    rows = []
     for o, rs in results.items():
         rate = statistics.mean(r["examples_per_s"] for r in rs if r["examples_per_s"])
-        cells = [mean_std([r["accuracy"] for r in rs]),
-                 *[mean_std([r[f"pgd_eps{e}/accuracy"] for r in rs]) for e in EPSILONS],
-                 mean_std([r["char_attack/accuracy"] for r in rs]),
-                 mean_std([r["char_attack/success_rate"] for r in rs]),
-                 f"x{base_rate / rate:.2f}" if base_rate else "-"]
-        lines.append(f"| {o} | " + " | ".join(cells) + " |")
-    (out / "summary.json").write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=2) + "\n")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        rows.append([o, mean_std([r["accuracy"] for r in rs]),
+                     *[mean_std([r[f"pgd_eps{e}/accuracy"] for r in rs]) for e in EPSILONS],
+                     mean_std([r["char_attack/accuracy"] for r in rs]),
+                     mean_std([r["char_attack/success_rate"] for r in rs]),
+                     f"x{base_rate / rate:.2f}" if base_rate else "-"])
+    print(write_table(out, header, rows, {"seeds": args.seeds, "results": results}))
 
 
 if __name__ == "__main__":
