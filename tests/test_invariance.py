@@ -164,3 +164,18 @@ def test_irm_anneals_at_exactly_the_configured_step_in_a_run(tmp_path, data_dir)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert set(report["train"]["environment_counts"]) == {"agree0.9", "agree0.8"}
     assert OptimConfig().reset_at_step is None
+
+
+def test_environment_objective_trains_a_gpt2_classifier_from_a_tokenizer_folder(tmp_path, data_dir):
+    # The decoder row of the studies: a small random GPT-2 built from the data root's GPT-2 tokenizer files
+    # (no config.json there: model.model_type names the architecture), trained with V-REx on the spurious data.
+    gpt2 = ['model.name_or_path="data:tokenizers/gpt2"', 'model.init="scratch"', 'model.model_type="gpt2"',
+            'model.overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}']
+    final = train(smoke(*gpt2, 'data.spurious={"train_agreements": [0.9, 0.8]}', 'objective.name="vrex"',
+                        "train.max_steps=3", "train.log_every=1"), tmp_path / "gpt2")
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    assert config["model"]["model_type"] == "gpt2" and np.isfinite(final["dev/loss"])
+    rs = [json.loads(x) for x in (tmp_path / "gpt2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train/env/agree0.8/risk"]) for r in rs if "train/loss" in r)
+    with pytest.raises(ConfigError, match="model.model_type='gpt2' builds a model from scratch"):
+        smoke('model.model_type="gpt2"', 'model.init="pretrained"')
