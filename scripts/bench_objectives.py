@@ -27,7 +27,7 @@ from flax import nnx
 from research.config import ObjectiveConfig, apply_overrides, load_experiment
 from research.data.batches import epoch_batches
 from research.experiment import prepare
-from research.objectives import OBJECTIVES, make_objective
+from research.objectives import ENVIRONMENT_OBJECTIVES, OBJECTIVES, PAIR_OBJECTIVES, make_objective
 from research.objectives.state import StatefulObjective
 from research.optim import make_optimizer
 from research.sharding import make_mesh, put_batch, replicated
@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    # The objectives that train on plain SST-2 batches (environment and pair objectives need other data).
+    plain = [o for o in OBJECTIVES if o not in ENVIRONMENT_OBJECTIVES | PAIR_OBJECTIVES]
+    parser.add_argument("--objectives", nargs="+", default=plain, choices=plain)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
