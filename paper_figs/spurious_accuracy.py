@@ -12,31 +12,18 @@ oracle's level; one that leans on it rises with the agreement. Needs matplotlib 
 from __future__ import annotations
 
 import argparse
-import json
-import re
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+import curves as shared
 
 DEV_AGREEMENT = 0.1  # experiments/spurious_sst2.py's test environment
+TRAIN_AGREEMENTS = (0.9, 0.8)
 
 
-def collect(root: Path) -> dict[str, dict[float, list[float]]]:
+def collect(root: Path) -> shared.Curves:
     """{method: {agreement: [accuracy per seed]}} from the last evaluation of every run."""
-    curves: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for metrics in sorted(root.glob("*_s*/metrics.jsonl")):
-        method = re.sub(r"_s\d+$", "", metrics.parent.name)
-        evals = [r for r in map(json.loads, metrics.read_text().splitlines()) if "dev/accuracy" in r]
-        if not evals:
-            continue
-        last = evals[-1]
-        curves[method][DEV_AGREEMENT].append(last["dev/accuracy"])
-        for key, value in last.items():
-            m = re.fullmatch(r"test/agree([0-9.]+)/accuracy", key)
-            if m:
-                curves[method][float(m.group(1))].append(value)
-    return curves
+    return shared.collect(root, "dev/accuracy", lambda last: {
+        DEV_AGREEMENT: last["dev/accuracy"], **shared.metric_points(last, r"test/agree([0-9.]+)/accuracy")})
 
 
 def main() -> None:
@@ -44,31 +31,11 @@ def main() -> None:
     parser.add_argument("runs", type=Path)
     parser.add_argument("--out", type=Path, default=Path("paper_figs/spurious_accuracy.pdf"))
     args = parser.parse_args()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = collect(args.runs)
-    if not curves:
+    found = collect(args.runs)
+    if not found:
         raise SystemExit(f"no evaluated runs under {args.runs}: run scripts/spurious_table.py first")
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for method, by_agreement in sorted(curves.items()):
-        xs = sorted(by_agreement)
-        mean = np.array([np.mean(by_agreement[x]) for x in xs])
-        std = np.array([np.std(by_agreement[x]) for x in xs])
-        ax.plot(xs, 100 * mean, marker="o", label=f"{method} (n={len(by_agreement[xs[0]])})")
-        ax.fill_between(xs, 100 * (mean - std), 100 * (mean + std), alpha=0.2)
-    for a in (0.8, 0.9):
-        ax.axvline(a, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("marker-label agreement at test (training: 0.9 and 0.8)")
-    ax.set_ylabel("accuracy on SST-2 dev, noisy labels (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out)
-    print(f"wrote {args.out}")
+    shared.plot(found, args.out, "marker-label agreement at test (training: 0.9 and 0.8)",
+                "accuracy on SST-2 dev, noisy labels (%)", marks=TRAIN_AGREEMENTS)
 
 
 if __name__ == "__main__":

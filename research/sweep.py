@@ -9,12 +9,17 @@ again.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+# A run directory -> the numbers a table keeps of it (read from metrics.jsonl; may run `research eval` first).
+Summarize = Callable[[Path], dict]
 
 
 def require_data_dir() -> None:
@@ -58,3 +63,34 @@ def write_table(out: Path, header: list[str], rows: list[list[str]], payload: di
     (out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def run_cell(experiment: Path, method: str, sets: list[str], seed: int, out: Path, summarize: Summarize) -> dict:
+    """One run of a grid: `<out>/<method>_s<seed>`, trained with `sets` and `train.seed=seed`, then summarized.
+
+    The summary is cached in the run's `result.json`: a run that has one is not touched again."""
+    workdir = out / f"{method}_s{seed}"
+    done = workdir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    train_run(experiment, [*sets, f"train.seed={seed}"], workdir, out / f"{method}_s{seed}.log")
+    result = {"method": method, "seed": seed, **summarize(workdir)}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_grid(doc: str, experiment: Path, methods: dict[str, list[str]], default_out: str,
+             summarize: Summarize, argv: list[str] | None = None) -> tuple[Path, dict]:
+    """The command line every table script shares (`--seeds`, `--methods`, `--out`), then every (method, seed)
+    run of `experiment`, methods being `--set` overrides. Returns the output folder and
+    `{"seeds": [...], "results": {method: [summary per seed]}}` (what `write_table` saves as summary.json)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
+    parser.add_argument("--out", default=default_out)
+    args = parser.parse_args(argv)
+    require_data_dir()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {m: [run_cell(experiment, m, methods[m], s, out, summarize) for s in args.seeds] for m in args.methods}
+    return out, {"seeds": args.seeds, "results": results}

@@ -13,11 +13,9 @@ over seeds, from the final evaluation of each run.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from research.sweep import last_record_with, mean_std, require_data_dir, train_run, write_table
+from research.sweep import last_record_with, mean_std, run_grid, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH = 213  # steps in one epoch of the combined data: 1,707 pairs, 8 per batch
@@ -34,31 +32,15 @@ COLUMNS = {"original test": "test/orig/accuracy", "revised test": "test/new/accu
            "combined dev": "dev/accuracy"}
 
 
-def run(method: str, seed: int, out: Path) -> dict:
-    workdir = out / f"{method}_s{seed}"
-    done = workdir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    train_run(ROOT / "experiments" / "cad_minilm.py", [*METHODS[method], f"train.seed={seed}"], workdir,
-              out / f"{method}_s{seed}.log")
-    last = last_record_with(workdir, "dev/accuracy")
-    result = {"method": method, "seed": seed, "step": last["step"], **{k: last[k] for k in COLUMNS.values()}}
-    done.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+def summarize(workdir: Path) -> dict:
+    last = last_record_with(workdir, "dev/accuracy")  # the final evaluation
+    return {"step": last["step"], **{k: last[k] for k in COLUMNS.values()}}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--out", default="runs/cad")
-    args = parser.parse_args()
-    require_data_dir()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = {m: [run(m, s, out) for s in args.seeds] for m in args.methods}
-    rows = [[m, *[mean_std([r[k] for r in rs]) for k in COLUMNS.values()]] for m, rs in results.items()]
-    print(write_table(out, ["method", *COLUMNS], rows, {"seeds": args.seeds, "results": results}))
+    out, payload = run_grid(__doc__, ROOT / "experiments" / "cad_minilm.py", METHODS, "runs/cad", summarize)
+    rows = [[m, *[mean_std([r[k] for r in rs]) for k in COLUMNS.values()]] for m, rs in payload["results"].items()]
+    print(write_table(out, ["method", *COLUMNS], rows, payload))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name):
+def load(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "paper_figs"))  # as `python paper_figs/<name>.py` does: curves.py
     spec = importlib.util.spec_from_file_location(name, ROOT / "paper_figs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -24,7 +25,7 @@ def test_robust_accuracy_figure_from_run_directories(tmp_path, monkeypatch):
                  {"step": 250, "eval_latest/accuracy": clean, "eval_latest/pgd_eps0.5/accuracy": robust + 0.1,
                   "eval_latest/pgd_eps2/accuracy": robust}]
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    fig = load("robust_accuracy")
+    fig = load("robust_accuracy", monkeypatch)
     curves = fig.collect(tmp_path)
     assert curves["cross_entropy"][0.0] == [0.86, 0.84] and curves["freelb"][2.0] == [0.55]
     assert sorted(curves["cross_entropy"]) == [0.0, 0.5, 2.0]
@@ -41,7 +42,7 @@ def test_spurious_accuracy_figure_from_run_directories(tmp_path, monkeypatch):
         lines = [{"step": 250, "dev/accuracy": 0.5},
                  {"step": 500, "dev/accuracy": test_env, "test/agree0.9/accuracy": high, "dev/loss": 1.0}]
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    fig = load("spurious_accuracy")
+    fig = load("spurious_accuracy", monkeypatch)
     curves = fig.collect(tmp_path)
     assert curves["erm"][0.1] == [0.30, 0.34] and curves["irm"][0.9] == [0.70] and sorted(curves["erm"]) == [0.1, 0.9]
     out = tmp_path / "fig.pdf"

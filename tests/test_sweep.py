@@ -22,3 +22,35 @@ def test_last_record_and_table(tmp_path):
     assert text == "| method | acc |\n|---|---:|\n| erm | 90.0 +- 10.0 |"
     assert (tmp_path / "summary.md").read_text() == text + "\n"
     assert json.loads((tmp_path / "summary.json").read_text()) == {"seeds": [0, 1, 2]}
+
+
+def test_grid_runs_each_cell_once_and_caches_its_summary(tmp_path, monkeypatch):
+    """run_grid trains every (method, seed) with the method's overrides and the seed, keeps the summary in the
+    run's result.json, and a second invocation (a resumed table) trains nothing again."""
+    import research.sweep as sweep
+
+    launched = []
+
+    def fake_train(experiment, sets, workdir, log):
+        launched.append((workdir.name, sets))
+        workdir.mkdir(parents=True)
+        (workdir / "metrics.jsonl").write_text(json.dumps({"step": 5, "dev/accuracy": 0.5 + len(launched) / 10}))
+
+    monkeypatch.setattr(sweep, "train_run", fake_train)
+    monkeypatch.setenv("RESEARCH_DATA_DIR", str(tmp_path))
+    methods = {"erm": [], "irm": ['objective.name="irm"']}
+
+    def summarize(workdir):
+        return {"acc": last_record_with(workdir, "dev/accuracy")["dev/accuracy"]}
+
+    argv = ["--seeds", "0", "1", "--out", str(tmp_path / "t")]
+    out, payload = sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, argv)
+    assert out == tmp_path / "t" and payload["seeds"] == [0, 1]
+    assert launched == [("erm_s0", ["train.seed=0"]), ("erm_s1", ["train.seed=1"]),
+                        ("irm_s0", ['objective.name="irm"', "train.seed=0"]),
+                        ("irm_s1", ['objective.name="irm"', "train.seed=1"])]
+    assert payload["results"]["irm"][1] == {"method": "irm", "seed": 1, "acc": 0.9}
+    _, again = sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, [*argv, "--methods", "irm"])
+    assert len(launched) == 4 and again["results"] == {"irm": payload["results"]["irm"]}
+    with pytest.raises(SystemExit):  # an unknown method is refused by argparse, before anything runs
+        sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, [*argv, "--methods", "dro"])
