@@ -103,54 +103,52 @@ def with_onehot(batch: dict, n_envs: int) -> dict:
     return {**batch, "environment_onehot": jax.nn.one_hot(batch["environment"], n_envs, dtype=jnp.float32)}
 
 
-def irm(options: IRMOptions, environments: tuple[str, ...]) -> StatefulObjective:
+def _penalized(options, environments: tuple[str, ...], penalty_of) -> StatefulObjective:
+    """mean_e R_e + lambda * penalty, lambda annealed after `options.anneal_steps` updates (the objective's
+    state counts them). `penalty_of(logits, labels, member, risks)` -> (penalty, {name: (n_env,) values to log
+    per environment})."""
     n = len(environments)
 
-    def penalty_of(logits, labels, member):
+    def loss(model, batch, rng, state):
+        del rng
+        batch = with_onehot(batch, n)
+        logits, member = _per_example(model, batch)
+        risks = _risks(logits, batch["labels"], member)
+        penalty, per_env = penalty_of(logits, batch["labels"], member, risks)
+        weight = _annealed(options, state["updates"])
+        total = _combine(options, risks.mean(), penalty, weight)
+        aux = {**_summary(logits, batch, total), "penalty": penalty, "penalty_weight": weight,
+               **_env_metrics(environments, logits, batch["labels"], member, risks, **per_env)}
+        return total, aux, {"updates": state["updates"] + 1.0}
+
+    return StatefulObjective(loss, lambda params: {"updates": jnp.zeros((), jnp.float32)})
+
+
+def irm(options: IRMOptions, environments: tuple[str, ...]) -> StatefulObjective:
+    def penalty_of(logits, labels, member, risks):
         def risks_at(scale):  # (n_env,) risks of the scaled logits
             return _risks(logits * scale, labels, member)
 
-        if not options.unbiased:
-            return jax.jacfwd(risks_at)(1.0) ** 2  # (n_env,): d R_e / d scale, squared
-        # Alternate examples of each environment go to halves a and b: rank within the environment, mod 2.
-        rank = jnp.cumsum(member > 0, axis=0) - 1  # (E, n_env)
-        half_a = member * (rank % 2 == 0)
-        half_b = member * (rank % 2 == 1)
-        grad_a = jax.jacfwd(lambda s: _risks(logits * s, labels, half_a))(1.0)
-        grad_b = jax.jacfwd(lambda s: _risks(logits * s, labels, half_b))(1.0)
-        return grad_a * grad_b
+        if options.unbiased:
+            # Alternate examples of each environment go to halves a and b: rank within the environment, mod 2.
+            rank = jnp.cumsum(member > 0, axis=0) - 1  # (E, n_env)
+            half_a = member * (rank % 2 == 0)
+            half_b = member * (rank % 2 == 1)
+            grad_a = jax.jacfwd(lambda s: _risks(logits * s, labels, half_a))(1.0)
+            grad_b = jax.jacfwd(lambda s: _risks(logits * s, labels, half_b))(1.0)
+            penalties = grad_a * grad_b
+        else:
+            penalties = jax.jacfwd(risks_at)(1.0) ** 2  # (n_env,): d R_e / d scale, squared
+        return penalties.mean(), {"penalty": penalties}
 
-    def loss(model, batch, rng, state):
-        del rng
-        batch = with_onehot(batch, n)
-        logits, member = _per_example(model, batch)
-        risks = _risks(logits, batch["labels"], member)
-        penalties = penalty_of(logits, batch["labels"], member)
-        weight = _annealed(options, state["updates"])
-        total = _combine(options, risks.mean(), penalties.mean(), weight)
-        aux = {**_summary(logits, batch, total), "penalty": penalties.mean(), "penalty_weight": weight,
-               **_env_metrics(environments, logits, batch["labels"], member, risks, penalty=penalties)}
-        return total, aux, {"updates": state["updates"] + 1.0}
-
-    return StatefulObjective(loss, lambda params: {"updates": jnp.zeros((), jnp.float32)})
+    return _penalized(options, environments, penalty_of)
 
 
 def vrex(options: VRExOptions, environments: tuple[str, ...]) -> StatefulObjective:
-    n = len(environments)
+    def penalty_of(logits, labels, member, risks):
+        return ((risks - risks.mean()) ** 2).mean(), {}  # population variance of the risks
 
-    def loss(model, batch, rng, state):
-        del rng
-        batch = with_onehot(batch, n)
-        logits, member = _per_example(model, batch)
-        risks = _risks(logits, batch["labels"], member)
-        variance = ((risks - risks.mean()) ** 2).mean()
-        weight = _annealed(options, state["updates"])
-        total = _combine(options, risks.mean(), variance, weight)
-        aux = {**_summary(logits, batch, total), "penalty": variance, "penalty_weight": weight,
-               **_env_metrics(environments, logits, batch["labels"], member, risks)}
-        return total, aux, {"updates": state["updates"] + 1.0}
-
-    return StatefulObjective(loss, lambda params: {"updates": jnp.zeros((), jnp.float32)})
+    return _penalized(options, environments, penalty_of)
 
 
 def group_dro(options: GroupDROOptions, environments: tuple[str, ...]) -> StatefulObjective:
