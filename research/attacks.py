@@ -4,7 +4,13 @@ character-level attack guided by gradient saliency.
 - `pgd_accuracy`: accuracy when every dev example's word embeddings are perturbed by PGD (L2 ball of radius
   epsilon per example, `steps` ascent steps of size 2.5 * epsilon / steps, Madry et al.'s rule, no random
   start, so the number is deterministic), for each epsilon of a grid. The white-box worst case the
-  adversarial objectives train against; epsilon 0 is the clean accuracy.
+  adversarial objectives train against; epsilon 0 is the clean accuracy. The radii are attacked in
+  increasing order, each only on the examples still classified correctly at the previous one: a perturbation
+  that breaks an example at a smaller radius lies inside every larger ball, so the example counts as broken
+  there too (robust accuracy is the fraction that withstands every radius up to epsilon; never more than
+  PGD at epsilon alone would give). This, and batches of similar lengths, make the attack several times
+  cheaper than attacking all of dev at every radius (10 PGD steps x 4 radii cost ~10x a 250-step training
+  run of MiniLM on SST-2 otherwise).
 - `char_attack`: a black-box-style attack in the manner of DeepWordBug (Gao et al. 2018) that needs no
   external resources. Words (whitespace-separated) are ranked by gradient saliency (the L2 norm of the loss
   gradient at the word's token embeddings, summed over its word pieces: one gradient query); then, word by
@@ -40,9 +46,9 @@ def make_pgd_step(graphdef: nnx.GraphDef, rest: nnx.State, steps: int) -> Callab
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
         embeds, inputs = adversarial.embedded(model, batch)
         attack = adversarial.attack_loss(model, inputs, batch, 0.0)
-        alpha = 2.5 * epsilon / steps
         delta = jnp.zeros_like(embeds)
-        for _ in range(steps):
+        for _ in range(steps):  # steps = 0: the clean prediction
+            alpha = 2.5 * epsilon / steps
             _, g = adversarial.delta_grad(model, attack, embeds, delta)
             delta = adversarial.project(delta + alpha * adversarial.normalize(g, batch, "l2"), batch, epsilon, "l2")
         logits = adversarial.logits_at(model, embeds + delta, inputs)
@@ -53,18 +59,30 @@ def make_pgd_step(graphdef: nnx.GraphDef, rest: nnx.State, steps: int) -> Callab
 
 def pgd_accuracy(model: nnx.Module, split: Split, epsilons: tuple[float, ...], batch_size: int,
                  buckets: tuple[int, ...], pad_id: int, steps: int = 10) -> dict[float, float]:
-    """{epsilon: accuracy under the attack} over every example of `split` (model in eval mode)."""
+    """{epsilon: accuracy under the attack} over every example of `split` (model in eval mode), the radii
+    attacked in increasing order on the survivors of the previous one (module docstring)."""
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step = make_pgd_step(graphdef, rest, steps)
-    out = {}
-    for eps in epsilons:
-        correct = []
-        for _, batch in eval_batches(split, batch_size, buckets, pad_id):
+    lengths = np.array([len(x) for x in split.input_ids])
+
+    def still_correct(step: Callable, indices: np.ndarray, eps: float) -> np.ndarray:
+        """The subset of `indices` the model still classifies correctly under `step` at radius `eps`."""
+        order = indices[np.argsort(lengths[indices], kind="stable")]  # similar lengths share a batch: less padding
+        kept = []
+        for b, batch in eval_batches(split, batch_size, buckets, pad_id, order):
             c = np.asarray(step(params, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.float32(eps)))
-            correct.append(c[batch["weights"] > 0])
-        out[eps] = float(np.concatenate(correct).mean())
-    return out
+            rows = order[b * batch_size : (b + 1) * batch_size]
+            kept.append(rows[c[: len(rows)] > 0])
+        return np.sort(np.concatenate(kept)) if kept else indices
+
+    survivors = still_correct(make_pgd_step(graphdef, rest, 0), np.arange(len(split)), 0.0)  # clean
+    attack = make_pgd_step(graphdef, rest, steps)
+    out = {}
+    for eps in sorted(epsilons):
+        if eps > 0 and len(survivors):
+            survivors = still_correct(attack, survivors, eps)
+        out[eps] = len(survivors) / len(split)
+    return {eps: out[eps] for eps in epsilons}
 
 
 # ------------------------------------------------------------------------------------ character attack

@@ -47,11 +47,15 @@ def test_pgd_at_zero_is_clean_accuracy_and_a_large_ball_breaks_the_model(trained
     cfg = read_run_config(trained)
     pieces = prepare(cfg, with_train=False)
     restore_params(trained, cfg, pieces.model, "latest")
-    acc = pgd_accuracy(pieces.model, pieces.dev, (0.0, 50.0), 32, cfg.data.buckets, pieces.pad_id, steps=5)
+    acc = pgd_accuracy(pieces.model, pieces.dev, (50.0, 0.0, 1.0), 32, cfg.data.buckets, pieces.pad_id, steps=5)
     clean = char_attack(pieces.model, pieces.tokenizer, pieces.dev, cfg.data.max_length, cfg.data.buckets,
                         pieces.pad_id, max_words=0)["clean_accuracy"]
+    assert list(acc) == [50.0, 0.0, 1.0]  # in the order asked, though attacked smallest radius first
     assert acc[0.0] == pytest.approx(clean, abs=1e-9)
-    assert acc[50.0] < acc[0.0]
+    assert acc[0.0] >= acc[1.0] >= acc[50.0] and acc[50.0] < acc[0.0]
+    # Radius 50 attacked alone (on the clean survivors) breaks no more than the cascade through radius 1 does.
+    alone = pgd_accuracy(pieces.model, pieces.dev, (50.0,), 32, cfg.data.buckets, pieces.pad_id, steps=5)
+    assert acc[50.0] <= alone[50.0]
 
 
 def test_character_attack_on_real_minilm(data_dir):

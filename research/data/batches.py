@@ -45,12 +45,14 @@ def steps_per_epoch(split: Split, batch_size: int, groups: int = 1, proportions:
     return len(epoch_plan(split, batch_size, 0, 0, groups, proportions))
 
 
-def eval_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int
-                 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Every example once, in order, padded; the last batch filled with weight-0 rows."""
+def eval_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int,
+                 order: np.ndarray | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Every example once (or those of `order`, in that order), padded; the last batch filled with weight-0
+    rows."""
     lengths = np.array([len(x) for x in split.input_ids])
-    for b, start in enumerate(range(0, len(split), batch_size)):
-        indices, weights = fill(np.arange(start, min(start + batch_size, len(split))), batch_size)
+    order = np.arange(len(split)) if order is None else np.asarray(order)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        indices, weights = fill(order[start : start + batch_size], batch_size)
         yield b, collate(split, indices, weights, bucket_length(lengths[indices], buckets), pad_id)
 
 
