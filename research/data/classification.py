@@ -62,6 +62,7 @@ class SplitReport:
     # Training with environments: draws per example per epoch (above 1: oversampled to keep the proportions).
     draws_per_epoch: dict[str, float] = dataclasses.field(default_factory=dict)
     pairs: int | None = None
+    split_into_windows: int = 0  # token classification: sentences longer than max_length, cut at word boundaries
 
     def skip(self, reason: str, row: int) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -75,6 +76,8 @@ class SplitReport:
             parts.append(f"a subset of the {self.subset_of:,} usable")
         for reason, n in self.skipped.items():
             parts.append(f"skipped {n:,} ({reason}; rows {self.skipped_rows[reason]}...)")
+        if self.split_into_windows:
+            parts.append(f"split {self.split_into_windows:,} long sentences into windows")
         parts.append(f"truncated {self.truncated_examples:,} examples ({self.truncated_tokens:,} tokens)")
         parts.append("labels " + ", ".join(f"{k}: {v:,}" for k, v in self.label_counts.items()))
         parts.append("length p50/p95/max " + "/".join(str(v) for v in self.length_percentiles.values()))
