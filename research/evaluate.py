@@ -1,8 +1,10 @@
-"""Evaluation: a jit-compiled forward over a split, then classification metrics on the host.
+"""Evaluation: a jit-compiled forward over a split, then metrics on the host.
 
-Metrics (accuracy, per-class and macro precision/recall/F1, the loss) come from the confusion matrix;
-`tests/test_train.py` checks them against scikit-learn's `classification_report`, which we do not depend on
-at run time for five lines of arithmetic.
+Sequence classification: accuracy, per-class and macro precision/recall/F1 and the loss, from the confusion
+matrix; `tests/test_train.py` checks them against scikit-learn's `classification_report`, which we do not
+depend on at run time for five lines of arithmetic. Token classification: entity-level precision/recall/F1
+(micro, and F1 per entity type) by conlleval's rules (research/data/tagging.py, checked against seqeval),
+plus the loss and accuracy over the tokens that carry a label (each word's first piece).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax.sharding import Mesh
 
 from research.data.batches import eval_batches
 from research.data.classification import Split, model_inputs
+from research.data.tagging import entity_scores, sentence_tags
 from research.sharding import make_mesh, put_batch, replicated
 
 
@@ -42,6 +45,51 @@ def predict(eval_step: Callable, params: dict, split: Split, batch_size: int, bu
         logits = np.asarray(eval_step(params, put_batch(batch, mesh)))
         out.append(logits[batch["weights"] > 0])  # filler rows of the last batch dropped here
     return np.concatenate(out)
+
+
+def predict_tokens(eval_step: Callable, params: dict, split: Split, batch_size: int, buckets: tuple[int, ...],
+                   pad_id: int, mesh: Mesh) -> list[np.ndarray]:
+    """Logits (T_i, C) for every example (window) of a token-classification split, in order."""
+    out = []
+    for b, batch in eval_batches(split, batch_size, buckets, pad_id):
+        logits = np.asarray(eval_step(params, put_batch(batch, mesh)))  # (B, T, C)
+        for row in range(int((batch["weights"] > 0).sum())):  # filler rows sit at the end of the last batch
+            out.append(logits[row, : len(split.input_ids[b * batch_size + row])])
+    return out
+
+
+def tagging_metrics(logits: list[np.ndarray], split: Split, names: tuple[str, ...]) -> tuple[dict, str]:
+    """Scalars {entity_precision, entity_recall, entity_f1, <type>/f1, accuracy, loss} and a per-type report;
+    `accuracy` and `loss` are over the labelled tokens (first pieces), the entity scores over gold sentences."""
+    windows, sentences = split.tagged.windows, split.tagged.sentences
+    labels = np.concatenate(windows.token_labels)  # (all tokens,)
+    flat = np.concatenate(logits)  # (all tokens, C)
+    kept = labels >= 0
+    log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(flat[kept], jnp.float32), axis=-1))
+    predicted = sentence_tags(windows, len(sentences.words), [len(w) for w in sentences.words],
+                              [x.argmax(-1) for x in logits], names)
+    scores = entity_scores(sentences.tags, predicted)
+    scalars = {**{k: v for k, v in scores.items() if not k.endswith("/support")},
+               "accuracy": float((flat[kept].argmax(-1) == labels[kept]).mean()),
+               "loss": float(-log_probs[np.arange(len(log_probs)), labels[kept]].mean())}
+    kinds = sorted(k.removesuffix("/f1") for k in scores if k.endswith("/f1") and k != "entity_f1")
+    width = max(len(x) for x in ("entities", *kinds))
+    lines = [f"{'':>{width}}  f1-score  support"]
+    lines += [f"{k:>{width}}  {scores[k + '/f1']:8.4f}  {int(scores[k + '/support']):7d}" for k in kinds]
+    support = int(sum(scores[k + "/support"] for k in kinds))
+    lines.append(f"{'entities':>{width}}  {scores['entity_f1']:8.4f}  {support:7d}  (precision "
+                 f"{scores['entity_precision']:.4f}, recall {scores['entity_recall']:.4f})")
+    return scalars, "\n".join(lines)
+
+
+def evaluate_split(eval_step: Callable, params: dict, split: Split, names: tuple[str, ...], batch_size: int,
+                   buckets: tuple[int, ...], pad_id: int, mesh: Mesh) -> tuple[dict, str]:
+    """The metrics of one split and a text report, for the split's task."""
+    if split.tagged is not None:
+        return tagging_metrics(predict_tokens(eval_step, params, split, batch_size, buckets, pad_id, mesh), split,
+                               names)
+    return classification_metrics(predict(eval_step, params, split, batch_size, buckets, pad_id, mesh),
+                                  split.labels, names)
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> tuple[dict, str]:
@@ -145,14 +193,13 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     step = restore_params(workdir, cfg, pieces.model, which)
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
-    logits = predict(make_eval_step(graphdef, rest, mesh), params, pieces.dev, cfg.train.eval_batch_size,
-                     cfg.data.buckets, pieces.pad_id, mesh)
-    scalars, report = classification_metrics(logits, pieces.dev.labels, pieces.labels)
+    eval_step = make_eval_step(graphdef, rest, mesh)
+    scalars, report = evaluate_split(eval_step, params, pieces.dev, pieces.labels, cfg.train.eval_batch_size,
+                                     cfg.data.buckets, pieces.pad_id, mesh)
     for name, split in pieces.tests.items():  # data.test sets
-        logits = predict(make_eval_step(graphdef, rest, mesh), params, split, cfg.train.eval_batch_size,
-                         cfg.data.buckets, pieces.pad_id, mesh)
-        scalars.update({f"test/{name}/{k}": v for k, v in classification_metrics(logits, split.labels,
-                                                                                 pieces.labels)[0].items()})
+        found = evaluate_split(eval_step, params, split, pieces.labels, cfg.train.eval_batch_size, cfg.data.buckets,
+                               pieces.pad_id, mesh)[0]
+        scalars.update({f"test/{name}/{k}": v for k, v in found.items()})
     if "pgd" in attacks:
         from research.attacks import pgd_accuracy
 

@@ -21,7 +21,8 @@ import jax
 from flax import nnx
 
 from research.config import ConfigError, ExperimentConfig, from_dict
-from research.data.classification import DataError, Split, data_root, load_split
+from research.data import classification, tagging
+from research.data.classification import DataError, Split, data_root
 from research.models import from_config, from_pretrained, load_tokenizer
 from research.models.hf import MODEL_FILES, read_hf_config, resolve_checkpoint_dir
 from research.objectives import objective_options
@@ -41,6 +42,10 @@ class Pieces:
 def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
     """Load the tokenizer, read and check the data, and build the model (pretrained or from scratch)."""
     tokenizer = load_tokenizer(model_source(cfg.model.name_or_path))
+    if cfg.model.task == "token_classification":  # CoNLL-style column files, labels per word
+        load_split = tagging.load_split
+    else:
+        load_split = classification.load_split
     train = load_split(cfg.data, "train", tokenizer, cfg.data.labels, cfg.train.seed) if with_train else None
     if cfg.data.labels is not None:
         labels = cfg.data.labels

@@ -33,7 +33,7 @@ from research import experiment
 from research.checkpoint import Checkpoints
 from research.config import ConfigError, ExperimentConfig
 from research.data.batches import epoch_batches, oversampling, steps_per_epoch
-from research.evaluate import classification_metrics, make_eval_step, predict
+from research.evaluate import evaluate_split, make_eval_step
 from research.metrics import MetricWriter
 from research.objectives import PAIR_OBJECTIVES, make_objective
 from research.objectives.state import StatefulObjective
@@ -212,8 +212,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     def evaluate(step: int) -> dict[str, float]:
         metrics = {}
         for prefix, split in {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}.items():
-            logits = predict(eval_step, state["params"], split, t.eval_batch_size, d.buckets, pieces.pad_id, mesh)
-            scalars, report = classification_metrics(logits, split.labels, pieces.labels)
+            scalars, report = evaluate_split(eval_step, state["params"], split, pieces.labels, t.eval_batch_size,
+                                             d.buckets, pieces.pad_id, mesh)
             metrics.update({f"{prefix}/{k}": v for k, v in scalars.items()})
             writer.write_text(step, f"{prefix}/report", report)
         writer.write(step, metrics)

@@ -2,6 +2,8 @@
 malformed lines refused or counted, labels on first word pieces, long sentences cut into windows that lose no
 word, and entity scores equal to seqeval's (conlleval's rules) on the real dev tags."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
@@ -102,3 +104,54 @@ def test_entity_scores_equal_seqeval_on_conll_dev(data_dir):
             assert ours[f"{kind}/f1"] == pytest.approx(theirs[kind]["f1-score"], abs=1e-12)
             assert ours[f"{kind}/support"] == theirs[kind]["support"]
     assert entity_scores(gold, gold)["entity_f1"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ the runner
+
+
+def conll(*overrides):
+    """experiments/conll2003_minilm.py shrunk: a 2-layer 32-wide BERT from scratch (MiniLM's vocabulary), 96
+    training sentences, windows of 32 tokens (so some sentences are cut), 3 steps."""
+    from research.config import apply_overrides, load_experiment
+
+    tiny = ['model.init="scratch"', 'model.overrides={"hidden_size": 32, "num_hidden_layers": 2, '
+            '"num_attention_heads": 2, "intermediate_size": 64}', "data.max_train_examples=96",
+            "data.max_dev_examples=64", 'data.test={"test": "conll2003/test.txt"}', "data.max_length=32",
+            "data.buckets=[16, 32]", "train.max_steps=3", "train.log_every=1", "checkpoint.every_steps=3"]
+    path = Path(__file__).resolve().parents[1] / "experiments" / "conll2003_minilm.py"
+    return apply_overrides(load_experiment(path), [*tiny, *overrides])
+
+
+def test_token_classification_runs_through_the_runner_and_eval(tmp_path, data_dir):
+    """Train, then `research eval`: entity scores for dev and test land in metrics.jsonl, the evaluation of
+    the saved checkpoint reproduces the in-training one, and the per-token batch ignores what it must."""
+    import json
+
+    from research.data.batches import eval_batches
+    from research.evaluate import evaluate_run
+    from research.experiment import prepare
+    from research.train import train
+
+    cfg = conll()
+    final = train(cfg, tmp_path / "run")
+    assert 0.0 <= final["dev/entity_f1"] <= 1.0 and "test/test/entity_f1" in final and "dev/PER/f1" in final
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["train"]["split_into_windows"] > 0 and report["dev"]["used"] == 64
+    again, text = evaluate_run(tmp_path / "run", "latest")
+    for key in ("entity_f1", "entity_precision", "accuracy", "loss"):
+        assert again[f"eval_latest/{key}"] == pytest.approx(final[f"dev/{key}"], abs=1e-6)
+    assert "entities" in text and "PER" in text
+    pieces = prepare(cfg, with_train=False)
+    batch = next(eval_batches(pieces.dev, 128, cfg.data.buckets, pieces.pad_id))[1]
+    assert batch["labels"].shape == batch["input_ids"].shape == batch["label_weights"].shape
+    # Weight 1 exactly on first word pieces of real rows: [CLS], [SEP], padding and filler rows weigh 0.
+    windows = len(pieces.dev.input_ids)  # more than the 64 sentences: long ones are cut into windows
+    assert windows > 64 and batch["label_weights"][:, 0].sum() == 0 and batch["label_weights"][windows:].sum() == 0
+    assert batch["label_weights"].sum() == sum(len(w) for w in pieces.dev.tagged.sentences.words)
+
+
+def test_token_classification_config_errors():
+    from research.config import ConfigError
+
+    with pytest.raises(ConfigError, match="token_classification.*unset data.pack_length"):
+        conll("data.pack_length=32")

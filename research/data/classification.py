@@ -20,12 +20,15 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from research.config import DataConfig
 from research.data import spurious
+
+if TYPE_CHECKING:
+    from research.data.tagging import Tagged
 
 
 class DataError(ValueError):
@@ -105,6 +108,9 @@ class Split:
     environments: np.ndarray | None = None  # (N,) int32 environment ids, when the data has environments
     environment_names: tuple[str, ...] = ()
     pair_ids: np.ndarray | None = None  # (N,) int32: the counterfactual pair of each example (two per pair)
+    # Token classification (research/data/tagging.py): examples are windows of sentences, `labels` is -1, and
+    # this holds the per-token labels, the gold sentences and where each window's words sit.
+    tagged: Tagged | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -114,20 +120,29 @@ def _read_rows(cfg: DataConfig, split: str) -> tuple[str, Iterator[tuple[int, di
     """(source description, rows as (row number, {column: value}) or (row number, problem))."""
     if split not in ("train", "dev") and split not in cfg.test:
         raise DataError(f"no split {split!r}: use 'train', 'dev' or a name of data.test {sorted(cfg.test)}")
-    where = {"train": cfg.train, "dev": cfg.dev}.get(split) or cfg.test[split]
-    setting = f"data.{split}" if split in ("train", "dev") else f"data.test.{split}"
     if cfg.source.startswith("hf:"):
-        return _read_hub(cfg, where)
+        return _read_hub(cfg, {"train": cfg.train, "dev": cfg.dev}.get(split) or cfg.test[split])
     if cfg.source != "files":
         raise DataError(f"data.source={cfg.source!r}: use 'files' or 'hf:<dataset>[/<config>]'")
-    path = Path(where).expanduser()
-    path = path if path.is_absolute() else data_root() / path
-    if not path.is_file():
-        raise DataError(f"{setting}: {path} does not exist (check {setting} and RESEARCH_DATA_DIR)")
+    path = split_path(cfg, split)
+    setting = f"data.{split}" if split in ("train", "dev") else f"data.test.{split}"
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".csv", ".jsonl"):
         raise DataError(f"{setting}: {path} is not .tsv, .csv or .jsonl")
     return str(path), (_jsonl_rows(path) if suffix == ".jsonl" else _delimited_rows(path, suffix))
+
+
+def split_path(cfg: DataConfig, split: str) -> Path:
+    """The file of split "train", "dev" or a name of `cfg.test`, under the data root unless absolute."""
+    if split not in ("train", "dev") and split not in cfg.test:
+        raise DataError(f"no split {split!r}: use 'train', 'dev' or a name of data.test {sorted(cfg.test)}")
+    where = {"train": cfg.train, "dev": cfg.dev}.get(split) or cfg.test[split]
+    setting = f"data.{split}" if split in ("train", "dev") else f"data.test.{split}"
+    path = Path(where).expanduser()
+    path = path if path.is_absolute() else data_root() / path
+    if not path.is_file():
+        raise DataError(f"{setting}: {path} does not exist (check {setting} and RESEARCH_DATA_DIR)")
+    return path
 
 
 def _delimited_rows(path: Path, suffix: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -357,12 +372,19 @@ def collate(split: Split, indices: np.ndarray, weights: np.ndarray, length: int,
     }
     if split.token_type_ids is not None:
         batch["token_type_ids"] = np.zeros((n, length), np.int32)
+    if split.tagged is not None:  # token labels (B, T): -1 (special tokens, later word pieces, padding) weighs 0
+        token_labels = np.full((n, length), -1, np.int32)
     for row, i in enumerate(indices):
         ids = split.input_ids[i]
         batch["input_ids"][row, : len(ids)] = ids
         batch["attention_mask"][row, : len(ids)] = 1
         if split.token_type_ids is not None:
             batch["token_type_ids"][row, : len(ids)] = split.token_type_ids[i]
+        if split.tagged is not None:
+            token_labels[row, : len(ids)] = split.tagged.windows.token_labels[i]
+    if split.tagged is not None:
+        batch["label_weights"] = (token_labels >= 0) * batch["weights"][:, None]
+        batch["labels"] = np.maximum(token_labels, 0)  # a valid index everywhere; the weight says what counts
     return batch
 
 

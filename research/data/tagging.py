@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from research.data.classification import DataError, SplitReport
+from research.config import DataConfig
+from research.data.classification import DataError, Split, SplitReport, split_path
 
 DOCSTART = "-DOCSTART-"
 
@@ -193,6 +194,41 @@ def tokenize(tokenizer, sentences: Sentences, label_index: dict[str, int], max_l
         if lengths else {}
     report.label_counts = {tag: sum(t.count(tag) for t in sentences.tags) for tag in label_index}
     return out
+
+
+@dataclasses.dataclass
+class Tagged:
+    """What a token-classification split carries beside its token ids (`Split.tagged`)."""
+
+    sentences: Sentences  # the gold words and tags, for entity scores
+    windows: Windows
+
+
+def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int) -> Split:
+    """Read, check and tokenize one split of CoNLL-style data ("train", "dev" or a name of `cfg.test`).
+    `labels` None infers the tag set from the training split: "O" first, then the others sorted."""
+    path = split_path(cfg, split)
+    report = SplitReport(split, str(path))
+    sentences = read_conll(path, cfg.token_column, cfg.tag_column, cfg.tag_scheme, cfg.skip_malformed, report)
+    if not sentences.words:
+        raise DataError(f"{path}: no sentences ({report.summary()}); is it a CoNLL-style column file?")
+    limit = cfg.max_train_examples if split == "train" else cfg.max_dev_examples
+    if limit is not None and limit < len(sentences.words):
+        report.subset_of = len(sentences.words)
+        # Training: a seeded random subset of sentences; dev and test: the first N.
+        keep = np.sort(np.random.default_rng(seed).permutation(len(sentences.words))[:limit]) \
+            if split == "train" else np.arange(limit)
+        sentences = Sentences(*([field[i] for i in keep] for field in (sentences.words, sentences.tags,
+                                                                         sentences.lines)))
+    if labels is None:
+        found = {t for tags in sentences.tags for t in tags}
+        labels = (*(["O"] if "O" in found else []), *sorted(found - {"O"}))
+    windows = tokenize(tokenizer, sentences, {t: i for i, t in enumerate(labels)}, cfg.max_length, report)
+    n = len(windows.input_ids)
+    texts = [" ".join(sentences.words[s][a : a + len(p)]) for s, a, p in
+             zip(windows.sentence, windows.first_word, windows.word_positions, strict=True)]
+    return Split(split, windows.input_ids, [np.zeros_like(x) for x in windows.input_ids], np.full(n, -1, np.int32),
+                 texts, report, tagged=Tagged(sentences, windows))
 
 
 def sentence_tags(windows: Windows, n_sentences: int, lengths: list[int], predicted: list[np.ndarray],
