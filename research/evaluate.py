@@ -25,13 +25,23 @@ from research.data.tagging import entity_scores, sentence_tags
 from research.sharding import make_mesh, put_batch, replicated
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh) -> Callable:
-    """(params, batch) -> logits (B, C) float32, with the model in eval mode (no dropout)."""
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, token_sums: bool = False) -> Callable:
+    """(params, batch) -> logits (B, C) or (B, T, C) float32, with the model in eval mode (no dropout).
+
+    `token_sums`: instead of logits, the batch's sums over its weighted token targets, {"nll", "targets",
+    "correct"}; a causal LM's logits, (B, T, 50257), are too large to bring to the host."""
 
     def step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         mb = jax.tree.map(lambda x: x[0], batch)  # (1, B, ...) -> (B, ...): eval batches are never split
-        return model(**model_inputs(mb))
+        logits = model(**model_inputs(mb))
+        if not token_sums:
+            return logits
+        w = mb["label_weights"]  # (B, T)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)  # (B, T, V)
+        nll = -jnp.take_along_axis(log_probs, mb["labels"][..., None], axis=-1)[..., 0]  # (B, T)
+        correct = (logits.argmax(-1) == mb["labels"]).astype(jnp.float32)
+        return {"nll": (nll * w).sum(), "targets": w.sum(), "correct": (correct * w).sum()}
 
     jitted = jax.jit(step, out_shardings=replicated(mesh))
     return lambda params, batch: jitted(params, rest, batch)
@@ -82,12 +92,29 @@ def tagging_metrics(logits: list[np.ndarray], split: Split, names: tuple[str, ..
     return scalars, "\n".join(lines)
 
 
+def lm_metrics(eval_step: Callable, params: dict, split: Split, batch_size: int, buckets: tuple[int, ...],
+               pad_id: int, mesh: Mesh) -> tuple[dict, str]:
+    """{loss, perplexity, accuracy} over every token target of a causal-LM split (`eval_step` made with
+    `token_sums=True`): loss is the mean negative log-likelihood per token, perplexity its exponential."""
+    total = {"nll": 0.0, "targets": 0.0, "correct": 0.0}
+    for _, batch in eval_batches(split, batch_size, buckets, pad_id):
+        for k, v in jax.device_get(eval_step(params, put_batch(batch, mesh))).items():
+            total[k] += float(v)
+    loss = total["nll"] / total["targets"]
+    scalars = {"loss": loss, "perplexity": float(np.exp(loss)), "accuracy": total["correct"] / total["targets"]}
+    report = (f"{int(total['targets']):,} tokens predicted in {len(split):,} windows: loss {loss:.4f} nats/token, "
+              f"perplexity {scalars['perplexity']:.3f}, next-token accuracy {scalars['accuracy']:.4f}")
+    return scalars, report
+
+
 def evaluate_split(eval_step: Callable, params: dict, split: Split, names: tuple[str, ...], batch_size: int,
                    buckets: tuple[int, ...], pad_id: int, mesh: Mesh) -> tuple[dict, str]:
     """The metrics of one split and a text report, for the split's task."""
     if split.tagged is not None:
         return tagging_metrics(predict_tokens(eval_step, params, split, batch_size, buckets, pad_id, mesh), split,
                                names)
+    if split.token_targets is not None:  # causal LM
+        return lm_metrics(eval_step, params, split, batch_size, buckets, pad_id, mesh)
     return classification_metrics(predict(eval_step, params, split, batch_size, buckets, pad_id, mesh),
                                   split.labels, names)
 
@@ -193,7 +220,7 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     step = restore_params(workdir, cfg, pieces.model, which)
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
-    eval_step = make_eval_step(graphdef, rest, mesh)
+    eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
     scalars, report = evaluate_split(eval_step, params, pieces.dev, pieces.labels, cfg.train.eval_batch_size,
                                      cfg.data.buckets, pieces.pad_id, mesh)
     for name, split in pieces.tests.items():  # data.test sets

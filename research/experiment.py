@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 
 from research.config import ConfigError, ExperimentConfig, from_dict
-from research.data import classification, tagging
+from research.data import classification, lm, tagging
 from research.data.classification import DataError, Split, data_root
 from research.models import from_config, from_pretrained, load_tokenizer
 from research.models.hf import MODEL_FILES, read_hf_config, resolve_checkpoint_dir
@@ -44,10 +44,20 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
     tokenizer = load_tokenizer(model_source(cfg.model.name_or_path))
     if cfg.model.task == "token_classification":  # CoNLL-style column files, labels per word
         load_split = tagging.load_split
+    elif cfg.model.task == "causal_lm":  # text into next-token windows; no label set
+        eos_id = tokenizer.token_to_id("<|endoftext|>")
+        if eos_id is None:
+            raise DataError(f"the tokenizer of {cfg.model.name_or_path} has no <|endoftext|> token to end documents "
+                            "with: causal LM training needs GPT-2's tokenizer")
+
+        def load_split(data, name, tok, labels, seed):
+            return lm.load_split(data, name, tok, eos_id)
     else:
         load_split = classification.load_split
     train = load_split(cfg.data, "train", tokenizer, cfg.data.labels, cfg.train.seed) if with_train else None
-    if cfg.data.labels is not None:
+    if cfg.model.task == "causal_lm":
+        labels = ()
+    elif cfg.data.labels is not None:
         labels = cfg.data.labels
     elif train is not None:
         labels = tuple(train.report.label_counts)  # inferred from the training split, in id order
@@ -87,7 +97,7 @@ def model_source(name_or_path: str) -> str:
 
 def build_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
     m = cfg.model
-    label_args = {"num_labels": len(labels), "id2label": labels}
+    label_args = {"num_labels": len(labels), "id2label": labels} if labels else {}  # none for causal LM
     source = model_source(m.name_or_path)
     if m.init == "pretrained":
         with warnings.catch_warnings(record=True) as caught:

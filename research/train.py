@@ -160,7 +160,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
                        "that run, or choose another --workdir")
 
     pieces = experiment.prepare(cfg)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))  # resolved
+    if pieces.labels:  # the label set resolved (a causal LM has none)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))
     groups = t.grad_accum * mesh.shape[DATA_AXIS]  # blocks of a batch: one per micro-batch and device shard
     train_split = pieces.train
     if train_split.environments is not None and train_split.pair_ids is None:  # say what stratifying costs
@@ -205,7 +206,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
         print(f"{workdir} is complete (step {start} of {total}); nothing to train")
 
     train_step = make_train_step(graphdef, rest, objective, tx, schedule, mesh, t.compute_dtype)
-    eval_step = make_eval_step(eval_graphdef, eval_rest, mesh)
+    eval_step = make_eval_step(eval_graphdef, eval_rest, mesh, token_sums=cfg.model.task == "causal_lm")
     writer = MetricWriter(workdir, resume_step=start if latest is not None else None)
     d, c = cfg.data, cfg.checkpoint
 

@@ -108,15 +108,18 @@ class Split:
     environments: np.ndarray | None = None  # (N,) int32 environment ids, when the data has environments
     environment_names: tuple[str, ...] = ()
     pair_ids: np.ndarray | None = None  # (N,) int32: the counterfactual pair of each example (two per pair)
-    # Token classification (research/data/tagging.py): examples are windows of sentences, `labels` is -1, and
-    # this holds the per-token labels, the gold sentences and where each window's words sit.
+    # Token-level tasks: a target per token, -1 where there is none (`labels` is then -1 per example).
+    # Token classification: the tag id on each word's first piece (research/data/tagging.py); causal LM: the
+    # next token (research/data/lm.py).
+    token_targets: list[np.ndarray] | None = None
+    # Token classification: the gold sentences and where each window's words sit, for entity scores.
     tagged: Tagged | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def _read_rows(cfg: DataConfig, split: str) -> tuple[str, Iterator[tuple[int, dict[str, Any] | str]]]:
+def read_rows(cfg: DataConfig, split: str) -> tuple[str, Iterator[tuple[int, dict[str, Any] | str]]]:
     """(source description, rows as (row number, {column: value}) or (row number, problem))."""
     if split not in ("train", "dev") and split not in cfg.test:
         raise DataError(f"no split {split!r}: use 'train', 'dev' or a name of data.test {sorted(cfg.test)}")
@@ -189,7 +192,7 @@ def _read_hub(cfg: DataConfig, split_name: str) -> tuple[str, Iterator[tuple[int
 def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int) -> Split:
     """Read, check and tokenize one split: "train", "dev" or a name of `cfg.test`. `labels` None infers them
     (training split only)."""
-    source, rows = _read_rows(cfg, split)
+    source, rows = read_rows(cfg, split)
     report = SplitReport(split, source)
     # Environments and pairs shape training batches: they are read for the training split only.
     env_column = cfg.environment_column if split == "train" else None
@@ -313,7 +316,7 @@ def _environments_from_files(cfg: DataConfig, texts: list[str], raw_labels: list
     the label (CAD has one such review in both orig/ and new/)."""
     where: dict[tuple[str, str], str] = {}
     for name, file in cfg.environment_files.items():
-        _, rows = _read_rows(dataclasses.replace(cfg, train=file), "train")
+        _, rows = read_rows(dataclasses.replace(cfg, train=file), "train")
         for _, row in rows:
             if isinstance(row, dict) and cfg.text_column in row and cfg.label_column in row:
                 key = (str(row[cfg.text_column]).strip(), str(row[cfg.label_column]).strip())
@@ -372,19 +375,19 @@ def collate(split: Split, indices: np.ndarray, weights: np.ndarray, length: int,
     }
     if split.token_type_ids is not None:
         batch["token_type_ids"] = np.zeros((n, length), np.int32)
-    if split.tagged is not None:  # token labels (B, T): -1 (special tokens, later word pieces, padding) weighs 0
-        token_labels = np.full((n, length), -1, np.int32)
+    if split.token_targets is not None:  # token targets (B, T): -1 (no target, padding) weighs 0
+        targets = np.full((n, length), -1, np.int32)
     for row, i in enumerate(indices):
         ids = split.input_ids[i]
         batch["input_ids"][row, : len(ids)] = ids
         batch["attention_mask"][row, : len(ids)] = 1
         if split.token_type_ids is not None:
             batch["token_type_ids"][row, : len(ids)] = split.token_type_ids[i]
-        if split.tagged is not None:
-            token_labels[row, : len(ids)] = split.tagged.windows.token_labels[i]
-    if split.tagged is not None:
-        batch["label_weights"] = (token_labels >= 0) * batch["weights"][:, None]
-        batch["labels"] = np.maximum(token_labels, 0)  # a valid index everywhere; the weight says what counts
+        if split.token_targets is not None:
+            targets[row, : len(ids)] = split.token_targets[i]
+    if split.token_targets is not None:
+        batch["label_weights"] = (targets >= 0) * batch["weights"][:, None]
+        batch["labels"] = np.maximum(targets, 0)  # a valid index everywhere; the weight says what counts
     return batch
 
 

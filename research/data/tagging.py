@@ -228,7 +228,7 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
     texts = [" ".join(sentences.words[s][a : a + len(p)]) for s, a, p in
              zip(windows.sentence, windows.first_word, windows.word_positions, strict=True)]
     return Split(split, windows.input_ids, [np.zeros_like(x) for x in windows.input_ids], np.full(n, -1, np.int32),
-                 texts, report, tagged=Tagged(sentences, windows))
+                 texts, report, token_targets=windows.token_labels, tagged=Tagged(sentences, windows))
 
 
 def sentence_tags(windows: Windows, n_sentences: int, lengths: list[int], predicted: list[np.ndarray],

@@ -1,0 +1,120 @@
+"""Causal language modelling (research/data/lm.py): documents joined with end-of-text, windows that predict
+every token exactly once (or with a sliding context), perplexity equal to transformers' on the same text
+with transformers' own tokenizer, and a GPT-2 trained through the runner."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from research.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from research.data.lm import token_stream, windows
+
+
+@pytest.mark.parametrize("length, max_length, stride", [(100, 16, 15), (100, 16, 4), (17, 16, 15), (16, 16, 15),
+                                                         (5, 16, 8), (2, 8, 1)])
+def test_windows_predict_every_token_once(length, max_length, stride):
+    """Every stream token but the first is a target exactly once, of the token before it, with at least
+    max_length - stride - 1 tokens of context after the first window; nothing is cut off."""
+    stream = np.arange(100, 100 + length, dtype=np.int32)
+    inputs, targets = windows(stream, max_length, stride)
+    predicted = []
+    for k, (ids, target) in enumerate(zip(inputs, targets, strict=True)):
+        assert len(ids) == len(target) <= max_length and np.array_equal(ids, stream[k * stride : k * stride + len(ids)])
+        for t in np.flatnonzero(target >= 0):
+            assert target[t] == ids[t + 1]  # the next token
+            assert k == 0 or t >= max_length - stride - 1  # the context it is predicted from
+            predicted.append(k * stride + t + 1)
+    assert predicted == list(range(1, length))
+
+
+def test_documents_end_with_end_of_text(data_dir):
+    from research.models import load_tokenizer
+
+    files = data_dir / "tokenizers" / "gpt2"
+    docs = ["Hello world", "ROMEO: hi\n\nJULIET: ho"]
+    stream = token_stream(load_tokenizer(files), docs, 50256)
+    theirs = transformers.GPT2TokenizerFast.from_pretrained(files)
+    assert stream.tolist() == [*theirs(docs[0])["input_ids"], 50256, *theirs(docs[1])["input_ids"], 50256]
+    assert stream[:2].tolist() == [15496, 995]  # "Hello", " world"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory, data_dir):
+    """A random GPT-2 (transformers) with GPT-2's real tokenizer files beside it."""
+    out = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(out)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(data_dir / "tokenizers" / "gpt2" / name, out / name)
+    return out
+
+
+def lm_config(model_dir, text_file, *, init="pretrained", **data):
+    return ExperimentConfig(
+        name="lm_test", model=ModelConfig(name_or_path=str(model_dir), task="causal_lm", init=init),
+        data=DataConfig(train=str(text_file), dev=str(text_file), max_length=32, buckets=(16, 32), **data),
+        train=TrainConfig(batch_size=8, max_steps=2, log_every=1, eval_batch_size=16))
+
+
+@pytest.mark.parametrize("stride", [31, 8])
+def test_perplexity_equals_transformers(tiny_gpt2_dir, data_dir, tmp_path, stride):
+    """Our held-out loss on a Shakespeare excerpt (windows of 32, stride 31 or 8) equals the sliding-window
+    loop of transformers' perplexity guide run on GPT2LMHeadModel with GPT2TokenizerFast (rtol 1e-5)."""
+    from flax import nnx
+
+    from research.evaluate import lm_metrics, make_eval_step
+    from research.experiment import prepare
+    from research.sharding import make_mesh
+
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:3000]
+    path = tmp_path / "excerpt.txt"
+    path.write_text(text)
+    cfg = lm_config(tiny_gpt2_dir, path, eval_stride=stride)
+    pieces = prepare(cfg, with_train=False)
+    mesh = make_mesh()
+    graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
+    ours, _ = lm_metrics(make_eval_step(graphdef, rest, mesh, token_sums=True), params, pieces.dev, 16, (16, 32),
+                         pieces.pad_id, mesh)
+
+    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(data_dir / "tokenizers" / "gpt2")
+    ids = torch.tensor([tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]])
+    model = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    nll, count, previous_end = 0.0, 0, 0
+    for begin in range(0, ids.shape[1], stride):  # the guide's loop, summing instead of averaging windows
+        end = min(begin + 32, ids.shape[1])
+        window = ids[:, begin:end]
+        labels = window.clone()
+        labels[:, : -(end - previous_end)] = -100
+        with torch.no_grad():
+            loss = model(window, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())  # the model shifts: the first label is never predicted
+        nll, count, previous_end = nll + float(loss) * n, count + n, end
+        if end == ids.shape[1]:
+            break
+    assert count == ids.shape[1] - 1
+    assert ours["loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert ours["perplexity"] == pytest.approx(np.exp(nll / count), rel=1e-5)
+
+
+def test_gpt2_trains_through_the_runner(tiny_gpt2_dir, data_dir, tmp_path):
+    from research.evaluate import evaluate_run
+    from research.train import train
+
+    path = tmp_path / "text.txt"
+    path.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:8000])
+    cfg = lm_config(tiny_gpt2_dir, path, init="scratch", holdout_fraction=0.25)
+    final = train(cfg, tmp_path / "run")
+    assert final["dev/perplexity"] == pytest.approx(np.exp(final["dev/loss"]), rel=1e-6)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["dev"]["label_counts"]["targets"] == report["dev"]["label_counts"]["tokens"] - 1
+    again, text = evaluate_run(tmp_path / "run", "latest")
+    assert again["eval_latest/perplexity"] == pytest.approx(final["dev/perplexity"], rel=1e-5)
+    assert "perplexity" in text
+    with pytest.raises(ConfigError, match="causal_lm.*unset data.labels"):
+        lm_config(tiny_gpt2_dir, path, labels=("a", "b"))
