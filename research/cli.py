@@ -12,6 +12,7 @@ the problem, not a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -89,8 +90,22 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    from research.evaluate import evaluate_run
+    from research.evaluate import evaluate_config, evaluate_run
 
+    if args.workdir.endswith(".py"):  # an experiment file: its model as built, untrained
+        from research.config import apply_overrides, load_experiment
+
+        if args.attack:
+            raise ConfigError("--attack needs a run directory (a trained classifier), not an experiment file")
+        metrics, report = evaluate_config(apply_overrides(load_experiment(args.workdir), args.set))
+        print(report)
+        print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        return
+    if args.set or args.out:
+        raise ConfigError("--set and --out go with an experiment file; a run directory is evaluated as it was trained")
     attacks = tuple(a for a in args.attack.split(",") if a) if args.attack else ()
     metrics, report = evaluate_run(Path(args.workdir), args.checkpoint, attacks, tuple(args.epsilons),
                                    args.max_words)
@@ -119,8 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
     p.set_defaults(func=train_command)
 
-    p = sub.add_parser("eval", help="evaluate a run directory's checkpoint on the dev split")
-    p.add_argument("workdir")
+    p = sub.add_parser("eval", help="evaluate a run directory's checkpoint on the dev split, or an experiment "
+                                    "file's untrained model (e.g. a GPT-2 checkpoint's perplexity)")
+    p.add_argument("workdir", help="run directory, or experiment file (experiments/*.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with an experiment file: override a config value (repeatable)")
+    p.add_argument("--out", help="with an experiment file: also write the metrics to this JSON file")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--attack", default="", metavar="pgd,char",
                    help="robustness: embedding-space PGD at --epsilons and/or the character-level attack")

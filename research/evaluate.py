@@ -101,9 +101,15 @@ def lm_metrics(eval_step: Callable, params: dict, split: Split, batch_size: int,
         for k, v in jax.device_get(eval_step(params, put_batch(batch, mesh))).items():
             total[k] += float(v)
     loss = total["nll"] / total["targets"]
-    scalars = {"loss": loss, "perplexity": float(np.exp(loss)), "accuracy": total["correct"] / total["targets"]}
+    counts = split.report.label_counts
+    scalars = {"loss": loss, "perplexity": float(np.exp(loss)), "accuracy": total["correct"] / total["targets"],
+               # The same total log-likelihood per whitespace word and per byte of the text (every token but
+               # the first is predicted): comparable across tokenizers, as lm-evaluation-harness reports them.
+               "word_perplexity": float(np.exp(total["nll"] / max(counts["words"], 1))),
+               "bits_per_byte": total["nll"] / max(counts["bytes"], 1) / float(np.log(2))}
     report = (f"{int(total['targets']):,} tokens predicted in {len(split):,} windows: loss {loss:.4f} nats/token, "
-              f"perplexity {scalars['perplexity']:.3f}, next-token accuracy {scalars['accuracy']:.4f}")
+              f"perplexity {scalars['perplexity']:.3f} (per word {scalars['word_perplexity']:.3f}, "
+              f"{scalars['bits_per_byte']:.4f} bits/byte), next-token accuracy {scalars['accuracy']:.4f}")
     return scalars, report
 
 
@@ -200,6 +206,25 @@ def restore_params(workdir: Path, cfg, model: nnx.Module, which: str = "best") -
     nnx.update(model, param_state)
     model.eval()
     return step
+
+
+def evaluate_config(cfg) -> tuple[dict[str, float], str]:
+    """Evaluate an experiment's model as its config builds it (pretrained weights, no training) on the dev
+    split and every data.test set: e.g. a GPT-2 checkpoint's WikiText-2 perplexity."""
+    from research.experiment import prepare
+
+    pieces = prepare(cfg, with_train=False)
+    mesh = make_mesh()
+    graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
+    eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
+    splits = {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}
+    scalars, reports = {}, []
+    for prefix, split in splits.items():
+        found, report = evaluate_split(eval_step, params, split, pieces.labels, cfg.train.eval_batch_size,
+                                       cfg.data.buckets, pieces.pad_id, mesh)
+        scalars.update({f"{prefix}/{k}": v for k, v in found.items()})
+        reports.append(f"{prefix} ({split.report.source}):\n{report}")
+    return scalars, f"{cfg.model.name_or_path}, no training:\n" + "\n".join(reports)
 
 
 def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = (),

@@ -118,3 +118,32 @@ def test_gpt2_trains_through_the_runner(tiny_gpt2_dir, data_dir, tmp_path):
     assert "perplexity" in text
     with pytest.raises(ConfigError, match="causal_lm.*unset data.labels"):
         lm_config(tiny_gpt2_dir, path, labels=("a", "b"))
+
+
+def test_eval_of_an_experiment_file_scores_an_untrained_checkpoint(tiny_gpt2_dir, data_dir, tmp_path, capsys):
+    """`research eval experiments/wikitext2_gpt2.py --set model.name_or_path=...`: the checkpoint as it is, on
+    dev and test, with word perplexity and bits per byte from the same total log-likelihood."""
+    from pathlib import Path
+
+    from research.cli import main
+
+    text = (data_dir / "wikitext2" / "wiki.test.raw").read_text()[:4000]
+    (tmp_path / "excerpt.raw").write_text(text)
+    out = tmp_path / "ppl.json"
+    experiment = Path(__file__).resolve().parents[1] / "experiments" / "wikitext2_gpt2.py"
+    excerpt = tmp_path / "excerpt.raw"
+    main(["eval", str(experiment), "--set", f'model.name_or_path="{tiny_gpt2_dir}"', "--set", "data.max_length=64",
+          "--set", "data.buckets=[64]", "--set", "data.eval_stride=32", "--set", f'data.dev="{excerpt}"',
+          "--set", f'data.test={{"test": "{excerpt}"}}', "--out", str(out)])
+    metrics = json.loads(out.read_text())
+    assert metrics["dev/perplexity"] == metrics["test/test/perplexity"] > 1000  # random weights, same text
+    nll = metrics["dev/loss"] * (len(np.asarray(token_stream_of(tiny_gpt2_dir, text))) - 1)
+    assert metrics["dev/word_perplexity"] == pytest.approx(np.exp(nll / len(text.split())), rel=1e-5)
+    assert metrics["dev/bits_per_byte"] == pytest.approx(nll / len(text.encode()) / np.log(2), rel=1e-5)
+    assert "no training" in capsys.readouterr().out
+
+
+def token_stream_of(model_dir, text):
+    from research.models import load_tokenizer
+
+    return token_stream(load_tokenizer(model_dir), [text], 50256)

@@ -94,7 +94,9 @@ def load_split(cfg: DataConfig, split: str, tokenizer, eos_id: int, stride: int 
         stride = cfg.eval_stride if split != "train" and cfg.eval_stride is not None else cfg.max_length - 1
     inputs, targets = windows(stream, cfg.max_length, stride)
     report.used = len(inputs)
-    report.label_counts = {"tokens": int(len(stream)), "targets": int(sum((t >= 0).sum() for t in targets))}
+    # Words (whitespace-separated) and UTF-8 bytes: the denominators of word perplexity and bits per byte.
+    report.label_counts = {"tokens": int(len(stream)), "targets": int(sum((t >= 0).sum() for t in targets)),
+                           "words": sum(len(d.split()) for d in docs), "bytes": sum(len(d.encode()) for d in docs)}
     lengths = np.array([len(x) for x in inputs])
     report.length_percentiles = {q: int(np.percentile(lengths, int(q[1:]))) for q in ("p50", "p95", "p100")}
     n = len(inputs)
