@@ -113,6 +113,26 @@ def eval_command(args: argparse.Namespace) -> None:
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
+def generate_command(args: argparse.Namespace) -> None:
+    from research.generate import complete
+    from research.models import from_pretrained, load_tokenizer
+
+    source = Path(args.model)
+    if (source / "config.json").is_file() and (source / "checkpoints").is_dir():  # a run directory
+        from research.evaluate import load_trained_model
+        from research.experiment import model_source, read_run_config
+
+        model, step, which = load_trained_model(source, args.checkpoint)
+        tokenizer = load_tokenizer(model_source(read_run_config(source).model.name_or_path))
+        print(f"{source}: the {which} checkpoint (step {step})")
+    else:  # a Hugging Face directory or hub id
+        model, tokenizer = from_pretrained(args.model, "causal_lm"), load_tokenizer(args.model)
+    texts = complete(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"--- {prompt!r}\n{prompt}{text}")
+
+
 def export_command(args: argparse.Namespace) -> None:
     from research.evaluate import load_trained_model
     from research.models import save_pretrained
@@ -147,6 +167,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="L2 radii per example for --attack pgd")
     p.add_argument("--max-words", type=int, default=5, help="words the character attack may edit")
     p.set_defaults(func=eval_command)
+
+    p = sub.add_parser("generate", help="continue prompts with a GPT-2 run directory or checkpoint")
+    p.add_argument("model", help="run directory (a causal_lm run), Hugging Face directory or hub id")
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.set_defaults(func=generate_command)
 
     p = sub.add_parser("export", help="write a run's model as a Hugging Face directory")
     p.add_argument("workdir")

@@ -156,6 +156,10 @@ class TrainConfig:
     log_every: int = 50  # steps between train-metric records
     eval_every: int | None = None  # steps between dev evaluations; None: at the end of every epoch
     eval_batch_size: int = 128
+    # Causal LM: greedy continuations of these prompts at every evaluation, in TensorBoard (text) and in
+    # <workdir>/samples.jsonl; `sample_tokens` new tokens each.
+    sample_prompts: tuple[str, ...] = ()
+    sample_tokens: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +281,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if unsupported or d.source != "files":
             raise ConfigError(f"model.task='token_classification' reads CoNLL-style files, padded: unset "
                               f"{', '.join(unsupported) or 'data.source'} (data.source must be 'files')")
+    if t.sample_prompts and cfg.model.task != "causal_lm":
+        raise ConfigError("train.sample_prompts are continued by a causal LM: set model.task='causal_lm' or unset them")
     if cfg.model.task == "causal_lm":
         unsupported = [k for k, v in (("data.pack_length", d.pack_length), ("data.labels", d.labels),
                                       ("data.text_pair_column", d.text_pair_column),

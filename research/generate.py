@@ -123,3 +123,28 @@ def generate(
     return _generate(graphdef, state, input_ids, attention_mask, jax.random.key(seed), jnp.float32(temperature),
                      jnp.float32(top_p), max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=top_k,
                      eos_token_id=eos, pad_token_id=pad)
+
+
+def complete(model: GPT2LMHeadModel, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Text continuations of `prompts` (GPT-2 BPE, no special tokens added), each cut at the first EOS."""
+    if not prompts:
+        return []
+    encoded = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    if not all(encoded):
+        empty = [p for p, e in zip(prompts, encoded, strict=True) if not e]
+        raise ValueError(f"every prompt needs at least one token: {empty}")
+    eos = model.config.eos_token_id
+    width = max(map(len, encoded))
+    ids = np.full((len(prompts), width), eos, np.int32)  # left padding: every row ends at column P - 1
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e):] = e
+        mask[row, width - len(e):] = 1
+    out = np.asarray(generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    texts = []
+    for row in out[:, width:]:
+        stop = np.flatnonzero(row == eos)
+        texts.append(tokenizer.decode(row[: stop[0] if len(stop) else len(row)].tolist()))
+    return texts

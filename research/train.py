@@ -34,6 +34,7 @@ from research.checkpoint import Checkpoints
 from research.config import ConfigError, ExperimentConfig
 from research.data.batches import epoch_batches, oversampling, steps_per_epoch
 from research.evaluate import evaluate_split, make_eval_step
+from research.generate import complete
 from research.metrics import MetricWriter
 from research.objectives import PAIR_OBJECTIVES, make_objective
 from research.objectives.state import StatefulObjective
@@ -208,6 +209,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     train_step = make_train_step(graphdef, rest, objective, tx, schedule, mesh, t.compute_dtype)
     eval_step = make_eval_step(eval_graphdef, eval_rest, mesh, token_sums=cfg.model.task == "causal_lm")
     writer = MetricWriter(workdir, resume_step=start if latest is not None else None)
+    samples = workdir / "samples.jsonl"
+    if latest is not None and samples.exists():  # as metrics.jsonl: the resumed run writes later steps again
+        kept = [line for line in samples.read_text().splitlines() if json.loads(line)["step"] <= start]
+        samples.write_text("".join(line + "\n" for line in kept))
     d, c = cfg.data, cfg.checkpoint
 
     def evaluate(step: int) -> dict[str, float]:
@@ -217,6 +222,14 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
                                              d.buckets, pieces.pad_id, mesh)
             metrics.update({f"{prefix}/{k}": v for k, v in scalars.items()})
             writer.write_text(step, f"{prefix}/report", report)
+        if t.sample_prompts and jax.process_index() == 0:  # what the LM writes now, next to its perplexity
+            model = nnx.merge(eval_graphdef, state["params"], eval_rest)
+            texts = complete(model, pieces.tokenizer, list(t.sample_prompts), max_new_tokens=t.sample_tokens)
+            with samples.open("a") as f:
+                for prompt, text in zip(t.sample_prompts, texts, strict=True):
+                    f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
+            writer.write_text(step, "samples", "\n\n".join(f"{p}{x}" for p, x in zip(t.sample_prompts, texts,
+                                                                                   strict=True)))
         writer.write(step, metrics)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                 if k.startswith("dev/") or k.endswith("/accuracy")))

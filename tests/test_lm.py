@@ -102,14 +102,28 @@ def test_perplexity_equals_transformers(tiny_gpt2_dir, data_dir, tmp_path, strid
     assert ours["perplexity"] == pytest.approx(np.exp(nll / count), rel=1e-5)
 
 
-def test_gpt2_trains_through_the_runner(tiny_gpt2_dir, data_dir, tmp_path):
+def test_gpt2_trains_through_the_runner(tiny_gpt2_dir, data_dir, tmp_path, capsys):
+    """Train (with greedy samples of two prompts at the evaluation), evaluate again, and continue prompts
+    with `research generate` from the run directory: greedy decoding there equals the training samples."""
+    import dataclasses
+
+    from research.cli import main
     from research.evaluate import evaluate_run
     from research.train import train
 
     path = tmp_path / "text.txt"
     path.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:8000])
     cfg = lm_config(tiny_gpt2_dir, path, init="scratch", holdout_fraction=0.25)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_prompts=("ROMEO:", "To be"),
+                                                             sample_tokens=6))
     final = train(cfg, tmp_path / "run")
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["prompt"]) for s in samples] == [(2, "ROMEO:"), (2, "To be")]
+    capsys.readouterr()
+    main(["generate", str(tmp_path / "run"), "--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "6",
+          "--checkpoint", "latest"])
+    printed = capsys.readouterr().out
+    assert all(f"{s['prompt']}{s['text']}" in printed for s in samples), printed
     assert final["dev/perplexity"] == pytest.approx(np.exp(final["dev/loss"]), rel=1e-6)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["dev"]["label_counts"]["targets"] == report["dev"]["label_counts"]["tokens"] - 1
