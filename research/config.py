@@ -83,6 +83,9 @@ class DataConfig:
     # .csv files hold one per row (text_column). `holdout_fraction`: train and dev name one file, and dev is
     # its last fraction of characters. `eval_stride`: windows of dev/test start this many tokens apart (each
     # token then has at least max_length - eval_stride tokens of context); None: max_length - 1, as training.
+    # "camrest676": dialogue responses instead of plain text (research/data/dialogue.py; train, dev and the
+    # "test" entry of data.test all name CamRest676.json, split 3:1:1 in file order).
+    lm_format: Literal["text", "camrest676"] = "text"
     document_separator: str | None = None
     holdout_fraction: float | None = None
     eval_stride: int | None = None
@@ -160,6 +163,9 @@ class TrainConfig:
     # <workdir>/samples.jsonl; `sample_tokens` new tokens each.
     sample_prompts: tuple[str, ...] = ()
     sample_tokens: int = 32
+    # Dialogue (data.lm_format="camrest676"): greedy responses to the first N dev contexts at every
+    # evaluation, beside the reference responses, in TensorBoard and samples.jsonl.
+    sample_dev_examples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +287,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if unsupported or d.source != "files":
             raise ConfigError(f"model.task='token_classification' reads CoNLL-style files, padded: unset "
                               f"{', '.join(unsupported) or 'data.source'} (data.source must be 'files')")
+    if t.sample_dev_examples and (cfg.model.task != "causal_lm" or d.lm_format == "text"):
+        raise ConfigError("train.sample_dev_examples answers dev dialogue contexts: it needs model.task='causal_lm' "
+                          "and a dialogue data.lm_format")
     if t.sample_prompts and cfg.model.task != "causal_lm":
         raise ConfigError("train.sample_prompts are continued by a causal LM: set model.task='causal_lm' or unset them")
     if cfg.model.task == "causal_lm":

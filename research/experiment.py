@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 
 from research.config import ConfigError, ExperimentConfig, from_dict
-from research.data import classification, lm, tagging
+from research.data import classification, dialogue, lm, tagging
 from research.data.classification import DataError, Split, data_root
 from research.models import from_config, from_pretrained, load_tokenizer
 from research.models.hf import MODEL_FILES, read_hf_config, resolve_checkpoint_dir
@@ -51,6 +51,8 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
                             "with: causal LM training needs GPT-2's tokenizer")
 
         def load_split(data, name, tok, labels, seed):
+            if data.lm_format == "camrest676":
+                return dialogue.load_split(data, name, tok, eos_id)
             return lm.load_split(data, name, tok, eos_id)
     else:
         load_split = classification.load_split

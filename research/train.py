@@ -215,6 +215,25 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
         samples.write_text("".join(line + "\n" for line in kept))
     d, c = cfg.data, cfg.checkpoint
 
+    def write_samples(step: int) -> None:
+        """What the LM writes now, next to its perplexity: greedy continuations of the configured prompts and
+        of the first dev dialogue contexts (with their reference responses)."""
+        n = t.sample_dev_examples
+        prompts = [*t.sample_prompts, *pieces.dev.texts[:n]]
+        references = [None] * len(t.sample_prompts) + (pieces.dev.responses or [])[:n]
+        model = nnx.merge(eval_graphdef, state["params"], eval_rest)
+        texts = complete(model, pieces.tokenizer, prompts, max_new_tokens=t.sample_tokens)
+        shown = []
+        with samples.open("a") as f:
+            for prompt, text, reference in zip(prompts, texts, references, strict=True):
+                record = {"step": step, "prompt": prompt, "text": text}
+                shown.append(f"{prompt}{text}")
+                if reference is not None:
+                    record["reference"] = reference
+                    shown[-1] += f"\n[reference: {reference}]"
+                f.write(json.dumps(record) + "\n")
+        writer.write_text(step, "samples", "\n\n".join(shown))
+
     def evaluate(step: int) -> dict[str, float]:
         metrics = {}
         for prefix, split in {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}.items():
@@ -222,14 +241,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
                                              d.buckets, pieces.pad_id, mesh)
             metrics.update({f"{prefix}/{k}": v for k, v in scalars.items()})
             writer.write_text(step, f"{prefix}/report", report)
-        if t.sample_prompts and jax.process_index() == 0:  # what the LM writes now, next to its perplexity
-            model = nnx.merge(eval_graphdef, state["params"], eval_rest)
-            texts = complete(model, pieces.tokenizer, list(t.sample_prompts), max_new_tokens=t.sample_tokens)
-            with samples.open("a") as f:
-                for prompt, text in zip(t.sample_prompts, texts, strict=True):
-                    f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
-            writer.write_text(step, "samples", "\n\n".join(f"{p}{x}" for p, x in zip(t.sample_prompts, texts,
-                                                                                   strict=True)))
+        if (t.sample_prompts or t.sample_dev_examples) and jax.process_index() == 0:
+            write_samples(step)
         writer.write(step, metrics)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                 if k.startswith("dev/") or k.endswith("/accuracy")))

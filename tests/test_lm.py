@@ -161,3 +161,23 @@ def token_stream_of(model_dir, text):
     from research.models import load_tokenizer
 
     return token_stream(load_tokenizer(model_dir), [text], 50256)
+
+
+def test_dialogue_run_writes_response_samples_beside_references(tiny_gpt2_dir, data_dir, tmp_path):
+    """A CamRest676 run (data.lm_format="camrest676") reports response perplexity and writes greedy answers
+    to the first dev contexts with their reference responses."""
+    from research.train import train
+
+    camrest = "dialog/camrest676/CamRest676.json"
+    cfg = ExperimentConfig(
+        name="dialogue_test", model=ModelConfig(name_or_path=str(tiny_gpt2_dir), task="causal_lm", init="scratch",
+                                                overrides={"n_positions": 128}),
+        data=DataConfig(train=camrest, dev=camrest, lm_format="camrest676", max_length=96, buckets=(32, 64, 96)),
+        train=TrainConfig(batch_size=8, max_steps=1, log_every=1, eval_batch_size=64, sample_dev_examples=2,
+                          sample_tokens=4))
+    final = train(cfg, tmp_path / "run")
+    assert final["dev/perplexity"] > 1000  # one step from random weights
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["reference"] for s in samples] == ["There are no mathcing records found for that request",
+                                                 "There are no matching records found for that request."]
+    assert all(s["prompt"].endswith("System:") for s in samples)

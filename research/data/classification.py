@@ -114,6 +114,8 @@ class Split:
     token_targets: list[np.ndarray] | None = None
     # Token classification: the gold sentences and where each window's words sit, for entity scores.
     tagged: Tagged | None = None
+    # Dialogue (research/data/dialogue.py): `texts` are the contexts, and these the reference responses.
+    responses: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
