@@ -1,12 +1,22 @@
-"""Orbax checkpoints of the whole training state, restored against an abstract state.
+"""Orbax checkpoints of the whole training state, verified by checksums and restored against an abstract
+state.
 
     <workdir>/checkpoints/<step>/   params, optimizer state, step, RNG key + JSON meta (data position,
                                     early-stopping state): the last `keep` of them, for --resume
     <workdir>/best/<step>/          params of the best evaluation by `best_metric` (one kept)
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run killed while
-saving leaves a directory that `latest_step()` never returns: a half-written checkpoint is never resumed.
-Saving is synchronous: the train step donates its state buffers, and a blocking save cannot race with that.
+**When a checkpoint counts.** Orbax writes each checkpoint into a temporary directory and renames it when
+complete; then we hash every file it wrote into `manifest.sha256.json` (written under a temporary name and
+renamed: the commit point). Only a step directory with a manifest counts, so a run killed before, during or
+after Orbax's write, or before the manifest, leaves nothing that `latest_step()` returns, and the next save
+of that step replaces the leftover. Retention is ours, not Orbax's: older checkpoints are deleted only after
+the new one is committed, so the last good checkpoint survives a failed save (a full disk, a kill).
+
+**Restoring** checks first, then reads: every file against the manifest (a flipped bit, a truncated or a
+missing file fails, naming the step and the file, and naming the older complete checkpoints one can resume
+from on request: `research train --resume --resume-step N`), and every array's shape and dtype against the
+state it is restored into (all mismatched paths listed together). Saving is synchronous: the train step
+donates its state buffers, and a blocking save cannot race with that.
 
 Where the starting weights come from, in order (see `research.train.train`): a checkpoint in the run
 directory (--resume) > the pretrained checkpoint named by model.name_or_path (an exported run directory
@@ -15,10 +25,19 @@ included) > random initialization (model.init="scratch").
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+from research.models.hf import CheckpointError
+
+MANIFEST = "manifest.sha256.json"
 
 
 def _manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
@@ -28,25 +47,152 @@ def _manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
     )
 
 
+def _file_digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"sha256", "bytes"}} of every file under `directory` but the manifest."""
+    out = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out[str(path.relative_to(directory))] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+    return out
+
+
+def write_manifest(directory: Path) -> None:
+    """Commit a finished Orbax checkpoint: its files' checksums, written atomically."""
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(_file_digests(directory), indent=1) + "\n")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    tmp.rename(directory / MANIFEST)
+
+
+def verify(directory: Path, step: int, others: list[int]) -> None:
+    """Raise a CheckpointError naming every file of checkpoint `step` that differs from its manifest."""
+    try:
+        expected = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint step {step} ({directory}): unreadable {MANIFEST} ({e})") from None
+    problems = []
+    for name, want in expected.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            problems.append(f"{name}: {size} bytes, {want['bytes']} written (truncated or overwritten)")
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != want["sha256"]:
+            problems.append(f"{name}: checksum differs (corrupted)")
+    if problems:
+        older = [s for s in others if s < step]
+        hint = (f"resume from an older complete checkpoint on purpose with --resume-step {older[-1]} (complete: "
+                f"{older})" if older else "no older complete checkpoint exists: start the run afresh")
+        raise CheckpointError(f"checkpoint step {step} ({directory}) failed verification:\n  "
+                              + "\n  ".join(problems) + f"\n{hint}")
+
+
+def _path(keys: tuple) -> str:
+    """"opt_state/1/0/mu/bert/...": one spelling for dict keys, sequence indices and named-tuple fields (Orbax's
+    metadata stores optax's named tuples as dicts)."""
+    parts = []
+    for k in keys:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def check_structure(directory: Path, abstract: Any, step: int) -> None:
+    """Raise a CheckpointError listing every path whose shape or dtype differs between the checkpoint's
+    arrays (`directory`, an Orbax StandardSave item) and `abstract`, or that only one of them has."""
+    stored = ocp.StandardCheckpointHandler().metadata(directory.absolute())
+    have = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored.tree)}
+    want = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    problems = [f"{p}: only in the checkpoint, {have[p].shape} {have[p].dtype}" for p in have if p not in want]
+    problems += [f"{p}: not in the checkpoint (expected {want[p].shape} {want[p].dtype})" for p in want
+                 if p not in have]
+    for p in sorted(set(have) & set(want)):
+        if tuple(have[p].shape) != tuple(want[p].shape) or str(have[p].dtype) != str(want[p].dtype):
+            problems.append(f"{p}: checkpoint {tuple(have[p].shape)} {have[p].dtype}, expected "
+                            f"{tuple(want[p].shape)} {want[p].dtype}")
+    if problems:
+        raise CheckpointError(f"checkpoint step {step} ({directory.parent}) does not fit the state it is restored "
+                              f"into ({len(problems)} mismatched):\n  " + "\n  ".join(problems)
+                              + "\nrestore with the model config the run was trained with")
+
+
 class Checkpoints:
     def __init__(self, workdir: Path, keep: int, best_metric: str | None = None, best_mode: str = "max"):
-        self.latest = _manager(Path(workdir) / "checkpoints", max_to_keep=keep)
+        self.directory = Path(workdir) / "checkpoints"
+        self.keep = keep
+        self.latest = _manager(self.directory)  # keeps everything: retention is ours (module docstring)
+        # Runs checkpointed before manifests existed have no FORMAT file: their Orbax-complete steps count,
+        # unverified. A run that starts now writes it first, so a step without a manifest never counts.
+        marker = self.directory / "FORMAT"
+        if not marker.exists() and not self.latest.all_steps():
+            marker.write_text("orbax + manifest.sha256.json per step\n")
+        self.legacy = not marker.exists()
         self.best = None
         if best_metric is not None:
             self.best = _manager(Path(workdir) / "best", max_to_keep=1, best_fn=lambda m: m[best_metric],
                                  best_mode=best_mode)
 
+    def complete_steps(self) -> list[int]:
+        """Steps with a committed (manifested) checkpoint, ascending."""
+        return sorted(s for s in self.latest.all_steps()
+                      if self.legacy or (self.directory / str(s) / MANIFEST).is_file())
+
     def latest_step(self) -> int | None:
-        return self.latest.latest_step()
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def drop_after(self, step: int) -> list[int]:
+        """Delete the checkpoints after `step` (resuming from an older one on purpose makes them stale)."""
+        later = [s for s in self.latest.all_steps() if s > step]
+        for s in later:
+            shutil.rmtree(self.directory / str(s))
+        self.latest.reload()
+        return later
 
     def save(self, step: int, state: dict, meta: dict) -> None:
-        self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=ocp.args.JsonSave(meta)), force=True)
+        target = self.directory / str(step)
+        if target.exists():  # a save of this step that never committed (killed before its manifest)
+            shutil.rmtree(target)
+            self.latest.reload()
+        previous = self.latest_step()
+        try:
+            self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           meta=ocp.args.JsonSave(meta)), force=True)
+            write_manifest(target)
+        except Exception as e:  # noqa: BLE001 (Orbax and tensorstore raise several types for an I/O failure)
+            raise CheckpointError(f"saving checkpoint step {step} to {target} failed: {type(e).__name__}: {e}\n"
+                                  f"the previous checkpoint (step {previous}) is intact and is what --resume "
+                                  "continues from; free disk space (or fix the file system) and resume") from e
+        for old in self.complete_steps()[: -self.keep]:  # only now that the new one is committed
+            shutil.rmtree(self.directory / str(old))
+        self.latest.reload()
 
     def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict]:
-        """(state, meta) of `step` (default: the latest complete checkpoint), with the abstract state's
-        structure, shapes, dtypes and shardings."""
-        step = self.latest_step() if step is None else step
+        """(state, meta) of `step` (default: the latest complete checkpoint), verified against its manifest
+        and against the abstract state's structure, shapes and dtypes; with its shardings."""
+        steps = self.complete_steps()
+        step = steps[-1] if step is None and steps else step
+        if step is None or step not in steps:
+            raise CheckpointError(f"no complete checkpoint of step {step} in {self.directory} (complete: {steps})")
+        directory = self.directory / str(step)
+        if (directory / MANIFEST).is_file() or not self.legacy:
+            verify(directory, step, steps)
+        check_structure(directory / "state", abstract_state, step)
         restored = self.latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
@@ -56,12 +202,19 @@ class Checkpoints:
         if self.best is not None:
             self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
                            metrics={k: float(v) for k, v in metrics.items()}, force=True)
+            kept = Path(str(self.best.directory)) / str(step)
+            if kept.is_dir():  # kept (it scored best so far)
+                write_manifest(kept)
 
     def restore_best(self, abstract_params: dict) -> tuple[dict, int]:
-        """(params, step) of the best checkpoint."""
+        """(params, step) of the best checkpoint, verified like `restore`."""
         step = self.best.best_step() if self.best is not None else None
         if step is None:
             raise FileNotFoundError(f"no best checkpoint in {self.best.directory if self.best else 'best/'}")
+        directory = Path(str(self.best.directory)) / str(step)
+        if (directory / MANIFEST).is_file():  # best checkpoints of runs from before manifests have none
+            verify(directory, step, [])
+        check_structure(directory / "params", abstract_params, step)
         restored = self.best.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
         return restored.params, step
 

@@ -79,11 +79,15 @@ def demo(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> None:
     from research.config import apply_overrides, load_experiment
-    from research.train import train
+    from research.train import EXIT_SIGTERM, Interrupted, train
 
     cfg = apply_overrides(load_experiment(args.config), args.set)
     workdir = Path(args.workdir or Path("runs") / cfg.name)
-    metrics = train(cfg, workdir, resume=args.resume)
+    try:
+        metrics = train(cfg, workdir, resume=args.resume, resume_step=args.resume_step)
+    except Interrupted as e:
+        print(e)
+        sys.exit(EXIT_SIGTERM)
     print(f"run directory: {workdir}  (tensorboard --logdir {workdir})")
     if metrics:
         print("final " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a config value, e.g. --set optim.lr=3e-5 (repeatable)")
     p.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
+    p.add_argument("--resume-step", type=int, help="with --resume: continue from this older checkpoint instead "
+                   "(the later ones are deleted), e.g. when the latest fails verification")
     p.set_defaults(func=train_command)
 
     p = sub.add_parser("eval", help="evaluate a run directory's checkpoint on the dev split, or an experiment "

@@ -13,9 +13,12 @@ everything random is a function of (seed, step) or (seed, epoch) and the data po
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -145,11 +148,57 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
 # -------------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> dict[str, float]:
-    """Train `cfg` in `workdir`; returns the last evaluation's metrics. See the module docstring."""
+class Interrupted(RuntimeError):
+    """SIGTERM stopped the run after it saved a checkpoint of the step it was on; `research train` exits with
+    EXIT_SIGTERM, and --resume continues with no step lost."""
+
+
+EXIT_SIGTERM = 143  # 128 + SIGTERM: what a shell and a job scheduler report for a terminated job
+
+
+def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False,
+          resume_step: int | None = None) -> dict[str, float]:
+    """Train `cfg` in `workdir`; returns the last evaluation's metrics. See the module docstring.
+
+    `resume_step` resumes from that (older) checkpoint instead of the latest, deleting the later ones:
+    e.g. after the latest failed verification."""
     init_distributed()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with _run_lock(workdir):
+        return _train(cfg, workdir, resume, resume_step)
+
+
+@contextlib.contextmanager
+def _run_lock(workdir: Path):
+    """Hold `<workdir>/.lock` for the whole run (process 0): a second run writing the same directory would
+    interleave checkpoints and metrics, so it is refused. The OS drops the lock when the process dies, so a
+    killed run leaves no stale lock behind."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = workdir / ".lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunError(f"{workdir} is in use by another run (process {owner} holds {path}); wait for it to finish "
+                       "or choose another --workdir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int | None) -> dict[str, float]:
     mesh = make_mesh()
     t = cfg.train
     check_divisible(t.batch_size, t.grad_accum, mesh)
@@ -159,6 +208,14 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     if latest is not None and not resume:
         raise RunError(f"{workdir} already holds checkpoints (latest step {latest}); pass --resume to continue "
                        "that run, or choose another --workdir")
+    if resume_step is not None:
+        if not resume or resume_step not in ckpts.complete_steps():
+            raise RunError(f"--resume-step {resume_step} needs --resume and a complete checkpoint of that step in "
+                           f"{workdir}/checkpoints (complete: {ckpts.complete_steps()})")
+        dropped = ckpts.drop_after(resume_step)
+        if dropped:
+            print(f"resuming from step {resume_step} as asked: deleted the later checkpoints {dropped}")
+        latest = resume_step
 
     pieces = experiment.prepare(cfg)
     if pieces.labels:  # the label set resolved (a causal LM has none)
@@ -198,7 +255,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
     meta = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "evals_since_best": 0}
     if latest is not None:
         state, meta = ckpts.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                                 state))
+                                                 state), latest)
         print(f"resumed from {workdir}/checkpoints/{latest} (epoch {meta['epoch']}, batch {meta['batch']})")
     start = int(state["step"])
     if cfg.checkpoint.patience is not None and meta["evals_since_best"] >= cfg.checkpoint.patience:
@@ -300,13 +357,13 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False) -> d
                 if step % t.log_every == 0:
                     t0 = time.perf_counter()  # throughput excludes evaluation and checkpointing
             epoch, first_batch = epoch + 1, 0
-        if stop["signal"]:
-            tqdm.write(f"{stop['signal']}: saved a checkpoint at step {step}; resume with --resume")
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         writer.close()
         ckpts.close()
+    if stop["signal"]:
+        raise Interrupted(f"{stop['signal']}: saved a checkpoint at step {step} of {total}; resume with --resume")
     return last_eval
 
 
