@@ -5,8 +5,10 @@
         --workdir runs/robustness/freelb_s1
     research eval runs/robustness/freelb_s1 --attack pgd,char
 
-Objectives: cross_entropy (supervised), fgm, pgd, freelb, smart, vat, each with the papers' defaults
-(research/objectives/adversarial.py). scripts/robustness_table.py runs all of them for 3 seeds, attacks each
+Objectives: cross_entropy (supervised), fgm, pgd, freelb, smart, vat (research/objectives/adversarial.py).
+FGM, PGD and VAT need their radius scaled to MiniLM's embeddings: at the default epsilon of 1 (L2 per
+example) FGM and PGD never leave chance; scripts/robustness_table.py sets 0.1 and says why. It runs all six
+for 3 seeds, attacks each
 final model and writes the README's table; paper_figs/robust_accuracy.py draws robust accuracy against the
 attack radius. A subset, because six objectives x three seeds of the full epoch (2,105 steps, up to ~4x the
 supervised step) do not fit a 2-core machine. Expected: clean dev accuracy about 0.85-0.87 for supervised
