@@ -164,6 +164,16 @@ class Checkpoints:
         self.latest.reload()
         return later
 
+    def drop_best_after(self, step: int) -> None:
+        """Delete best/ checkpoints later than `step`: a resumed run evaluates (and may save) them again, and a
+        kill may have left one from after the checkpoint it resumes from."""
+        if self.best is None:
+            return
+        for s in self.best.all_steps():
+            if s > step:
+                shutil.rmtree(Path(str(self.best.directory)) / str(s))
+        self.best.reload()
+
     def save(self, step: int, state: dict, meta: dict) -> None:
         target = self.directory / str(step)
         if target.exists():  # a save of this step that never committed (killed before its manifest)

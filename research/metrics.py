@@ -56,6 +56,12 @@ class MetricWriter:
         if self.active:
             self.tb.add_text(name, f"```\n{text}\n```", step)
 
+    def flush(self) -> None:
+        """Make everything written so far durable (called before each checkpoint: a resumed run rewrites only
+        what comes after its checkpoint, so what comes before must survive a SIGKILL)."""
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

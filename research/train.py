@@ -258,6 +258,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
                                                  state), latest)
         print(f"resumed from {workdir}/checkpoints/{latest} (epoch {meta['epoch']}, batch {meta['batch']})")
     start = int(state["step"])
+    ckpts.drop_best_after(start)
     if cfg.checkpoint.patience is not None and meta["evals_since_best"] >= cfg.checkpoint.patience:
         total = start  # this run already stopped early; resuming it has nothing left to do
     if start >= total:
@@ -265,9 +266,10 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
 
     train_step = make_train_step(graphdef, rest, objective, tx, schedule, mesh, t.compute_dtype)
     eval_step = make_eval_step(eval_graphdef, eval_rest, mesh, token_sums=cfg.model.task == "causal_lm")
-    writer = MetricWriter(workdir, resume_step=start if latest is not None else None)
+    # Records after the restored step (all of them when no checkpoint was reached) are written again.
+    writer = MetricWriter(workdir, resume_step=start)
     samples = workdir / "samples.jsonl"
-    if latest is not None and samples.exists():  # as metrics.jsonl: the resumed run writes later steps again
+    if samples.exists():  # as metrics.jsonl: the resumed run writes later steps again
         kept = [line for line in samples.read_text().splitlines() if json.loads(line)["step"] <= start]
         samples.write_text("".join(line + "\n" for line in kept))
     d, c = cfg.data, cfg.checkpoint
@@ -347,6 +349,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
                     last_eval = evaluate(step)
                     early_stop = _track_best(ckpts, c, meta, step, state["params"], last_eval)
                 if step % c.every_steps == 0 or step == total or stop["signal"] or early_stop:
+                    writer.flush()
                     ckpts.save(step, state, meta)
                 if early_stop:
                     tqdm.write(f"early stopping at step {step}: no {c.best_metric} improvement in {c.patience} "
