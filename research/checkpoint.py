@@ -40,6 +40,19 @@ from research.models.hf import CheckpointError
 MANIFEST = "manifest.sha256.json"
 
 
+def _primary() -> bool:
+    """Files beside Orbax's (manifests, the FORMAT marker, deletions) are written by process 0 alone."""
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    """All processes wait here, so none reads a directory process 0 is still changing."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory.absolute(),
@@ -139,8 +152,9 @@ class Checkpoints:
         # Runs checkpointed before manifests existed have no FORMAT file: their Orbax-complete steps count,
         # unverified. A run that starts now writes it first, so a step without a manifest never counts.
         marker = self.directory / "FORMAT"
-        if not marker.exists() and not self.latest.all_steps():
+        if _primary() and not marker.exists() and not self.latest.all_steps():
             marker.write_text("orbax + manifest.sha256.json per step\n")
+        _sync("checkpoints-format")
         self.legacy = not marker.exists()
         self.best = None
         if best_metric is not None:
@@ -159,8 +173,10 @@ class Checkpoints:
     def drop_after(self, step: int) -> list[int]:
         """Delete the checkpoints after `step` (resuming from an older one on purpose makes them stale)."""
         later = [s for s in self.latest.all_steps() if s > step]
-        for s in later:
-            shutil.rmtree(self.directory / str(s))
+        if _primary():
+            for s in later:
+                shutil.rmtree(self.directory / str(s))
+        _sync(f"drop-after-{step}")
         self.latest.reload()
         return later
 
@@ -169,27 +185,35 @@ class Checkpoints:
         kill may have left one from after the checkpoint it resumes from."""
         if self.best is None:
             return
-        for s in self.best.all_steps():
-            if s > step:
-                shutil.rmtree(Path(str(self.best.directory)) / str(s))
+        if _primary():
+            for s in self.best.all_steps():
+                if s > step:
+                    shutil.rmtree(Path(str(self.best.directory)) / str(s))
+        _sync(f"drop-best-after-{step}")
         self.best.reload()
 
     def save(self, step: int, state: dict, meta: dict) -> None:
         target = self.directory / str(step)
         if target.exists():  # a save of this step that never committed (killed before its manifest)
-            shutil.rmtree(target)
+            if _primary():
+                shutil.rmtree(target)
+            _sync(f"replace-{step}")
             self.latest.reload()
         previous = self.latest_step()
         try:
             self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                            meta=ocp.args.JsonSave(meta)), force=True)
-            write_manifest(target)
+            if _primary():
+                write_manifest(target)
+            _sync(f"commit-{step}")
         except Exception as e:  # noqa: BLE001 (Orbax and tensorstore raise several types for an I/O failure)
             raise CheckpointError(f"saving checkpoint step {step} to {target} failed: {type(e).__name__}: {e}\n"
                                   f"the previous checkpoint (step {previous}) is intact and is what --resume "
                                   "continues from; free disk space (or fix the file system) and resume") from e
-        for old in self.complete_steps()[: -self.keep]:  # only now that the new one is committed
-            shutil.rmtree(self.directory / str(old))
+        if _primary():
+            for old in self.complete_steps()[: -self.keep]:  # only now that the new one is committed
+                shutil.rmtree(self.directory / str(old))
+        _sync(f"retention-{step}")
         self.latest.reload()
 
     def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict]:
@@ -213,8 +237,9 @@ class Checkpoints:
             self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
                            metrics={k: float(v) for k, v in metrics.items()}, force=True)
             kept = Path(str(self.best.directory)) / str(step)
-            if kept.is_dir():  # kept (it scored best so far)
+            if _primary() and kept.is_dir():  # kept (it scored best so far)
                 write_manifest(kept)
+            _sync(f"best-{step}")
 
     def restore_best(self, abstract_params: dict) -> tuple[dict, int]:
         """(params, step) of the best checkpoint, verified like `restore`."""
