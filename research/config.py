@@ -159,6 +159,9 @@ class TrainConfig:
     log_every: int = 50  # steps between train-metric records
     eval_every: int | None = None  # steps between dev evaluations; None: at the end of every epoch
     eval_batch_size: int = 128
+    # Parameters and optimizer state sharded over the devices (FSDP) instead of replicated, for models that do
+    # not fit one device; the same result (research/sharding.py).
+    fsdp: bool = False
     # Causal LM: greedy continuations of these prompts at every evaluation, in TensorBoard (text) and in
     # <workdir>/samples.jsonl; `sample_tokens` new tokens each.
     sample_prompts: tuple[str, ...] = ()

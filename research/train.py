@@ -50,6 +50,7 @@ from research.sharding import (
     make_mesh,
     put_batch,
     replicated,
+    state_shardings,
 )
 
 
@@ -77,7 +78,8 @@ class TrainStep:
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, mesh: Mesh, compute_dtype: str = "float32") -> TrainStep:
+                    schedule: optax.Schedule, mesh: Mesh, compute_dtype: str = "float32",
+                    state_sharding=None) -> TrainStep:
     """`graphdef` is the model in train mode built with the compute dtype; `rest` its non-parameter state
     (the dropout streams). The state is {"params", "opt_state", "step", "rng"}, plus "objective" for a
     `StatefulObjective`; batches are laid out (micro-batches, rows, ...) as `put_batch` makes them."""
@@ -139,8 +141,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
             new["objective"] = objective_state
         return new, metrics
 
-    jitted = jax.jit(step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh)),
-                     out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+    state_sharding = replicated(mesh) if state_sharding is None else state_sharding
+    jitted = jax.jit(step, in_shardings=(state_sharding, replicated(mesh), batch_sharding(mesh)),
+                     out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
     wrapper = TrainStep(jitted, rest)
     return wrapper
 
@@ -251,7 +254,8 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
              "rng": jax.random.key_data(jax.random.key(t.seed))}
     if isinstance(objective, StatefulObjective):
         state["objective"] = objective.init_state(params)
-    state = jax.device_put(state, replicated(mesh))
+    sharding = state_shardings(state, mesh, t.fsdp)  # replicated, or FSDP
+    state = jax.device_put(state, sharding)
     meta = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "evals_since_best": 0}
     if latest is not None:
         state, meta = ckpts.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -264,7 +268,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     if start >= total:
         print(f"{workdir} is complete (step {start} of {total}); nothing to train")
 
-    train_step = make_train_step(graphdef, rest, objective, tx, schedule, mesh, t.compute_dtype)
+    train_step = make_train_step(graphdef, rest, objective, tx, schedule, mesh, t.compute_dtype, sharding)
     eval_step = make_eval_step(eval_graphdef, eval_rest, mesh, token_sums=cfg.model.task == "causal_lm")
     # Records after the restored step (all of them when no checkpoint was reached) are written again.
     writer = MetricWriter(workdir, resume_step=start)

@@ -236,38 +236,52 @@ from pathlib import Path
 
 assert jax.device_count() == 8, jax.devices()
 out = {}
-for n in (1, 8):
+placed = {}
+state_shardings = sharding.state_shardings
+def recording(state, mesh, fsdp):  # what the run placed its state with
+    out = state_shardings(state, mesh, fsdp)
+    placed["embedding"] = str(out["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"].spec)
+    return out
+train_module.state_shardings = recording
+runs = ((1, False), (8, False), (8, True)) if sys.argv[3] == "fsdp" else ((1, False), (8, False))
+for n, fsdp in runs:
     devices = jax.devices()[:n]
     train_module.make_mesh = lambda devices=devices: sharding.make_mesh(devices)
-    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null", *sys.argv[3:]])
-    workdir = Path(sys.argv[2]) / f"d{n}"
+    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null", *sys.argv[4:],
+                                                         f"train.fsdp={str(fsdp).lower()}"])
+    workdir = Path(sys.argv[2]) / f"d{n}{'fsdp' if fsdp else ''}"
     train_module.train(cfg, workdir)
     losses = [json.loads(l)["train/loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in l]
     model, _, _ = load_trained_model(workdir, "latest")
     state = nnx.to_flat_state(nnx.state(model, nnx.Param))
     flat = {"/".join(map(str, k)): np.asarray(v[...]).tolist() for k, v in state}
-    out[n] = {"losses": losses, "params": flat}
+    out[f"{n}{'fsdp' if fsdp else ''}"] = {"losses": losses, "params": flat, "embedding": placed["embedding"]}
 print("RESULT" + json.dumps(out))
 """
 
 
-def run_on_one_and_eight_devices(tmp_path, *overrides):
+def run_on_one_and_eight_devices(tmp_path, *overrides, fsdp=False):
+    """Runs of smoke.py on 1 and 8 simulated devices (and on 8 with FSDP when asked)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(SMOKE), str(tmp_path), *overrides], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(SMOKE), str(tmp_path),
+                           "fsdp" if fsdp else "replicated", *overrides], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads(done.stdout.split("RESULT")[1])
-    return out["1"], out["8"]
+    return (out["1"], out["8"], out["8fsdp"]) if fsdp else (out["1"], out["8"])
 
 
 def test_eight_simulated_devices_match_one(tmp_path, data_dir):
-    one, eight = run_on_one_and_eight_devices(tmp_path)
-    # Same math, with the batch split 8 ways: only the order of float sums differs (dropout included: the
-    # random bits do not depend on the sharding).
-    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
-    for name in one["params"]:
-        np.testing.assert_allclose(eight["params"][name], one["params"][name], rtol=1e-4, atol=1e-6, err_msg=name)
+    one, eight, fsdp = run_on_one_and_eight_devices(tmp_path, fsdp=True)
+    # Same math, with the batch split 8 ways (and with FSDP the parameters and Adam's moments too): only the
+    # order of float sums differs (dropout included: the random bits do not depend on the sharding).
+    assert one["embedding"] == eight["embedding"] == "P()"
+    assert fsdp["embedding"] == "P(None, 'data')"  # (30522, 32): 8 does not divide 30522, so the width is split
+    for run in (eight, fsdp):
+        np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-5)
+        for name in one["params"]:
+            np.testing.assert_allclose(run["params"][name], one["params"][name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path, data_dir):
