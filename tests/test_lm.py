@@ -172,7 +172,8 @@ def test_dialogue_run_writes_response_samples_beside_references(tiny_gpt2_dir, d
     cfg = ExperimentConfig(
         name="dialogue_test", model=ModelConfig(name_or_path=str(tiny_gpt2_dir), task="causal_lm", init="scratch",
                                                 overrides={"n_positions": 128}),
-        data=DataConfig(train=camrest, dev=camrest, lm_format="camrest676", max_length=96, buckets=(32, 64, 96)),
+        data=DataConfig(train=camrest, dev=camrest, lm_format="camrest676", max_length=96, buckets=(32, 64, 96),
+                        max_train_examples=40, max_dev_examples=10),
         train=TrainConfig(batch_size=8, max_steps=1, log_every=1, eval_batch_size=64, sample_dev_examples=2,
                           sample_tokens=4))
     final = train(cfg, tmp_path / "run")

@@ -3,7 +3,8 @@ so far as context and the system's response as the only tokens with a loss.
 
 **Corpus.** CamRest676 (`dialog/camrest676/CamRest676.json`: 676 restaurant-booking dialogues, 2,744 turns of
 a user transcript and a system response). There is no official split; the usual one is 3:1:1 in file order
-(Sequicity): dialogues [0, 406) train, [406, 541) dev, [541, 676) test (`split_of`).
+(Sequicity): dialogues [0, 406) train, [406, 541) dev, [541, 676) test (`split_of`). `data.max_train_examples`
+and `data.max_dev_examples` keep the first N dialogues of a split.
 
 **Format.** One example per turn:
 
@@ -58,6 +59,10 @@ def load_split(cfg: DataConfig, split: str, tokenizer, eos_id: int) -> Split:
     if not isinstance(dialogues, list) or not all(isinstance(d, dict) and "dial" in d for d in dialogues):
         raise DataError(f"{path}: expected a list of dialogues with a 'dial' list each (CamRest676.json)")
     chosen = split_of(dialogues, split)  # data.test names must be "test" (the last fifth)
+    limit = cfg.max_train_examples if split == "train" else cfg.max_dev_examples
+    if limit is not None and limit < len(chosen):  # whole dialogues: the first N of the split
+        report.subset_of = len(chosen)
+        chosen = chosen[:limit]
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids
