@@ -74,6 +74,13 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
         tests[f"agree{a:g}"] = dataclasses.replace(split, name=f"agree{a:g}",
                                                    report=dataclasses.replace(split.report, name=f"agree{a:g}"))
     model = build_model(cfg, labels)
+    if (cfg.model.task == "sequence_classification" and not hasattr(model.config, "type_vocab_size")
+            and model.config.pad_token_id is None):
+        # Our GPT-2 classifier reads the last position the attention mask keeps, but transformers' reads the
+        # last token that is not pad_token_id: an exported classifier without one fails on padded batches.
+        raise ConfigError(f"model: {cfg.model.name_or_path} is a GPT-2 without a pad token, which a GPT-2 classifier "
+                          "needs (transformers finds each row's last token by it); set model.overrides="
+                          '{..., "pad_token_id": 50256} (<|endoftext|>, the usual choice)')
     if cfg.data.pack_length is not None and "pool_index" not in inspect.signature(type(model).__call__).parameters:
         raise ConfigError(f"data.pack_length: {type(model).__name__} does not take packed rows (segment_ids, "
                           "pool_index); set data.pack_length=null to pad instead")

@@ -23,7 +23,8 @@ IRM = ['objective.name="irm"', "optim.reset_at_step=100"]
 # root, padded batches, a learning rate for training from scratch. They show the objectives run on a decoder;
 # a random model has no sentiment knowledge to fall back on, so its oracle is the one to compare with.
 GPT2 = ['model.name_or_path="data:tokenizers/gpt2"', 'model.init="scratch"', 'model.model_type="gpt2"',
-        'model.overrides={"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128}', "data.pack_length=null",
+        'model.overrides={"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128, "pad_token_id": 50256}',
+        "data.pack_length=null",
         "optim.lr=5e-4"]
 METHODS = {
     "erm": [],

@@ -170,7 +170,7 @@ def test_environment_objective_trains_a_gpt2_classifier_from_a_tokenizer_folder(
     # The decoder row of the studies: a small random GPT-2 built from the data root's GPT-2 tokenizer files
     # (no config.json there: model.model_type names the architecture), trained with V-REx on the spurious data.
     gpt2 = ['model.name_or_path="data:tokenizers/gpt2"', 'model.init="scratch"', 'model.model_type="gpt2"',
-            'model.overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}']
+            'model.overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64, "pad_token_id": 50256}']
     final = train(smoke(*gpt2, 'data.spurious={"train_agreements": [0.9, 0.8]}', 'objective.name="vrex"',
                         "train.max_steps=3", "train.log_every=1"), tmp_path / "gpt2")
     config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
@@ -179,3 +179,7 @@ def test_environment_objective_trains_a_gpt2_classifier_from_a_tokenizer_folder(
     assert all(np.isfinite(r["train/env/agree0.8/risk"]) for r in rs if "train/loss" in r)
     with pytest.raises(ConfigError, match="model.model_type='gpt2' builds a model from scratch"):
         smoke('model.model_type="gpt2"', 'model.init="pretrained"')
+    no_pad = [*gpt2[:3], 'model.overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}']
+    with pytest.raises(ConfigError, match="a GPT-2 without a pad token, which a GPT-2 classifier needs"):
+        train(smoke(*no_pad), tmp_path / "no_pad")  # before any training step
+    assert not (tmp_path / "no_pad" / "metrics.jsonl").exists()
