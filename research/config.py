@@ -281,14 +281,18 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if d.pack_length is not None and d.pack_length < d.max_length:
         raise ConfigError(f"data.pack_length={d.pack_length} must be at least data.max_length={d.max_length} (every "
                           "example must fit one packed row)")
-    if cfg.model.task == "token_classification":
-        unsupported = [k for k, v in (("data.pack_length", d.pack_length),
-                                      ("data.text_pair_column", d.text_pair_column),
-                                      ("data.environment_column", d.environment_column),
-                                      ("data.environment_files", d.environment_files), ("data.spurious", d.spurious),
-                                      ("data.pair_column", d.pair_column)) if v is not None]
+    if cfg.model.task != "sequence_classification":
+        # Token-level tasks read their own file formats, padded, without the sentence-level data features.
+        what = {"token_classification": "reads CoNLL-style files, padded",
+                "causal_lm": "reads text into token windows"}[cfg.model.task]
+        fields = {"data.pack_length": d.pack_length, "data.text_pair_column": d.text_pair_column,
+                  "data.environment_column": d.environment_column, "data.environment_files": d.environment_files,
+                  "data.spurious": d.spurious, "data.pair_column": d.pair_column}
+        if cfg.model.task == "causal_lm":
+            fields["data.labels"] = d.labels  # next tokens, no label set
+        unsupported = [k for k, v in fields.items() if v is not None]
         if unsupported or d.source != "files":
-            raise ConfigError(f"model.task='token_classification' reads CoNLL-style files, padded: unset "
+            raise ConfigError(f"model.task={cfg.model.task!r} {what}: unset "
                               f"{', '.join(unsupported) or 'data.source'} (data.source must be 'files')")
     if t.sample_dev_examples and (cfg.model.task != "causal_lm" or d.lm_format == "text"):
         raise ConfigError("train.sample_dev_examples answers dev dialogue contexts: it needs model.task='causal_lm' "
@@ -296,14 +300,6 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if t.sample_prompts and cfg.model.task != "causal_lm":
         raise ConfigError("train.sample_prompts are continued by a causal LM: set model.task='causal_lm' or unset them")
     if cfg.model.task == "causal_lm":
-        unsupported = [k for k, v in (("data.pack_length", d.pack_length), ("data.labels", d.labels),
-                                      ("data.text_pair_column", d.text_pair_column),
-                                      ("data.environment_column", d.environment_column),
-                                      ("data.environment_files", d.environment_files), ("data.spurious", d.spurious),
-                                      ("data.pair_column", d.pair_column)) if v is not None]
-        if unsupported or d.source != "files":
-            raise ConfigError(f"model.task='causal_lm' reads text into token windows: unset "
-                              f"{', '.join(unsupported) or 'data.source'} (data.source must be 'files')")
         if d.holdout_fraction is not None and not 0.0 < d.holdout_fraction < 1.0:
             raise ConfigError(f"data.holdout_fraction={d.holdout_fraction} must lie in (0, 1)")
         if d.eval_stride is not None and not 1 <= d.eval_stride <= d.max_length - 1:

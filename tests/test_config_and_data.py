@@ -30,7 +30,8 @@ def test_every_experiment_file_loads_and_says_how_to_run_it(path):
     import ast
 
     doc = ast.get_docstring(ast.parse(path.read_text()))
-    assert doc and "research train experiments/" in doc, f"{path.name}'s docstring must give its command"
+    assert doc and ("research train experiments/" in doc or "research eval experiments/" in doc), \
+        f"{path.name}'s docstring must give its command"
     assert "xpect" in doc, f"{path.name}'s docstring must say what it should reach"
 
 

@@ -14,7 +14,6 @@ checkpoints every 4 steps, keep 2):
 """
 
 import fcntl
-import json
 import shutil
 import signal
 import subprocess
@@ -24,27 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The runner's test helpers: smoke.py with overrides, metrics.jsonl records, and those records without timings.
+from test_train import SMOKE, deterministic, records, smoke
+
 from research.checkpoint import MANIFEST, Checkpoints
-from research.config import apply_overrides, load_experiment
+from research.config import apply_overrides
 from research.models.hf import CheckpointError
 from research.train import RunError, train
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.py"
-TIMING_KEYS = ("train/examples_per_s", "train/tokens_per_s", "train/compilations")
-
-
-def smoke(*overrides):
-    return apply_overrides(load_experiment(SMOKE), list(overrides))
-
-
-def records(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def deterministic(rs):
-    kept = [r for r in rs if not any(k.startswith("eval_") for k in r)]  # `research eval` records left out
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in kept]
 
 
 def final_params(workdir):
