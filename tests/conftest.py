@@ -2,12 +2,20 @@
 passes on some backends), PyTorch reference models with every parameter randomized, and the real MiniLM."""
 
 import os
+import tempfile
 from pathlib import Path
 
-import jax
-import numpy as np
-import pytest
-import torch
+# One persistent XLA compilation cache for the whole test session, this process and the subprocesses it starts
+# (they inherit the variable): the runner tests compile the same small models' steps over and over in fresh
+# processes, and a cache hit loads the same executable instead of compiling it again (numbers unchanged;
+# the compile counts the tests check are traces, which a cache hit still makes).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="research-tests-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small models compile in under 1 s
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.manual_seed(0)
