@@ -19,6 +19,7 @@ from pathlib import Path
 
 from research.config import ConfigError
 from research.data.classification import DataError
+from research.experiment import RunDirBusyError
 from research.models.hf import CheckpointError
 from research.train import NonFiniteLossError, RunError
 
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, RunError, NonFiniteLossError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, RunError, RunDirBusyError, NonFiniteLossError,
+            FileNotFoundError) as e:
         sys.exit(f"research {args.command}: {type(e).__name__}: {e}")
 
 

@@ -7,14 +7,18 @@ it was trained with.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import importlib.metadata
 import inspect
 import json
+import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -128,6 +132,39 @@ def build_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
 
 
 # ----------------------------------------------------------------------------------- the run directory
+
+
+class RunDirBusyError(RuntimeError):
+    """Another live run holds the run directory."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(workdir: Path) -> Iterator[None]:
+    """Hold `<workdir>/.lock` for the whole run (process 0): a second run writing the same directory would
+    interleave checkpoints and metrics, so it is refused. The OS drops the lock when the process dies, so a
+    killed run leaves no stale lock behind."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = workdir / ".lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirBusyError(f"{workdir} is in use by another run (process {owner} holds {path}); wait for it to "
+                              "finish or choose another --workdir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def provenance() -> dict:

@@ -13,12 +13,9 @@ everything random is a function of (seed, step) or (seed, epoch) and the data po
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -168,37 +165,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False,
     init_distributed()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with _run_lock(workdir):
+    with experiment.lock_run_dir(workdir):
         return _train(cfg, workdir, resume, resume_step)
-
-
-@contextlib.contextmanager
-def _run_lock(workdir: Path):
-    """Hold `<workdir>/.lock` for the whole run (process 0): a second run writing the same directory would
-    interleave checkpoints and metrics, so it is refused. The OS drops the lock when the process dies, so a
-    killed run leaves no stale lock behind."""
-    if jax.process_index() != 0:
-        yield
-        return
-    path = workdir / ".lock"
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise RunError(f"{workdir} is in use by another run (process {owner} holds {path}); wait for it to finish "
-                       "or choose another --workdir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int | None) -> dict[str, float]:

@@ -28,8 +28,9 @@ from test_train import SMOKE, deterministic, records, smoke
 
 from research.checkpoint import MANIFEST, Checkpoints
 from research.config import apply_overrides
+from research.experiment import RunDirBusyError
 from research.models.hf import CheckpointError
-from research.train import RunError, train
+from research.train import train
 
 
 def final_params(workdir):
@@ -199,6 +200,6 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path, data_dir):
         held.write("4242\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(RunError, match=r"is in use by another run \(process 4242 holds"):
+        with pytest.raises(RunDirBusyError, match=r"is in use by another run \(process 4242 holds"):
             train(smoke("train.max_steps=1"), run)
     train(smoke("train.max_steps=1"), run)  # released: the directory is usable again
