@@ -60,16 +60,18 @@ def _manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
     )
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _file_digests(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {"sha256", "bytes"}} of every file under `directory` but the manifest."""
-    out = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        out[str(path.relative_to(directory))] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
-    return out
+    return {str(path.relative_to(directory)): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)}
 
 
 def write_manifest(directory: Path) -> None:
@@ -97,11 +99,7 @@ def verify(directory: Path, step: int, others: list[int]) -> None:
         if size != want["bytes"]:
             problems.append(f"{name}: {size} bytes, {want['bytes']} written (truncated or overwritten)")
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != want["sha256"]:
+        if _sha256(path) != want["sha256"]:
             problems.append(f"{name}: checksum differs (corrupted)")
     if problems:
         older = [s for s in others if s < step]

@@ -125,6 +125,18 @@ def evaluate_split(eval_step: Callable, params: dict, split: Split, names: tuple
                                   split.labels, names)
 
 
+def evaluate_splits(eval_step: Callable, params: dict, pieces, batch_size: int, buckets: tuple[int, ...],
+                    mesh: Mesh) -> tuple[dict[str, float], dict[str, str]]:
+    """Dev and every test set of `pieces` (research.experiment.Pieces): the scalars as `dev/<name>` and
+    `test/<set>/<name>`, and the text report of each prefix."""
+    scalars, reports = {}, {}
+    for prefix, split in {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}.items():
+        found, reports[prefix] = evaluate_split(eval_step, params, split, pieces.labels, batch_size, buckets,
+                                                pieces.pad_id, mesh)
+        scalars.update({f"{prefix}/{k}": v for k, v in found.items()})
+    return scalars, reports
+
+
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> tuple[dict, str]:
     """Scalars {accuracy, loss, precision_macro, recall_macro, f1_macro} and a per-class report."""
     n = len(names)
@@ -217,14 +229,8 @@ def evaluate_config(cfg) -> tuple[dict[str, float], str]:
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
-    splits = {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}
-    scalars, reports = {}, []
-    for prefix, split in splits.items():
-        found, report = evaluate_split(eval_step, params, split, pieces.labels, cfg.train.eval_batch_size,
-                                       cfg.data.buckets, pieces.pad_id, mesh)
-        scalars.update({f"{prefix}/{k}": v for k, v in found.items()})
-        reports.append(f"{prefix} ({split.report.source}):\n{report}")
-    return scalars, f"{cfg.model.name_or_path}, no training:\n" + "\n".join(reports)
+    scalars, reports = evaluate_splits(eval_step, params, pieces, cfg.train.eval_batch_size, cfg.data.buckets, mesh)
+    return scalars, f"{cfg.model.name_or_path}, no training:\n" + "\n".join(f"{p}:\n{r}" for p, r in reports.items())
 
 
 def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = (),
@@ -246,12 +252,10 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
-    scalars, report = evaluate_split(eval_step, params, pieces.dev, pieces.labels, cfg.train.eval_batch_size,
-                                     cfg.data.buckets, pieces.pad_id, mesh)
-    for name, split in pieces.tests.items():  # data.test sets
-        found = evaluate_split(eval_step, params, split, pieces.labels, cfg.train.eval_batch_size, cfg.data.buckets,
-                               pieces.pad_id, mesh)[0]
-        scalars.update({f"test/{name}/{k}": v for k, v in found.items()})
+    found, reports = evaluate_splits(eval_step, params, pieces, cfg.train.eval_batch_size, cfg.data.buckets, mesh)
+    # Dev's metrics under their own names (eval_best/accuracy), the test sets' as test/<set>/...
+    scalars = {k.removeprefix("dev/"): v for k, v in found.items()}
+    report = reports["dev"]
     if "pgd" in attacks:
         from research.attacks import pgd_accuracy
 

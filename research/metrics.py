@@ -21,22 +21,8 @@ class MetricWriter:
         self.tb = None
         if not self.active:
             return
-        if resume_step is not None and self.path.exists():
-            kept, dropped = [], 0
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    dropped += 1
-                    continue
-                if record["step"] <= resume_step:
-                    kept.append(line)
-                else:
-                    dropped += 1
-            self.path.write_text("".join(line + "\n" for line in kept))
-            if dropped:
-                print(f"metrics.jsonl: dropped {dropped} records after step {resume_step}; "
-                      "the resumed run writes them again")
+        if resume_step is not None:
+            trim_jsonl(self.path, resume_step)
         from tensorboardX import SummaryWriter
 
         purge = resume_step + 1 if resume_step is not None else None
@@ -65,6 +51,27 @@ class MetricWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def trim_jsonl(path: Path, step: int) -> None:
+    """Drop the records of a `{"step": N, ...}` per line file (metrics.jsonl, samples.jsonl) after `step`, and
+    any line a kill cut short: a run resumed from `step` writes them again."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            dropped += 1
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    path.write_text("".join(line + "\n" for line in kept))
+    if dropped:
+        print(f"{path.name}: dropped {dropped} records after step {step}; the resumed run writes them again")
 
 
 def _plain(value):

@@ -33,9 +33,9 @@ from research import experiment
 from research.checkpoint import Checkpoints
 from research.config import ConfigError, ExperimentConfig
 from research.data.batches import epoch_batches, oversampling, steps_per_epoch
-from research.evaluate import evaluate_split, make_eval_step
+from research.evaluate import evaluate_splits, make_eval_step
 from research.generate import complete
-from research.metrics import MetricWriter
+from research.metrics import MetricWriter, trim_jsonl
 from research.objectives import PAIR_OBJECTIVES, make_objective
 from research.objectives.state import StatefulObjective
 from research.optim import make_optimizer
@@ -241,9 +241,8 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     # Records after the restored step (all of them when no checkpoint was reached) are written again.
     writer = MetricWriter(workdir, resume_step=start)
     samples = workdir / "samples.jsonl"
-    if samples.exists():  # as metrics.jsonl: the resumed run writes later steps again
-        kept = [line for line in samples.read_text().splitlines() if json.loads(line)["step"] <= start]
-        samples.write_text("".join(line + "\n" for line in kept))
+    if jax.process_index() == 0:
+        trim_jsonl(samples, start)  # as metrics.jsonl
     d, c = cfg.data, cfg.checkpoint
 
     def write_samples(step: int) -> None:
@@ -266,11 +265,8 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
         writer.write_text(step, "samples", "\n\n".join(shown))
 
     def evaluate(step: int) -> dict[str, float]:
-        metrics = {}
-        for prefix, split in {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}.items():
-            scalars, report = evaluate_split(eval_step, state["params"], split, pieces.labels, t.eval_batch_size,
-                                             d.buckets, pieces.pad_id, mesh)
-            metrics.update({f"{prefix}/{k}": v for k, v in scalars.items()})
+        metrics, reports = evaluate_splits(eval_step, state["params"], pieces, t.eval_batch_size, d.buckets, mesh)
+        for prefix, report in reports.items():
             writer.write_text(step, f"{prefix}/report", report)
         if (t.sample_prompts or t.sample_dev_examples) and jax.process_index() == 0:
             write_samples(step)

@@ -67,6 +67,11 @@ class SplitReport:
     pairs: int | None = None
     split_into_windows: int = 0  # token classification: sentences longer than max_length, cut at word boundaries
 
+    def set_lengths(self, lengths) -> None:
+        """Record the p50/p95/max example length in tokens."""
+        self.length_percentiles = {q: int(np.percentile(lengths, int(q[1:]))) for q in ("p50", "p95", "p100")} \
+            if len(lengths) else {}
+
     def skip(self, reason: str, row: int) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         first = self.skipped_rows.setdefault(reason, [])
@@ -351,8 +356,7 @@ def _tokenize(tokenizer, texts: list[str], pairs: list[str | None], max_length: 
         tokenizer.no_truncation()
     report.truncated_examples = int(len(long))
     report.truncated_tokens = int((lengths[long] - max_length).sum())
-    report.length_percentiles = {q: int(np.percentile(lengths, int(q[1:]))) for q in ("p50", "p95", "p100")} \
-        if len(lengths) else {}
+    report.set_lengths(lengths)
     return ([np.array(e.ids, np.int32) for e in encodings], [np.array(e.type_ids, np.int32) for e in encodings])
 
 

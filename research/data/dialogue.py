@@ -105,7 +105,7 @@ def load_split(cfg: DataConfig, split: str, tokenizer, eos_id: int) -> Split:
         report.skipped["earlier turns left out of a context (token budget)"] = dropped_turns
         report.skipped_rows["earlier turns left out of a context (token budget)"] = []
     lengths = np.array([len(x) for x in inputs])
-    report.length_percentiles = {q: int(np.percentile(lengths, int(q[1:]))) for q in ("p50", "p95", "p100")}
+    report.set_lengths(lengths)
     # Response tokens (the targets), words and bytes: the denominators of the perplexities.
     report.label_counts = {"tokens": int(sum((t >= 0).sum() for t in targets)),
                            "targets": int(sum((t >= 0).sum() for t in targets)),

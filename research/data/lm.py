@@ -98,6 +98,6 @@ def load_split(cfg: DataConfig, split: str, tokenizer, eos_id: int, stride: int 
     report.label_counts = {"tokens": int(len(stream)), "targets": int(sum((t >= 0).sum() for t in targets)),
                            "words": sum(len(d.split()) for d in docs), "bytes": sum(len(d.encode()) for d in docs)}
     lengths = np.array([len(x) for x in inputs])
-    report.length_percentiles = {q: int(np.percentile(lengths, int(q[1:]))) for q in ("p50", "p95", "p100")}
+    report.set_lengths(lengths)
     n = len(inputs)
     return Split(split, inputs, None, np.full(n, -1, np.int32), [""] * n, report, token_targets=targets)

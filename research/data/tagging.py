@@ -190,8 +190,7 @@ def tokenize(tokenizer, sentences: Sentences, label_index: dict[str, int], max_l
     report.split_into_windows = split_sentences
     report.truncated_examples = cut_words  # words longer than a window: their first pieces kept
     report.truncated_tokens = dropped_pieces
-    report.length_percentiles = {q: int(np.percentile(lengths, int(q[1:]))) for q in ("p50", "p95", "p100")} \
-        if lengths else {}
+    report.set_lengths(lengths)
     report.label_counts = {tag: sum(t.count(tag) for t in sentences.tags) for tag in label_index}
     return out
 
