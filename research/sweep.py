@@ -1,10 +1,13 @@
 """Resumable grids of training runs, for the result tables in scripts/ (robustness, spurious shift, CAD).
 
 A table is (method x seed) runs of one experiment file. Each run is a `research train` subprocess (a fresh
-process per run, as a user would launch it, so one run's compilation cache or memory cannot leak into the
-next), logged to `<out>/<run>.log`. A run that has a result file is skipped and one cut short is resumed from
-its checkpoints, so a table can be built over several sessions: kill the script at any time and start it
-again.
+process per run, as a user would launch it, so one run's memory or Python state cannot leak into the next),
+logged to `<out>/<run>.log`. The runs share one persistent XLA compilation cache, `<out>/.xla_cache` (unless
+JAX_COMPILATION_CACHE_DIR is set): the seeds of a method, and the evaluations of every method, compile the
+same programs for the same bucket shapes, and a cache hit loads the executable XLA built the first time
+(keyed by the program, its shapes and the compiler version and flags: the numbers cannot change). A run that
+has a result file is skipped and one cut short is resumed from its checkpoints, so a table can be built over
+several sessions: kill the script at any time and start it again.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ def train_run(experiment: Path, sets: list[str], workdir: Path, log: Path) -> No
     with log.open("a") as out:
         subprocess.run(["research", "train", str(experiment), *overrides, "--workdir", str(workdir), *resume],
                        check=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def share_compilation_cache(out: Path) -> None:
+    """Point this process's children (the runs and their evaluations) at one XLA cache under `out`."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str((out / ".xla_cache").resolve()))
 
 
 def records(workdir: Path) -> list[dict]:
@@ -92,5 +100,6 @@ def run_grid(doc: str, experiment: Path, methods: dict[str, list[str]], default_
     require_data_dir()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    share_compilation_cache(out)
     results = {m: [run_cell(experiment, m, methods[m], s, out, summarize) for s in args.seeds] for m in args.methods}
     return out, {"seeds": args.seeds, "results": results}
