@@ -98,6 +98,10 @@ def test_cad_pairs_and_environments_from_the_data_root(data_dir, tokenizer):
     # CAD's counterfactuals flip the label, and each pair is one original and one revised review.
     assert (split.labels[members[:, 0]] != split.labels[members[:, 1]]).all()
     assert (split.environments[members] == [0, 1]).all()
+    # At 64 tokens some revisions' edits are cut off: the pair becomes one input with both labels, counted.
+    same = sum(np.array_equal(split.input_ids[a], split.input_ids[b]) for a, b in members)
+    assert same > 0 and split.report.pairs_identical_after_truncation == same
+    assert f"{same:,} pairs identical after truncation" in split.report.summary()
     _, batch = next(epoch_batches(split, 16, cfg.buckets, 0, seed=0, epoch=0, micro_batches=2, shards=4))
     assert (batch["pair_ids"][0::2] == batch["pair_ids"][1::2]).all()
     assert (batch["labels"][0::2] != batch["labels"][1::2]).all()

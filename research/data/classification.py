@@ -65,6 +65,9 @@ class SplitReport:
     # Training with environments: draws per example per epoch (above 1: oversampled to keep the proportions).
     draws_per_epoch: dict[str, float] = dataclasses.field(default_factory=dict)
     pairs: int | None = None
+    # Counterfactual pairs whose two members are the same after truncation (the edit lay past max_length): the
+    # model sees one input with both labels. Counted, not dropped: whether to keep them is the study's call.
+    pairs_identical_after_truncation: int = 0
     split_into_windows: int = 0  # token classification: sentences longer than max_length, cut at word boundaries
 
     def set_lengths(self, lengths) -> None:
@@ -95,6 +98,9 @@ class SplitReport:
             parts.append("drawn per epoch " + ", ".join(f"{k}: {v:g}x" for k, v in self.draws_per_epoch.items()))
         if self.pairs is not None:
             parts.append(f"{self.pairs:,} counterfactual pairs")
+            if self.pairs_identical_after_truncation:
+                parts.append(f"{self.pairs_identical_after_truncation:,} pairs identical after truncation "
+                             "(the edit lies past data.max_length; raise it to keep them apart)")
         return "; ".join(parts)
 
 
@@ -288,6 +294,10 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
         report.environment_counts = {name: int((env_ids == i).sum()) for i, name in enumerate(env_names)}
     if pair_ids is not None:
         report.pairs = int(len(texts) // 2)
+        members: dict[int, list[bytes]] = {}
+        for i, pair in enumerate(pair_ids):
+            members.setdefault(int(pair), []).append(input_ids[i].tobytes())
+        report.pairs_identical_after_truncation = sum(a == b for a, b in members.values())
     if not texts:
         raise DataError(f"{source}: no usable examples ({report.summary()})")
     return Split(split, input_ids, token_types, label_ids, texts, report, env_ids, tuple(env_names), pair_ids)
