@@ -2,6 +2,10 @@
 (configs are static under jit), validation."""
 
 import dataclasses
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +21,29 @@ def test_demo_predicts_the_refund_sentence(capsys):
     main(["demo"])
     out = capsys.readouterr().out
     assert f"prediction: {DEMO_CANDIDATES[0]}" in out  # the only on-topic candidate
+
+
+# research.launch with research.cli.main replaced by a report of the environment and the PID.
+LAUNCH = ("import os, research.cli; print('start', os.getpid(), flush=True); "
+          "research.cli.main = lambda: print('cli', os.getpid(), os.environ.get('GLIBC_TUNABLES')); "
+          "from research.launch import main; main()")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the huge-page tunable is glibc's")
+@pytest.mark.parametrize("env, starts, tunables", [
+    ({}, 2, "glibc.malloc.hugetlb=1"),  # re-executed once, tunable added
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, 2, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, 1, "glibc.malloc.hugetlb=0"),  # the user's choice stands
+    ({"RESEARCH_MALLOC_HUGEPAGES": "0"}, 1, "None"),  # opted out
+])
+def test_the_command_restarts_itself_once_with_huge_pages(env, starts, tunables):
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_MALLOC_HUGEPAGES")}
+    out = subprocess.run([sys.executable, "-c", LAUNCH], env={**base, **env}, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    pids = {line.split()[1] for line in out if line}
+    assert [line.split()[0] for line in out if line] == ["start"] * starts + ["cli"]
+    assert len(pids) == 1  # exec: the same process throughout
+    assert out[starts].split()[2] == tunables
 
 
 @pytest.mark.parametrize("cfg", [*BERT_PRESETS.values(), *GPT2_PRESETS.values()])
