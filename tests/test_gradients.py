@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers
@@ -105,3 +106,23 @@ def test_gpt2_causal_lm_loss_and_grads(tmp_path):
     loss, grads = our_grads_by_hf_name(ours, loss_fn, "causal_lm", gpt2)
     np.testing.assert_allclose(loss, out.loss.item(), rtol=1e-5)
     assert_grads_match(grads, theirs)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_task_loss_equals_torch_cross_entropy(smoothing):
+    """The supervised loss (research/objectives/supervised.task_loss) per example and per token, weighted,
+    with and without label smoothing (two code paths: integer labels, or smoothed one-hot targets)."""
+    from research.objectives.supervised import task_loss
+
+    rng = np.random.default_rng(3)
+    logits, labels = rng.normal(size=(3, 5, 7)).astype(np.float32), rng.integers(0, 7, (3, 5))
+    w = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    each = F.cross_entropy(torch.tensor(logits).reshape(15, 7), torch.tensor(labels).reshape(15),
+                           reduction="none", label_smoothing=smoothing).numpy().reshape(3, 5)
+    loss, aux = task_loss(jnp.asarray(logits), {"labels": jnp.asarray(labels), "label_weights": jnp.asarray(w)},
+                          smoothing)
+    np.testing.assert_allclose(loss, (each * w).sum() / w.sum(), rtol=1e-6)
+    np.testing.assert_allclose(aux["accuracy"], ((logits.argmax(-1) == labels) * w).sum() / w.sum(), rtol=1e-6)
+    per_example = {"labels": jnp.asarray(labels[:, 0]), "weights": jnp.asarray(w[:, 0])}
+    loss, _ = task_loss(jnp.asarray(logits[:, 0]), per_example, smoothing)
+    np.testing.assert_allclose(loss, (each[:, 0] * w[:, 0]).sum() / w[:, 0].sum(), rtol=1e-6)
