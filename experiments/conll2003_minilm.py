@@ -15,8 +15,8 @@ biases and LayerNorm), linear warmup over 6% of the steps then linear decay to 0
 the last checkpoint is the one reported (no selection on test).
 
 Expected: all-MiniLM-L6-v2 is small and uncased (capitalization, NER's strongest cue, is gone), so entity F1
-sits well below BERT-base's published 92.4 / 96.4 (test / dev, Devlin et al. 2019): roughly 0.85-0.88 on dev
-(README, "Named-entity recognition", has the measured numbers beside the PyTorch baseline's).
+sits below BERT-base's published 96.4 / 92.4 (dev / test, Devlin et al. 2019). Measured (seed 0, 2-core CPU,
+45 min): dev 89.57, test 84.93; the PyTorch baseline 89.39 / 84.97 (README, "Named-entity recognition").
 """
 
 from research.config import CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
