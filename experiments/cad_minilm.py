@@ -12,7 +12,8 @@ on CAD's original and revised test sets (488 reviews each) beside the combined d
 The paired file lists each original review first and its revision second (`batch_id` ties them), so the
 pair position names the environment (`orig`, `new`) for IRM, V-REx and Group DRO, and every batch holds 8
 whole pairs: the same batches for ERM and for every objective on the combined data. Reviews are long (median
-~200 word pieces); max_length=256 truncates about 29% of them, which the data report counts. The last
+~200 word pieces); max_length=256 truncates about 30% of them (1,021 of 3,414), which the data report counts,
+and leaves 11 of the 1,707 pairs identical (the edit lies past the cut; at 128 tokens, 72 pairs). The last
 checkpoint is evaluated (no model selection on a test set).
 
 Expected (README, "Causal-regularized fine-tuning", has the measured table): as in Kaushik et al., training on
