@@ -14,9 +14,9 @@ steps of 4,096 tokens; sized for a 2-core CPU, where a step takes several second
 layer costs more than the six blocks). Validation perplexity every 25 steps.
 
 Expected: validation perplexity falls from ~50,000 (a uniform guess over the vocabulary) to a few hundred
-within the first epoch and lower after the second (README, "Experiments", has the measured numbers; more
-epochs keep improving it). Word-piece perplexity on 10% of a 1 MB corpus is not comparable with
-character-level Tiny Shakespeare numbers.
+within the first epoch and lower after the second; measured (seed 0, 2-core CPU, 29 min): 626 after 25
+steps, 345.0 after 150 (2.73 bits per byte). More epochs keep improving it. Word-piece perplexity on 10%
+of a 1 MB corpus is not comparable with character-level Tiny Shakespeare numbers.
 """
 
 from research.config import CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
