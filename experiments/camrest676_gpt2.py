@@ -21,10 +21,10 @@ steps, sized for a 2-core CPU). Dev response perplexity every epoch (the last ch
 test is scored beside dev), and greedy answers to the first 4 dev contexts next to their references in
 TensorBoard (text, "samples") and in <run>/samples.jsonl.
 
-Expected: response perplexity on dev and test around 5-10 for the random-init model (CamRest676 responses
+Expected: response perplexity on dev and test around 5-15 for the random-init model (CamRest676 responses
 are templated: "X is a nice place in the Y of town serving Z food"), with samples that name slots in the
-right places but not always the right restaurant (there is no database lookup). README, "Experiments", has
-the measured numbers.
+right places but not always the right restaurant (there is no database lookup). Measured (seed 0, 2-core
+CPU, 34 min): dev 9.34, test 8.19 (README, "Experiments").
 """
 
 from research.config import CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
