@@ -294,10 +294,8 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
         report.environment_counts = {name: int((env_ids == i).sum()) for i, name in enumerate(env_names)}
     if pair_ids is not None:
         report.pairs = int(len(texts) // 2)
-        members: dict[int, list[bytes]] = {}
-        for i, pair in enumerate(pair_ids):
-            members.setdefault(int(pair), []).append(input_ids[i].tobytes())
-        report.pairs_identical_after_truncation = sum(a == b for a, b in members.values())
+        members = np.argsort(pair_ids, kind="stable").reshape(-1, 2)  # (P, 2): _pair_ids checked exactly two
+        report.pairs_identical_after_truncation = sum(np.array_equal(input_ids[a], input_ids[b]) for a, b in members)
     if not texts:
         raise DataError(f"{source}: no usable examples ({report.summary()})")
     return Split(split, input_ids, token_types, label_ids, texts, report, env_ids, tuple(env_names), pair_ids)
