@@ -48,7 +48,8 @@ def test_a_small_budget_drops_turns_whole_and_never_cuts_a_response(data_dir, gp
     cfg = DataConfig(train=CAMREST, dev=CAMREST, max_length=64, buckets=(64,))
     dev = load_split(cfg, "dev", gpt2_tokenizer, EOS)
     assert max(len(x) for x in dev.input_ids) <= 64
-    assert dev.report.skipped["earlier turns left out of a context (token budget)"] > 0
+    assert dev.report.context_turns_left_out > 0 and not dev.report.skipped  # context, not examples, left out
+    assert "earlier turns out of contexts" in dev.report.summary()
     assert dev.report.truncated_examples > 0  # utterances cut from their start
     for ids, target, response, context in zip(dev.input_ids, dev.token_targets, dev.responses, dev.texts,
                                               strict=True):

@@ -69,6 +69,9 @@ class SplitReport:
     # model sees one input with both labels. Counted, not dropped: whether to keep them is the study's call.
     pairs_identical_after_truncation: int = 0
     split_into_windows: int = 0  # token classification: sentences longer than max_length, cut at word boundaries
+    # Dialogue: earlier turns left out of a context to fit the token budget (whole turns, the most recent kept).
+    # Every response is still an example; this counts context, not examples, so it is not under `skipped`.
+    context_turns_left_out: int = 0
 
     def set_lengths(self, lengths) -> None:
         """Record the p50/p95/max example length in tokens."""
@@ -89,6 +92,9 @@ class SplitReport:
             parts.append(f"skipped {n:,} ({reason}; rows {self.skipped_rows[reason]}...)")
         if self.split_into_windows:
             parts.append(f"split {self.split_into_windows:,} long sentences into windows")
+        if self.context_turns_left_out:
+            parts.append(f"left {self.context_turns_left_out:,} earlier turns out of contexts (token budget: whole "
+                         "turns, the most recent kept)")
         parts.append(f"truncated {self.truncated_examples:,} examples ({self.truncated_tokens:,} tokens)")
         parts.append("labels " + ", ".join(f"{k}: {v:,}" for k, v in self.label_counts.items()))
         parts.append("length p50/p95/max " + "/".join(str(v) for v in self.length_percentiles.values()))

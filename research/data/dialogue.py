@@ -17,9 +17,9 @@ and `data.max_dev_examples` keep the first N dialogues of a split.
 Everything up to and including `System:` is the context (no loss); the response tokens and the closing
 `<|endoftext|>` are the targets, so the model learns to answer and to stop. The context keeps as many of
 the most recent earlier turns as fit `data.max_length` with the response; older turns are dropped whole
-and counted. If the current user utterance and the response alone do not fit, the utterance is cut from
-its start (its end, next to the response, is kept) and the example is counted as truncated; the response
-is never cut.
+and counted (`context_turns_left_out` in the data report). If the current user utterance and the response
+alone do not fit, the utterance is cut from its start (its end, next to the response, is kept) and the
+example is counted as truncated; the response is never cut.
 """
 
 from __future__ import annotations
@@ -101,9 +101,7 @@ def load_split(cfg: DataConfig, split: str, tokenizer, eos_id: int) -> Split:
     if not inputs:
         raise DataError(f"{path}: no turns in the {split} split")
     report.used = len(inputs)
-    if dropped_turns:
-        report.skipped["earlier turns left out of a context (token budget)"] = dropped_turns
-        report.skipped_rows["earlier turns left out of a context (token budget)"] = []
+    report.context_turns_left_out = dropped_turns
     lengths = np.array([len(x) for x in inputs])
     report.set_lengths(lengths)
     # Response tokens (the targets), words and bytes: the denominators of the perplexities.
