@@ -90,7 +90,7 @@ def run_cell(experiment: Path, method: str, sets: list[str], seed: int, out: Pat
 def run_grid(doc: str, experiment: Path, methods: dict[str, list[str]], default_out: str,
              summarize: Summarize, argv: list[str] | None = None) -> tuple[Path, dict]:
     """The command line every table script shares (`--seeds`, `--methods`, `--out`), then every (method, seed)
-    run of `experiment`, methods being `--set` overrides. Returns the output folder and
+    run of `experiment`, methods being `--set` overrides, seed by seed. Returns the output folder and
     `{"seeds": [...], "results": {method: [summary per seed]}}` (what `write_table` saves as summary.json)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -101,5 +101,8 @@ def run_grid(doc: str, experiment: Path, methods: dict[str, list[str]], default_
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     share_compilation_cache(out)
-    results = {m: [run_cell(experiment, m, methods[m], s, out, summarize) for s in args.seeds] for m in args.methods}
+    # Seed by seed (every method of the first seed, then of the next): a grid cut short still compares every
+    # method at the same seeds.
+    cells = {(m, s): run_cell(experiment, m, methods[m], s, out, summarize) for s in args.seeds for m in args.methods}
+    results = {m: [cells[m, s] for s in args.seeds] for m in args.methods}
     return out, {"seeds": args.seeds, "results": results}

@@ -25,8 +25,8 @@ def test_last_record_and_table(tmp_path):
 
 
 def test_grid_runs_each_cell_once_and_caches_its_summary(tmp_path, monkeypatch):
-    """run_grid trains every (method, seed) with the method's overrides and the seed, keeps the summary in the
-    run's result.json, and a second invocation (a resumed table) trains nothing again."""
+    """run_grid trains every (method, seed) with the method's overrides and the seed, seed by seed, keeps the
+    summary in the run's result.json, and a second invocation (a resumed table) trains nothing again."""
     import research.sweep as sweep
 
     launched = []
@@ -46,9 +46,9 @@ def test_grid_runs_each_cell_once_and_caches_its_summary(tmp_path, monkeypatch):
     argv = ["--seeds", "0", "1", "--out", str(tmp_path / "t")]
     out, payload = sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, argv)
     assert out == tmp_path / "t" and payload["seeds"] == [0, 1]
-    assert launched == [("erm_s0", ["train.seed=0"]), ("erm_s1", ["train.seed=1"]),
-                        ("irm_s0", ['objective.name="irm"', "train.seed=0"]),
-                        ("irm_s1", ['objective.name="irm"', "train.seed=1"])]
+    # Seed by seed: a grid cut short compares every method at the same seeds.
+    assert launched == [("erm_s0", ["train.seed=0"]), ("irm_s0", ['objective.name="irm"', "train.seed=0"]),
+                        ("erm_s1", ["train.seed=1"]), ("irm_s1", ['objective.name="irm"', "train.seed=1"])]
     assert payload["results"]["irm"][1] == {"method": "irm", "seed": 1, "acc": 0.9}
     _, again = sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, [*argv, "--methods", "irm"])
     assert len(launched) == 4 and again["results"] == {"irm": payload["results"]["irm"]}
