@@ -6,18 +6,17 @@ For each (objective, seed): `research train experiments/sst2_robust.py --set obj
 train.seed=...` into `<out>/<objective>_s<seed>`, then `research eval <run> --checkpoint latest --attack
 pgd,char`. Finished runs are skipped (the table can be built over several sessions; a run cut short is
 resumed). Writes `<out>/summary.json` and `<out>/summary.md`: clean dev accuracy, accuracy under PGD at
-each epsilon and under the character attack (mean +- std over seeds), attack success rate, and the train-step
-time of each objective relative to supervised training (from the runs' own throughput logs: the median over a
-run's logs, the fastest seed of each objective).
+each epsilon and under the character attack (mean +- std over seeds), and the attack's success rate. The
+cost of each objective per train step is scripts/bench_objectives.py's, not these runs': they share the machine
+with whatever else runs on it, and a slowed run's throughput says nothing about its objective.
 """
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 from pathlib import Path
 
-from research.sweep import last_record_with, mean_std, records, run_grid, write_table
+from research.sweep import last_record_with, mean_std, run_grid, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 # The perturbation radius, scaled to MiniLM on SST-2. The objectives' defaults (epsilon 1 per example, L2)
@@ -39,35 +38,23 @@ EPSILONS = ["0.1", "0.25", "0.5"]  # attack radii: the training radius and beyon
 
 
 def summarize(workdir: Path) -> dict:
-    """Attack the final model, then keep its clean and attacked metrics and its training throughput."""
+    """Attack the final model, then keep its clean and attacked metrics."""
     with (workdir.parent / f"{workdir.name}.log").open("a") as log:
         subprocess.run(["research", "eval", str(workdir), "--checkpoint", "latest", "--attack", "pgd,char",
                         "--epsilons", *EPSILONS], check=True, stdout=log, stderr=subprocess.STDOUT)
     final = last_record_with(workdir, "eval_latest/accuracy")
-    rates = [r["train/examples_per_s"] for r in records(workdir) if "train/examples_per_s" in r][1:]  # 1st: compile
-    return {**{k.removeprefix("eval_latest/"): v for k, v in final.items() if k.startswith("eval_latest/")},
-            "examples_per_s": statistics.median(rates) if rates else None}
+    return {k.removeprefix("eval_latest/"): v for k, v in final.items() if k.startswith("eval_latest/")}
 
 
 def main() -> None:
     methods = {o: [f'objective.name="{o}"', *sets] for o, sets in OBJECTIVES.items()}
     out, payload = run_grid(__doc__, ROOT / "experiments" / "sst2_robust.py", methods, "runs/robustness", summarize)
-    results = payload["results"]
-    # Throughput per method: the fastest of its seeds. Another job on the machine (or a paused run) only ever
-    # slows a run down, so the fastest seed is the least disturbed measurement (scripts/bench_objectives.py
-    # times the same steps back to back on an idle machine).
-    base = [r["examples_per_s"] for r in results.get("cross_entropy", []) if r["examples_per_s"]]
-    base_rate = max(base) if base else None
-    header = ["objective", "clean", *[f"PGD eps {e}" for e in EPSILONS], "char attack", "char success",
-              "step time vs supervised"]
-    rows = []
-    for o, rs in results.items():
-        rate = max(r["examples_per_s"] for r in rs if r["examples_per_s"])
-        rows.append([o, mean_std([r["accuracy"] for r in rs]),
-                     *[mean_std([r[f"pgd_eps{e}/accuracy"] for r in rs]) for e in EPSILONS],
-                     mean_std([r["char_attack/accuracy"] for r in rs]),
-                     mean_std([r["char_attack/success_rate"] for r in rs]),
-                     f"x{base_rate / rate:.2f}" if base_rate else "-"])
+    header = ["objective", "clean", *[f"PGD eps {e}" for e in EPSILONS], "char attack", "char success"]
+    rows = [[o, mean_std([r["accuracy"] for r in rs]),
+             *[mean_std([r[f"pgd_eps{e}/accuracy"] for r in rs]) for e in EPSILONS],
+             mean_std([r["char_attack/accuracy"] for r in rs]),
+             mean_std([r["char_attack/success_rate"] for r in rs])]
+            for o, rs in payload["results"].items()]
     print(write_table(out, header, rows, payload))
 
 
