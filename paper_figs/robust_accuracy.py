@@ -1,7 +1,8 @@
 """Figure: dev accuracy under the embedding-space PGD attack against the attack radius, one line per
-objective (mean over seeds, shaded +- std), from the run directories of scripts/robustness_table.py.
+objective (mean over seeds, shaded +- std), from scripts/robustness_table.py's committed record
+(experiments/results/robustness) or its run directories.
 
-    python paper_figs/robust_accuracy.py runs/robustness --out paper_figs/robust_accuracy.pdf
+    python paper_figs/robust_accuracy.py --out paper_figs/robust_accuracy.pdf
 
 Reads each `<objective>_s<seed>/metrics.jsonl` (the `eval_latest/pgd_eps*/accuracy` records that
 `research eval --attack pgd` appends; epsilon 0 is the clean accuracy). Needs matplotlib
@@ -25,7 +26,8 @@ def collect(root: Path) -> shared.Curves:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path)
+    parser.add_argument("runs", type=Path, nargs="?", default=Path("experiments/results/robustness"),
+                        help="the table's record (default) or its run directories (runs/robustness)")
     parser.add_argument("--out", type=Path, default=Path("paper_figs/robust_accuracy.pdf"))
     args = parser.parse_args()
     found = collect(args.runs)

@@ -1,7 +1,8 @@
 """Figure: test accuracy against the spurious marker's agreement with the label at test time, one line per
-method (mean over seeds, shaded +- std), from the run directories of scripts/spurious_table.py.
+method (mean over seeds, shaded +- std), from scripts/spurious_table.py's committed record
+(experiments/results/spurious) or its run directories.
 
-    python paper_figs/spurious_accuracy.py runs/spurious --out paper_figs/spurious_accuracy.pdf
+    python paper_figs/spurious_accuracy.py --out paper_figs/spurious_accuracy.pdf
 
 Reads each `<method>_s<seed>/metrics.jsonl`: the last evaluation's `dev/accuracy` (the test environment,
 agreement 0.1) and `test/agree<a>/accuracy` (the same sentences with markers at agreement a). The training
@@ -28,7 +29,8 @@ def collect(root: Path) -> shared.Curves:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path)
+    parser.add_argument("runs", type=Path, nargs="?", default=Path("experiments/results/spurious"),
+                        help="the table's record (default) or its run directories (runs/spurious)")
     parser.add_argument("--out", type=Path, default=Path("paper_figs/spurious_accuracy.pdf"))
     args = parser.parse_args()
     found = collect(args.runs)

@@ -1,13 +1,18 @@
 """Resumable grids of training runs, for the result tables in scripts/ (robustness, spurious shift, CAD).
 
 A table is (method x seed) runs of one experiment file. Each run is a `research train` subprocess (a fresh
-process per run, as a user would launch it, so one run's memory or Python state cannot leak into the next),
-logged to `<out>/<run>.log`. The runs share one persistent XLA compilation cache, `<out>/.xla_cache` (unless
+process per run, as a user would launch it, so one run's memory or Python state cannot leak into the next)
+that works in `<workdirs>/<run>` (checkpoints, TensorBoard, its log `<workdirs>/<run>.log`: large, not kept
+in git). What a table and its figure are made of is copied to the record, `<out>/<run>/` (`result.json`, the
+numbers the table keeps; `metrics.jsonl`, `config.json`, `data_report.json`: kilobytes), which is committed
+(experiments/results/): a table then spans sessions and machines, and anyone can rebuild it, or draw its
+figure, from the repository without rerunning it. A run that has a record is skipped; one cut short is
+resumed from its checkpoints: kill the script at any time and start it again.
+
+The runs share one persistent XLA compilation cache, `<workdirs>/.xla_cache` (unless
 JAX_COMPILATION_CACHE_DIR is set): the seeds of a method, and the evaluations of every method, compile the
 same programs for the same bucket shapes, and a cache hit loads the executable XLA built the first time
-(keyed by the program, its shapes and the compiler version and flags: the numbers cannot change). A run that
-has a result file is skipped and one cut short is resumed from its checkpoints, so a table can be built over
-several sessions: kill the script at any time and start it again.
+(keyed by the program, its shapes and the compiler version and flags: the numbers cannot change).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,9 +45,9 @@ def train_run(experiment: Path, sets: list[str], workdir: Path, log: Path) -> No
                        check=True, stdout=out, stderr=subprocess.STDOUT)
 
 
-def share_compilation_cache(out: Path) -> None:
-    """Point this process's children (the runs and their evaluations) at one XLA cache under `out`."""
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str((out / ".xla_cache").resolve()))
+def share_compilation_cache(workdirs: Path) -> None:
+    """Point this process's children (the runs and their evaluations) at one XLA cache under `workdirs`."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str((workdirs / ".xla_cache").resolve()))
 
 
 def records(workdir: Path) -> list[dict]:
@@ -73,36 +79,53 @@ def write_table(out: Path, header: list[str], rows: list[list[str]], payload: di
     return "\n".join(lines)
 
 
-def run_cell(experiment: Path, method: str, sets: list[str], seed: int, out: Path, summarize: Summarize) -> dict:
-    """One run of a grid: `<out>/<method>_s<seed>`, trained with `sets` and `train.seed=seed`, then summarized.
+# What the record keeps of a run directory besides result.json (the rest is checkpoints and TensorBoard files).
+RECORD_FILES = ("metrics.jsonl", "config.json", "data_report.json")
 
-    The summary is cached in the run's `result.json`: a run that has one is not touched again."""
-    workdir = out / f"{method}_s{seed}"
-    done = workdir / "result.json"
+
+def run_cell(experiment: Path, method: str, sets: list[str], seed: int, out: Path, workdirs: Path,
+             summarize: Summarize) -> dict:
+    """One run of a grid: trained in `<workdirs>/<method>_s<seed>` with `sets` and `train.seed=seed`,
+    summarized, and recorded in `<out>/<method>_s<seed>/` (result.json last: a run whose record has one is
+    finished and is not touched again)."""
+    name = f"{method}_s{seed}"
+    record = out / name
+    done = record / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    train_run(experiment, [*sets, f"train.seed={seed}"], workdir, out / f"{method}_s{seed}.log")
+    workdir = workdirs / name
+    train_run(experiment, [*sets, f"train.seed={seed}"], workdir, workdirs / f"{name}.log")
     result = {"method": method, "seed": seed, **summarize(workdir)}
+    record.mkdir(parents=True, exist_ok=True)
+    for file in RECORD_FILES:
+        if (workdir / file).exists():
+            shutil.copy2(workdir / file, record / file)
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def run_grid(doc: str, experiment: Path, methods: dict[str, list[str]], default_out: str,
+def run_grid(doc: str, experiment: Path, methods: dict[str, list[str]], table: str,
              summarize: Summarize, argv: list[str] | None = None) -> tuple[Path, dict]:
-    """The command line every table script shares (`--seeds`, `--methods`, `--out`), then every (method, seed)
-    run of `experiment`, methods being `--set` overrides, seed by seed. Returns the output folder and
-    `{"seeds": [...], "results": {method: [summary per seed]}}` (what `write_table` saves as summary.json)."""
+    """The command line every table script shares (`--seeds`, `--methods`, `--out`, `--workdirs`; by default
+    the record goes to experiments/results/<table> and the run directories to runs/<table>), then every
+    (method, seed) run of `experiment`, methods being `--set` overrides, seed by seed. Returns the record
+    folder and `{"seeds": [...], "results": {method: [summary per seed]}}` (what `write_table` saves as
+    summary.json)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
-    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--out", type=Path, default=Path("experiments/results") / table,
+                        help="the record (committed): per run result.json and metrics.jsonl, and the summary")
+    parser.add_argument("--workdirs", type=Path, default=Path("runs") / table,
+                        help="the run directories (checkpoints, TensorBoard, logs) and the compilation cache")
     args = parser.parse_args(argv)
     require_data_dir()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    share_compilation_cache(out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.workdirs.mkdir(parents=True, exist_ok=True)
+    share_compilation_cache(args.workdirs)
     # Seed by seed (every method of the first seed, then of the next): a grid cut short still compares every
     # method at the same seeds.
-    cells = {(m, s): run_cell(experiment, m, methods[m], s, out, summarize) for s in args.seeds for m in args.methods}
+    cells = {(m, s): run_cell(experiment, m, methods[m], s, args.out, args.workdirs, summarize)
+             for s in args.seeds for m in args.methods}
     results = {m: [cells[m, s] for s in args.seeds] for m in args.methods}
-    return out, {"seeds": args.seeds, "results": results}
+    return args.out, {"seeds": args.seeds, "results": results}

@@ -1,14 +1,15 @@
 """The CAD table: ERM on the original reviews, ERM on the combined data, and each causal objective on the
 combined data (experiments/cad_minilm.py), on CAD's original and revised test sets.
 
-    RESEARCH_DATA_DIR=../shared/data python scripts/cad_table.py --seeds 0 1 2 --out runs/cad
+    RESEARCH_DATA_DIR=../shared/data python scripts/cad_table.py --seeds 0 1 2
 
-For each (method, seed): `research train experiments/cad_minilm.py --set ...` into `<out>/<method>_s<seed>`.
+For each (method, seed): `research train experiments/cad_minilm.py --set ...` into `runs/cad/<method>_s<seed>`,
+its record (result.json, metrics.jsonl) in experiments/results/cad/, which is committed (research/sweep.py).
 IRM and V-REx switch their penalty on after 100 of the 213 steps and reset Adam there (DomainBed's
 protocol; the controlled-shift study switches at 100 of 500); the environments are the pair positions
-(`orig`, `new`). Finished runs are skipped and a run cut short is resumed, so the table can be built over
-several sessions. Writes `<out>/summary.json` and `<out>/summary.md`: accuracy on the original and revised
-test sets and on the combined dev set, mean +- std over seeds, from the final evaluation of each run.
+(`orig`, `new`). Recorded runs are skipped and a run cut short is resumed, so the table is built over several
+sessions. Writes experiments/results/cad/summary.json and summary.md: accuracy on the original and revised test
+sets and on the combined dev set, mean +- std over seeds, from the final evaluation of each run.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def summarize(workdir: Path) -> dict:
 
 
 def main() -> None:
-    out, payload = run_grid(__doc__, ROOT / "experiments" / "cad_minilm.py", METHODS, "runs/cad", summarize)
+    out, payload = run_grid(__doc__, ROOT / "experiments" / "cad_minilm.py", METHODS, "cad", summarize)
     rows = [[m, *[mean_std([r[k] for r in rs]) for k in COLUMNS.values()]] for m, rs in payload["results"].items()]
     print(write_table(out, ["method", *COLUMNS], rows, payload))
 

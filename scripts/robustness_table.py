@@ -1,12 +1,14 @@
 """The robustness table: every objective x seeds on experiments/sst2_robust.py, each final model attacked.
 
-    RESEARCH_DATA_DIR=../shared/data python scripts/robustness_table.py --seeds 0 1 2 --out runs/robustness
+    RESEARCH_DATA_DIR=../shared/data python scripts/robustness_table.py --seeds 0 1 2
 
 For each (objective, seed): `research train experiments/sst2_robust.py --set objective.name=... --set
-train.seed=...` into `<out>/<objective>_s<seed>`, then `research eval <run> --checkpoint latest --attack
-pgd,char`. Finished runs are skipped (the table can be built over several sessions; a run cut short is
-resumed). Writes `<out>/summary.json` and `<out>/summary.md`: clean dev accuracy, accuracy under PGD at
-each epsilon and under the character attack (mean +- std over seeds), and the attack's success rate. The
+train.seed=...` into `runs/robustness/<objective>_s<seed>`, then `research eval <run> --checkpoint latest
+--attack pgd,char`; its record (result.json, metrics.jsonl) goes to experiments/results/robustness/, which is
+committed (research/sweep.py). Recorded runs are skipped and a run cut short is resumed, so the table is built
+over several sessions. Writes experiments/results/robustness/summary.json and summary.md: clean dev accuracy,
+accuracy under PGD at each epsilon and under the character attack (mean +- std over seeds), and the attack's
+success rate. The
 cost of each objective per train step is scripts/bench_objectives.py's, not these runs': they share the machine
 with whatever else runs on it, and a slowed run's throughput says nothing about its objective.
 """
@@ -48,7 +50,7 @@ def summarize(workdir: Path) -> dict:
 
 def main() -> None:
     methods = {o: [f'objective.name="{o}"', *sets] for o, sets in OBJECTIVES.items()}
-    out, payload = run_grid(__doc__, ROOT / "experiments" / "sst2_robust.py", methods, "runs/robustness", summarize)
+    out, payload = run_grid(__doc__, ROOT / "experiments" / "sst2_robust.py", methods, "robustness", summarize)
     header = ["objective", "clean", *[f"PGD eps {e}" for e in EPSILONS], "char attack", "char success"]
     rows = [[o, mean_std([r["accuracy"] for r in rs]),
              *[mean_std([r[f"pgd_eps{e}/accuracy"] for r in rs]) for e in EPSILONS],

@@ -1,14 +1,16 @@
 """The controlled-shift table: ERM, IRMv1, V-REx, Group DRO and the oracle on experiments/spurious_sst2.py
 (all-MiniLM-L6-v2), and ERM, IRMv1 and the oracle with a small random GPT-2.
 
-    RESEARCH_DATA_DIR=../shared/data python scripts/spurious_table.py --seeds 0 1 2 --out runs/spurious
+    RESEARCH_DATA_DIR=../shared/data python scripts/spurious_table.py --seeds 0 1 2
 
-For each (method, seed): `research train experiments/spurious_sst2.py --set ...` into `<out>/<method>_s<seed>`
-(IRM and V-REx also reset Adam where their penalty switches on, DomainBed's protocol; the oracle is ERM
-without markers). Finished runs are skipped and a run cut short is resumed, so the table can be built over
-several sessions. Writes `<out>/summary.json` and `<out>/summary.md`: accuracy on the test environment
-(agreement 0.1) and at every other test agreement, and the training environments' accuracy, mean +- std
-over seeds, from the last evaluation of each run. paper_figs/spurious_accuracy.py draws the figure.
+For each (method, seed): `research train experiments/spurious_sst2.py --set ...` into
+`runs/spurious/<method>_s<seed>` (IRM and V-REx also reset Adam where their penalty switches on, DomainBed's
+protocol; the oracle is ERM without markers); its record (result.json, metrics.jsonl) goes to
+experiments/results/spurious/, which is committed (research/sweep.py). Recorded runs are skipped and a run cut
+short is resumed, so the table is built over several sessions. Writes experiments/results/spurious/summary.json
+and summary.md: accuracy on the test environment (agreement 0.1) and at every other test agreement, and the
+training environments' accuracy, mean +- std over seeds, from the last evaluation of each run.
+paper_figs/spurious_accuracy.py draws the figure.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def summarize(workdir: Path) -> dict:
 
 
 def main() -> None:
-    out, payload = run_grid(__doc__, ROOT / "experiments" / "spurious_sst2.py", METHODS, "runs/spurious", summarize)
+    out, payload = run_grid(__doc__, ROOT / "experiments" / "spurious_sst2.py", METHODS, "spurious", summarize)
     results = payload["results"]
     others = sorted({k for rs in results.values() for r in rs for k in r if k.startswith("agree")} - {"agree0.1"},
                     key=lambda k: float(k.removeprefix("agree")))

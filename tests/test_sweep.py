@@ -2,6 +2,8 @@
 mean +- std cells, and the two summary files."""
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -24,9 +26,11 @@ def test_last_record_and_table(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == {"seeds": [0, 1, 2]}
 
 
-def test_grid_runs_each_cell_once_and_caches_its_summary(tmp_path, monkeypatch):
-    """run_grid trains every (method, seed) with the method's overrides and the seed, seed by seed, keeps the
-    summary in the run's result.json, and a second invocation (a resumed table) trains nothing again."""
+def test_grid_runs_each_cell_once_and_records_it(tmp_path, monkeypatch):
+    """run_grid trains every (method, seed) with the method's overrides and the seed, seed by seed, in the run
+    directories; copies the run's metrics and config beside its summary (result.json) into the record; and a
+    second invocation (a resumed table, e.g. in a fresh checkout that has only the committed record, no run
+    directories) trains nothing again."""
     import research.sweep as sweep
 
     launched = []
@@ -35,21 +39,31 @@ def test_grid_runs_each_cell_once_and_caches_its_summary(tmp_path, monkeypatch):
         launched.append((workdir.name, sets))
         workdir.mkdir(parents=True)
         (workdir / "metrics.jsonl").write_text(json.dumps({"step": 5, "dev/accuracy": 0.5 + len(launched) / 10}))
+        (workdir / "config.json").write_text(json.dumps({"seed": len(launched)}))
+        (workdir / "checkpoints").mkdir()  # large: stays in the run directory
 
     monkeypatch.setattr(sweep, "train_run", fake_train)
     monkeypatch.setenv("RESEARCH_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # conftest sets it; restored after the test
     methods = {"erm": [], "irm": ['objective.name="irm"']}
 
     def summarize(workdir):
         return {"acc": last_record_with(workdir, "dev/accuracy")["dev/accuracy"]}
 
-    argv = ["--seeds", "0", "1", "--out", str(tmp_path / "t")]
+    record, runs = tmp_path / "record", tmp_path / "runs"
+    argv = ["--seeds", "0", "1", "--out", str(record), "--workdirs", str(runs)]
     out, payload = sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, argv)
-    assert out == tmp_path / "t" and payload["seeds"] == [0, 1]
+    assert out == record and payload["seeds"] == [0, 1]
     # Seed by seed: a grid cut short compares every method at the same seeds.
     assert launched == [("erm_s0", ["train.seed=0"]), ("irm_s0", ['objective.name="irm"', "train.seed=0"]),
                         ("erm_s1", ["train.seed=1"]), ("irm_s1", ['objective.name="irm"', "train.seed=1"])]
     assert payload["results"]["irm"][1] == {"method": "irm", "seed": 1, "acc": 0.9}
+    assert sorted(p.name for p in (record / "irm_s1").iterdir()) == ["config.json", "metrics.jsonl", "result.json"]
+    assert json.loads((record / "irm_s1" / "result.json").read_text())["acc"] == 0.9
+    assert (record / "irm_s1" / "metrics.jsonl").read_text() == (runs / "irm_s1" / "metrics.jsonl").read_text()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str((runs / ".xla_cache").resolve())
+
+    shutil.rmtree(runs)  # a fresh checkout: the record alone says which runs are finished
     _, again = sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, [*argv, "--methods", "irm"])
     assert len(launched) == 4 and again["results"] == {"irm": payload["results"]["irm"]}
     with pytest.raises(SystemExit):  # an unknown method is refused by argparse, before anything runs
