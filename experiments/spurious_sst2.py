@@ -4,7 +4,7 @@ IRMv1, V-REx and Group DRO, with the oracle (no marker) as the ceiling.
     research train experiments/spurious_sst2.py --workdir runs/spurious/erm_s0
     research train experiments/spurious_sst2.py --set objective.name='"irm"' --workdir runs/spurious/irm_s0
     research train experiments/spurious_sst2.py --set data.spurious.oracle=true --workdir runs/spurious/oracle_s0
-    python scripts/spurious_table.py --seeds 0 1 2 --out runs/spurious   # every method, the README table
+    python scripts/spurious_table.py --seeds 0 1 2   # every method: experiments/results/spurious/
 
 Data: 8,000 training sentences of SST-2 (a seeded subset), labels flipped with probability 0.25, then a
 marker word ("nebula" for negative, "comet" for positive) prepended that agrees with the (noisy) label with
