@@ -31,7 +31,7 @@ GPT2 = ['model.name_or_path="data:tokenizers/gpt2"', 'model.init="scratch"', 'mo
 METHODS = {
     "erm": [],
     "irm": IRM,
-    # DomainBed's default weight: lambda 1e4 (the Colored MNIST scale) collapses MiniLM to the constant
+    # DomainBed's default weight: lambda 1e4 (the Colored MNIST scale) can collapse MiniLM to the constant
     # predictor, which satisfies the penalty trivially (seed 0: dev loss 0.693 from step 150 on; README).
     "irm_lambda100": [*IRM, "objective.params.penalty_weight=100"],
     "vrex": ['objective.name="vrex"', "optim.reset_at_step=100"],
