@@ -16,9 +16,9 @@ whole pairs: the same batches for ERM and for every objective on the combined da
 and leaves 11 of the 1,707 pairs identical (the edit lies past the cut; at 128 tokens, 72 pairs). The last
 checkpoint is evaluated (no model selection on a test set).
 
-One epoch (213 steps of 8 pairs): at 256 tokens the 2-core CI machine trains ~4 reviews a second (measured
-2026-11-23, 24 steps), so an epoch takes ~14 minutes and the study's 7 methods x 3 seeds ~5 hours; three
-epochs would take ~15. Pass `--set train.epochs=3` for the longer recipe on a faster machine.
+One epoch (214 steps of 8 pairs, the last of 3): at 256 tokens the 2-core CI machine trains ~4 reviews a
+second (measured 2026-11-23, 24 steps), so an epoch takes ~14 minutes and the study's 7 methods x 3 seeds ~5
+hours; three epochs would take ~15. Pass `--set train.epochs=3` for the longer recipe on a faster machine.
 
 Expected (README, "Causal-regularized fine-tuning", has the measured table): as in Kaushik et al., training on
 the original reviews alone does worse on the revised test set than on the original one, and training on the

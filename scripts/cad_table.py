@@ -5,7 +5,7 @@ combined data (experiments/cad_minilm.py), on CAD's original and revised test se
 
 For each (method, seed): `research train experiments/cad_minilm.py --set ...` into `runs/cad/<method>_s<seed>`,
 its record (result.json, metrics.jsonl) in experiments/results/cad/, which is committed (research/sweep.py).
-IRM and V-REx switch their penalty on after 100 of the 213 steps and reset Adam there (DomainBed's
+IRM and V-REx switch their penalty on after 100 of the 214 steps and reset Adam there (DomainBed's
 protocol; the controlled-shift study switches at 100 of 500); the environments are the pair positions
 (`orig`, `new`). Recorded runs are skipped and a run cut short is resumed, so the table is built over several
 sessions. Writes experiments/results/cad/summary.json and summary.md: accuracy on the original and revised test
@@ -19,8 +19,9 @@ from pathlib import Path
 from research.sweep import last_record_with, mean_std, run_grid, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
-# The recipe trains one epoch of the combined data (1,707 pairs, 8 per batch: 213 steps); the penalties of IRM
-# and V-REx switch on after 100 steps of plain risk minimization, as in scripts/spurious_table.py.
+# The recipe trains one epoch of the combined data (1,707 pairs, 8 per batch: 214 steps, the last of 3 pairs);
+# the penalties of IRM and V-REx switch on after 100 steps of plain risk minimization, as in
+# scripts/spurious_table.py.
 ANNEAL = 100
 METHODS = {
     "erm_orig": ['data.train="cad_imdb/orig/train.tsv"', "data.pair_column=null", "data.pair_environments=null"],
