@@ -5,39 +5,36 @@ import os
 import tempfile
 from pathlib import Path
 
-# One persistent XLA compilation cache for the whole test session, this process and the subprocesses it starts
-# (they inherit the variable): the runner tests compile the same small models' steps over and over in fresh
-# processes, and a cache hit loads the same executable instead of compiling it again (numbers unchanged;
-# the compile counts the tests check are traces, which a cache hit still makes).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="research-tests-xla-cache-"))
+# The suite runs on every core (pytest-xdist, `-n` in pyproject.toml), one worker per core: each worker is
+# pinned to its own share of the CPUs before JAX and PyTorch start, so XLA sizes its thread pool to that share
+# (it reads the affinity mask) and two workers never fight over one core. Subprocesses the tests start
+# inherit the pinning. Much of the suite is XLA compilation, which runs on one core: two workers halve it.
+_worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under xdist; unset in a plain run
+_cpus = sorted(os.sched_getaffinity(0))
+if _worker is not None:
+    _count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    _share = _cpus[int(_worker.removeprefix("gw")) % _count :: _count] or _cpus
+    os.sched_setaffinity(0, _share)
+    _cpus = _share
+
+# One persistent XLA compilation cache per worker, for its tests and the subprocesses they start (they inherit
+# the variable): the runner tests compile the same small models' steps over and over in fresh processes, and
+# a cache hit loads the same executable instead of compiling it again (numbers unchanged; the compile counts
+# the tests check are traces, which a cache hit still makes). Per worker because JAX writes an entry in place,
+# not atomically: another process could read half of it. A cache dir set before pytest started is kept.
+_owner = _worker or "main"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get("RESEARCH_TESTS_XLA_CACHE_OF", _owner) != _owner:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"research-tests-xla-cache-{_owner}-")
+    os.environ["RESEARCH_TESTS_XLA_CACHE_OF"] = _owner  # a worker replaces the dir it inherits from the controller
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small models compile in under 1 s
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.manual_seed(0)
-torch.set_num_threads(2)
-
-
-def randomize_(torch_model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Give every parameter random values, LayerNorm scales around 1: HF's init leaves LayerNorm at (1, 0)
-    and biases at 0, which would hide a swapped scale/bias or a missing bias in the key table. Full-size
-    models use std=0.02 (their initializer_range): wider weights grow the 768-wide residual stream to
-    magnitudes where float32 rounding alone exceeds 1e-4."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in torch_model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            is_norm_scale = name.endswith("weight") and ("LayerNorm" in name or ".ln_" in name or "ln_f" in name)
-            p.copy_(1 + 0.1 * noise if is_norm_scale else std * noise)
-    return torch_model.eval()
-
-
-def to_numpy(t) -> np.ndarray:
-    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+torch.set_num_threads(len(_cpus))
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +51,20 @@ def data_dir() -> Path:
     root = Path(os.environ.get("RESEARCH_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     assert root.is_dir(), f"data root {root} not found: set RESEARCH_DATA_DIR to the shared data folder"
     return root
+
+
+@pytest.fixture(scope="module")  # a fresh pair per module, as each module had before
+def tiny_bert_pair(tmp_path_factory):
+    """A tiny BERT classifier in transformers with random weights (dropout off: eval mode) and ours loaded
+    from it: (theirs, ours). Shared by the objective parity tests."""
+    import transformers
+    from helpers import randomize_
+
+    from research.models import from_pretrained
+
+    cfg = transformers.BertConfig(vocab_size=83, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=40, num_labels=3, attn_implementation="eager")
+    theirs = randomize_(transformers.BertForSequenceClassification(cfg), seed=11)  # eval(): no dropout
+    path = tmp_path_factory.mktemp("tiny_bert")
+    theirs.save_pretrained(path)
+    return theirs, from_pretrained(path, "sequence_classification")

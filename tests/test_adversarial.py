@@ -19,30 +19,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
-from conftest import randomize_
 from flax import nnx
-from test_gradients import assert_grads_match, our_grads_by_hf_name
-from test_train import SMOKE, _run_and_signal, deterministic, records, smoke
+from helpers import (
+    KEY,
+    SMOKE,
+    assert_grads_match,
+    check_objective,
+    deterministic,
+    our_grads_by_hf_name,
+    records,
+    run_and_signal,
+    smoke,
+)
 
 from research.data.classification import Split, SplitReport, collate, pack
-from research.models import bert, from_pretrained
+from research.models import bert
 from research.models.hf import _hf_key, key_table
 from research.objectives import adversarial as adv
 from research.objectives.supervised import CrossEntropyOptions, cross_entropy
 from research.train import train
-
-KEY = jax.random.key(3)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    cfg = transformers.BertConfig(vocab_size=83, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=40, num_labels=3, attn_implementation="eager")
-    theirs = randomize_(transformers.BertForSequenceClassification(cfg), seed=11)  # eval(): no dropout
-    path = tmp_path_factory.mktemp("tiny_bert")
-    theirs.save_pretrained(path)
-    return theirs, from_pretrained(path, "sequence_classification")
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +88,6 @@ def ours(model, objective, batch, key=KEY):
     return our_grads_by_hf_name(model, lambda m: objective(m, b, key)[0], "sequence_classification", bert)
 
 
-def check(model_pair, objective, torch_loss, batch):
-    theirs, mine = model_pair
-    loss, grads = ours(mine, objective, batch)
-    np.testing.assert_allclose(loss, float(torch_loss.detach()), rtol=1e-5)
-    assert_grads_match(grads, theirs)
-
-
 def to_torch(x) -> torch.Tensor:
     return torch.tensor(np.asarray(x))
 
@@ -107,9 +95,9 @@ def to_torch(x) -> torch.Tensor:
 # -------------------------------------------------------------------------------- parity with PyTorch
 
 
-def test_fgm_matches_pytorch(models, batch):
+def test_fgm_matches_pytorch(tiny_bert_pair, batch):
     o = adv.FGMOptions(epsilon=0.7, adversarial_weight=0.5)
-    t = Torch(models[0], batch)
+    t = Torch(tiny_bert_pair[0], batch)
     e = t.embed()
     e.retain_grad()
     clean = t.loss(t.logits(e))
@@ -117,14 +105,14 @@ def test_fgm_matches_pytorch(models, batch):
     r = o.epsilon * t.unit(e.grad)
     adversarial = o.adversarial_weight * t.loss(t.logits(t.embed() + r.detach()))
     adversarial.backward()  # accumulated: the gradient of clean + w * adversarial
-    check(models, adv.fgm(o), clean + adversarial, batch)
+    check_objective(tiny_bert_pair, adv.fgm(o), clean + adversarial, batch)
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_pgd_matches_pytorch(models, batch, norm):
+def test_pgd_matches_pytorch(tiny_bert_pair, batch, norm):
     o = adv.PGDOptions(epsilon=0.5 if norm == "l2" else 0.02, alpha=0.3 if norm == "l2" else 0.01, steps=3,
                        norm=norm, clean_weight=0.5)
-    t = Torch(models[0], batch)
+    t = Torch(tiny_bert_pair[0], batch)
     delta = torch.zeros(*batch["input_ids"].shape, 32)
     for _ in range(o.steps):
         d = delta.clone().requires_grad_()
@@ -137,14 +125,14 @@ def test_pgd_matches_pytorch(models, batch, norm):
             delta = (delta + o.alpha * g.sign() * t.mask3).clamp(-o.epsilon, o.epsilon)
     loss = o.clean_weight * t.loss(t.logits(t.embed())) + t.loss(t.logits(t.embed() + delta.detach()))
     loss.backward()
-    check(models, adv.pgd(o), loss, batch)
+    check_objective(tiny_bert_pair, adv.pgd(o), loss, batch)
 
 
-def test_freelb_matches_pytorch(models, batch):
+def test_freelb_matches_pytorch(tiny_bert_pair, batch):
     # FreeLB's reference loop: K forward/backward passes, each loss divided by K, parameter gradients
     # accumulated; delta from its uniform init, ascended and projected between passes.
     o = adv.FreeLBOptions(steps=3, alpha=0.3, init_magnitude=0.5, epsilon=0.6)
-    t = Torch(models[0], batch)
+    t = Torch(tiny_bert_pair[0], batch)
     B, T = batch["input_ids"].shape
     uniform = to_torch(jax.random.uniform(KEY, (B, T, 32), jnp.float32, -1.0, 1.0))
     lengths = t.mask.sum(1).view(-1, 1, 1).float()
@@ -162,12 +150,12 @@ def test_freelb_matches_pytorch(models, batch):
         delta = (delta + o.alpha * t.unit(delta.grad)).detach()
         n = t.norm(delta)
         delta = torch.where(n > o.epsilon, delta * o.epsilon / n, delta).detach()
-    check(models, adv.freelb(o), total, batch)
+    check_objective(tiny_bert_pair, adv.freelb(o), total, batch)
 
 
-def test_smart_smoothness_matches_pytorch(models, batch):
+def test_smart_smoothness_matches_pytorch(tiny_bert_pair, batch):
     o = adv.SMARTOptions(lambda_s=2.0, epsilon=0.05, noise_std=0.02, step_size=0.03, steps=2, mu=0.0)
-    t = Torch(models[0], batch)
+    t = Torch(tiny_bert_pair[0], batch)
     sym = lambda p, q: t.kl(p, q) + t.kl(q, p)  # noqa: E731
     e = t.embed()
     clean_logits = t.logits(e)
@@ -179,14 +167,14 @@ def test_smart_smoothness_matches_pytorch(models, batch):
         noise = (noise + o.step_size * g / g_max.clamp(min=adv.TINY) * t.mask3).clamp(-o.epsilon, o.epsilon)
     loss = t.loss(clean_logits) + o.lambda_s * sym(clean_logits, t.logits(e + noise.detach()))
     loss.backward()
-    check(models, adv.smart(o), loss, batch)
+    check_objective(tiny_bert_pair, adv.smart(o), loss, batch)
 
 
-def test_vat_matches_pytorch(models, batch):
+def test_vat_matches_pytorch(tiny_bert_pair, batch):
     # xi is raised from the paper's 1e-6: at 1e-6 the float32 power-iteration gradient is rounding noise in
     # either framework, and two noises need not agree.
     o = adv.VATOptions(epsilon=0.8, xi=0.3, power_iterations=2, alpha=0.7)
-    t = Torch(models[0], batch)
+    t = Torch(tiny_bert_pair[0], batch)
     e = t.embed()
     clean_logits = t.logits(e)
     held = clean_logits.detach()
@@ -197,14 +185,14 @@ def test_vat_matches_pytorch(models, batch):
         d = t.unit(g)
     loss = t.loss(clean_logits) + o.alpha * t.kl(held, t.logits(e + (o.epsilon * d).detach()))
     loss.backward()
-    check(models, adv.vat(o), loss, batch)
+    check_objective(tiny_bert_pair, adv.vat(o), loss, batch)
 
 
-def test_smart_bregman_proximal_point_matches_pytorch(models, batch):
+def test_smart_bregman_proximal_point_matches_pytorch(tiny_bert_pair, batch):
     # The teacher before the step is some earlier average (here: the weights plus noise); the loss first moves
     # it to (1 - beta) theta + beta theta~, then adds mu * symKL(f(x; theta), f(x; theta~) held).
     o = adv.SMARTOptions(lambda_s=0.5, epsilon=0.05, noise_std=0.02, step_size=0.03, steps=1, mu=1.5, beta=0.9)
-    theirs, mine = models
+    theirs, mine = tiny_bert_pair
     objective = adv.smart(o)
     params = nnx.to_pure_dict(nnx.state(mine, nnx.Param))
     leaves, treedef = jax.tree.flatten(params)
@@ -259,9 +247,9 @@ def test_smart_bregman_proximal_point_matches_pytorch(models, batch):
     (adv.smart(adv.SMARTOptions(epsilon=0.0, noise_std=0.0, mu=0.0)), 1.0),
     (adv.vat(adv.VATOptions(epsilon=0.0)), 1.0),
 ], ids=["fgm", "pgd", "freelb", "smart", "vat"])
-def test_a_zero_perturbation_is_supervised_training(models, batch, objective, factor):
-    loss, grads = ours(models[1], objective, batch)
-    ce_loss, ce_grads = ours(models[1], cross_entropy(CrossEntropyOptions()), batch)
+def test_a_zero_perturbation_is_supervised_training(tiny_bert_pair, batch, objective, factor):
+    loss, grads = ours(tiny_bert_pair[1], objective, batch)
+    ce_loss, ce_grads = ours(tiny_bert_pair[1], cross_entropy(CrossEntropyOptions()), batch)
     np.testing.assert_allclose(loss, factor * ce_loss, rtol=1e-6)
     for name, g in ce_grads.items():
         np.testing.assert_allclose(grads[name], factor * g, rtol=1e-5, atol=1e-7, err_msg=name)
@@ -272,8 +260,8 @@ def aux_of(model, objective, batch, key=KEY):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_perturbations_stay_in_the_ball_and_maximization_does_not_decrease_the_loss(models, batch, seed):
-    model, key = models[1], jax.random.key(seed)
+def test_perturbations_stay_in_the_ball_and_maximization_does_not_decrease_the_loss(tiny_bert_pair, batch, seed):
+    model, key = tiny_bert_pair[1], jax.random.key(seed)
     for norm, eps, alpha in [("l2", 0.5, 0.4), ("linf", 0.03, 0.02)]:
         a = aux_of(model, adv.pgd(adv.PGDOptions(epsilon=eps, alpha=alpha, steps=4, norm=norm, random_start=True)),
                    batch, key)
@@ -298,7 +286,7 @@ def ragged_split(n=8, max_length=12, seed=0):
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_padding_is_never_perturbed_and_norms_are_per_example(models, layout):
+def test_padding_is_never_perturbed_and_norms_are_per_example(tiny_bert_pair, layout):
     split = ragged_split()
     idx, w = np.arange(8), np.ones(8, np.float32)
     batch = collate(split, idx, w, 12, 0) if layout == "padded" else pack(split, idx, w, 24, 0)
@@ -318,8 +306,8 @@ def test_padding_is_never_perturbed_and_norms_are_per_example(models, layout):
     # geometry): checked on FGM, whose perturbation depends on no random draw.
     theirs_batch = collate(split, idx, w, 12, 0)
     fgm = adv.fgm(adv.FGMOptions(epsilon=0.5))
-    padded_loss, _ = fgm(models[1], {k: jnp.asarray(v) for k, v in theirs_batch.items()}, KEY)
-    this_loss, _ = fgm(models[1], b, KEY)
+    padded_loss, _ = fgm(tiny_bert_pair[1], {k: jnp.asarray(v) for k, v in theirs_batch.items()}, KEY)
+    this_loss, _ = fgm(tiny_bert_pair[1], b, KEY)
     np.testing.assert_allclose(float(this_loss), float(padded_loss), rtol=1e-5)
 
 
@@ -333,9 +321,9 @@ def test_objectives_are_registered_with_their_options():
     assert callable(make_objective(ObjectiveConfig(name="freelb", params={"steps": 2})))
 
 
-def test_nnx_state_is_usable_after_an_objective(models, batch):
+def test_nnx_state_is_usable_after_an_objective(tiny_bert_pair, batch):
     # The inner nnx.value_and_grad passes must leave the module usable (no leaked tracers).
-    model = models[1]
+    model = tiny_bert_pair[1]
     adv.freelb(adv.FreeLBOptions())(model, {k: jnp.asarray(v) for k, v in batch.items()}, KEY)
     out = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
     assert np.isfinite(np.asarray(out)).all()
@@ -366,7 +354,7 @@ def test_smart_teacher_state_is_checkpointed_and_resumes_bit_exactly(tmp_path, d
     done = subprocess.run([sys.executable, "-m", "research.cli", "train", str(SMOKE), "--workdir", str(reference),
                            *objective], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    killed = _run_and_signal(tmp_path / "killed", 6, "SIGKILL", *objective)
+    killed = run_and_signal(tmp_path / "killed", 6, "SIGKILL", *objective)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     done = subprocess.run([sys.executable, "-m", "research.cli", "train", str(SMOKE), "--workdir",
                            str(tmp_path / "killed"), "--resume", *objective], capture_output=True, text=True,

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from test_train import smoke
+from helpers import smoke
 
 from research.attacks import char_attack, char_edits, pgd_accuracy
 from research.cli import main

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_adversarial import check, models  # noqa: F401  (the tiny BERT pair fixture)
-from test_train import smoke
+from helpers import check_objective, smoke
 
 from research.config import ConfigError
 from research.objectives import counterfactual as cf
@@ -55,18 +54,18 @@ class TorchPairs:
                 if self.w[a] > 0 and keep(self.labels[a], self.labels[b])]
 
 
-def test_logit_pairing_matches_pytorch(models, batch):  # noqa: F811
-    t = TorchPairs(models[0], batch)
+def test_logit_pairing_matches_pytorch(tiny_bert_pair, batch):
+    t = TorchPairs(tiny_bert_pair[0], batch)
     logits = t.head(t.features)
     centred = logits - logits.mean(-1, keepdim=True)
     terms = [(centred[i] - centred[j]).abs().sum() for i, j in t.members(lambda a, b: a == b)]
     loss = t.ce(logits) + 0.7 * torch.stack(terms).mean()
     loss.backward()
-    check(models, cf.clp(cf.CLPOptions(weight=0.7)), loss, batch)
+    check_objective(tiny_bert_pair, cf.clp(cf.CLPOptions(weight=0.7)), loss, batch)
 
 
-def test_gradient_supervision_matches_pytorch(models, batch):  # noqa: F811
-    t = TorchPairs(models[0], batch)
+def test_gradient_supervision_matches_pytorch(tiny_bert_pair, batch):
+    t = TorchPairs(tiny_bert_pair[0], batch)
     f = t.features
     logits = t.head(f)
     terms = []
@@ -76,11 +75,11 @@ def test_gradient_supervision_matches_pytorch(models, batch):  # noqa: F811
         terms.append(1 - F.cosine_similarity(g, f[j] - f[i], dim=0))
     loss = t.ce(logits) + 0.5 * torch.stack(terms).mean()
     loss.backward()
-    check(models, cf.gradient_supervision(cf.GradientSupervisionOptions(weight=0.5)), loss, batch)
+    check_objective(tiny_bert_pair, cf.gradient_supervision(cf.GradientSupervisionOptions(weight=0.5)), loss, batch)
 
 
-def test_pair_margin_matches_pytorch(models, batch):  # noqa: F811
-    t = TorchPairs(models[0], batch)
+def test_pair_margin_matches_pytorch(tiny_bert_pair, batch):
+    t = TorchPairs(tiny_bert_pair[0], batch)
     z = t.head(t.features)
     terms = []
     for i, j in t.members(lambda a, b: a != b):
@@ -89,7 +88,7 @@ def test_pair_margin_matches_pytorch(models, batch):  # noqa: F811
         terms.append(F.relu(2.0 - change))
     loss = t.ce(z) + 0.3 * torch.stack(terms).mean()
     loss.backward()
-    check(models, cf.pair_margin(cf.PairMarginOptions(weight=0.3, margin=2.0)), loss, batch)
+    check_objective(tiny_bert_pair, cf.pair_margin(cf.PairMarginOptions(weight=0.3, margin=2.0)), loss, batch)
 
 
 def test_pair_terms_vanish_on_identical_members_and_work_on_gpt2(batch):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import randomize_, to_numpy
 from flax import nnx
+from helpers import randomize_, to_numpy
 
 from research.generate import generate
 from research.models import from_pretrained

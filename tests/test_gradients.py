@@ -2,7 +2,6 @@
 the masked causal-LM loss on GPT-2. Tolerance: per tensor, |ours - torch| <= 1e-4 * max|torch| (1e-4
 relative to the tensor's scale); loss within 1e-5 relative."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -10,44 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import randomize_, to_numpy
-from flax import nnx
+from helpers import assert_grads_match, our_grads_by_hf_name, randomize_
 
 from research.models import from_pretrained
-from research.models.hf import _hf_key, key_table
-
-RTOL = 1e-4
-
-
-def our_grads_by_hf_name(model, loss_fn, task, mod):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    # A copy of `rest` per trace: NNX refuses to update (e.g. an inner nnx transform's dropout count)
-    # variables that belong to another trace level.
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))))(
-        params)
-    by_path = {path: (key, t) for key, (path, t) in key_table(mod, model.config, task).items()}
-    out = {}
-    for path, g in nnx.to_flat_state(grads):
-        key, transpose = by_path[path]
-        g = np.asarray(g[...])
-        out[_hf_key(mod, key, path, task)] = g.T if transpose else g
-    return float(loss), out
-
-
-def assert_grads_match(ours, torch_model):
-    theirs = {n: to_numpy(p.grad) for n, p in torch_model.named_parameters()}
-    theirs.pop("lm_head.weight", None)  # tied to wte: torch accumulates both uses into wte's grad
-    assert set(ours) == set(theirs), set(ours) ^ set(theirs)
-    overall = max(np.abs(g).max() for g in theirs.values())
-    for name, g in theirs.items():
-        scale = np.abs(g).max()
-        if scale < 1e-6 * overall:
-            # Exactly zero in exact arithmetic (the attention key bias: softmax ignores a per-query shift);
-            # both frameworks hold only rounding noise there.
-            assert "key.bias" in name, f"{name}: unexpectedly zero gradient in torch"
-            assert np.abs(ours[name]).max() < 1e-6 * overall, name
-            continue
-        np.testing.assert_allclose(ours[name], g, rtol=0, atol=RTOL * scale, err_msg=name)
 
 
 def test_bert_classification_loss_and_grads(tmp_path):

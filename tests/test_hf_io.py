@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import randomize_, to_numpy
+from helpers import randomize_, to_numpy
 from safetensors.numpy import load_file, save_file
 
 from research.models import CheckpointError, CheckpointWarning, from_pretrained, load_tokenizer, save_pretrained

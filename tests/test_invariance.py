@@ -12,8 +12,7 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
-from test_adversarial import check, models  # noqa: F401  (the tiny BERT pair fixture)
-from test_train import smoke
+from helpers import check_objective, smoke
 
 from research.config import ConfigError, ObjectiveConfig, OptimConfig
 from research.objectives import invariance as inv
@@ -70,9 +69,9 @@ def stateless(objective, state):
 
 @pytest.mark.parametrize("updates", [0.0, 7.0])  # before and after annealing (anneal_steps=7)
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_irm_matches_pytorch(models, batch, updates, unbiased):  # noqa: F811
+def test_irm_matches_pytorch(tiny_bert_pair, batch, updates, unbiased):
     o = inv.IRMOptions(penalty_weight=50.0, anneal_steps=7, unbiased=unbiased)
-    t = TorchEnvs(models[0], batch)
+    t = TorchEnvs(tiny_bert_pair[0], batch)
     penalty_fn = irm_penalty_unbiased if unbiased else irm_penalty
     nll = t.risks().mean()
     penalty = torch.stack([penalty_fn(lg, y) for lg, y in t.envs]).mean()
@@ -81,47 +80,47 @@ def test_irm_matches_pytorch(models, batch, updates, unbiased):  # noqa: F811
     if weight > 1.0:
         loss = loss / weight
     loss.backward()
-    check(models, stateless(inv.irm(o, ENVS), {"updates": jnp.float32(updates)}), loss, batch)
+    check_objective(tiny_bert_pair, stateless(inv.irm(o, ENVS), {"updates": jnp.float32(updates)}), loss, batch)
 
 
 @pytest.mark.parametrize("updates", [0.0, 7.0])
-def test_vrex_matches_pytorch(models, batch, updates):  # noqa: F811
+def test_vrex_matches_pytorch(tiny_bert_pair, batch, updates):
     o = inv.VRExOptions(penalty_weight=30.0, anneal_steps=7)
-    risks = TorchEnvs(models[0], batch).risks()
+    risks = TorchEnvs(tiny_bert_pair[0], batch).risks()
     weight = 30.0 if updates >= 7 else 1.0
     loss = risks.mean() + weight * ((risks - risks.mean()) ** 2).mean()
     if weight > 1.0:
         loss = loss / weight
     loss.backward()
-    check(models, stateless(inv.vrex(o, ENVS), {"updates": jnp.float32(updates)}), loss, batch)
+    check_objective(tiny_bert_pair, stateless(inv.vrex(o, ENVS), {"updates": jnp.float32(updates)}), loss, batch)
 
 
-def test_group_dro_matches_pytorch(models, batch):  # noqa: F811
+def test_group_dro_matches_pytorch(tiny_bert_pair, batch):
     o = inv.GroupDROOptions(eta=0.5)
     q0 = torch.tensor([0.3, 0.7])
-    risks = TorchEnvs(models[0], batch).risks()
+    risks = TorchEnvs(tiny_bert_pair[0], batch).risks()
     q = q0 * torch.exp(o.eta * risks.detach())  # Sagawa et al.'s LossComputer.compute_robust_loss
     q = q / q.sum()
     loss = risks @ q
     loss.backward()
     objective = inv.group_dro(o, ENVS)
-    check(models, stateless(objective, {"q": jnp.array([0.3, 0.7], jnp.float32)}), loss, batch)
+    check_objective(tiny_bert_pair, stateless(objective, {"q": jnp.array([0.3, 0.7], jnp.float32)}), loss, batch)
     b = {k: jnp.asarray(v) for k, v in batch.items()}
-    _, aux, new = objective.loss(models[1], b, jax.random.key(0), {"q": jnp.array([0.3, 0.7], jnp.float32)})
+    _, aux, new = objective.loss(tiny_bert_pair[1], b, jax.random.key(0), {"q": jnp.array([0.3, 0.7], jnp.float32)})
     np.testing.assert_allclose(new["q"], q.numpy(), rtol=1e-5)
     np.testing.assert_allclose([aux["env/a/risk"], aux["env/b/risk"]], risks.detach().numpy(), rtol=1e-5)
 
 
-def test_penalties_vanish_when_environments_agree(models, batch):  # noqa: F811
+def test_penalties_vanish_when_environments_agree(tiny_bert_pair, batch):
     # Two copies of the same examples, one per environment: equal risks, so V-REx's variance is 0 and
     # IRM's two penalties are equal; Group DRO's weights stay uniform.
     b = {k: jnp.asarray(np.concatenate([v, v]) if k != "environment" else np.repeat([0, 1], 8))
          for k, v in batch.items()}
-    _, aux, _ = inv.vrex(inv.VRExOptions(), ENVS).loss(models[1], b, None, {"updates": jnp.float32(0)})
+    _, aux, _ = inv.vrex(inv.VRExOptions(), ENVS).loss(tiny_bert_pair[1], b, None, {"updates": jnp.float32(0)})
     assert float(aux["penalty"]) < 1e-10
-    _, aux, _ = inv.irm(inv.IRMOptions(), ENVS).loss(models[1], b, None, {"updates": jnp.float32(0)})
+    _, aux, _ = inv.irm(inv.IRMOptions(), ENVS).loss(tiny_bert_pair[1], b, None, {"updates": jnp.float32(0)})
     np.testing.assert_allclose(aux["env/a/penalty"], aux["env/b/penalty"], rtol=1e-6)
-    _, _, new = inv.group_dro(inv.GroupDROOptions(), ENVS).loss(models[1], b, None, {"q": jnp.full((2,), 0.5)})
+    _, _, new = inv.group_dro(inv.GroupDROOptions(), ENVS).loss(tiny_bert_pair[1], b, None, {"q": jnp.full((2,), 0.5)})
     np.testing.assert_allclose(new["q"], [0.5, 0.5], rtol=1e-6)
 
 

@@ -12,7 +12,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import records, run_on_one_and_eight_devices, smoke
+from helpers import records, run_on_one_and_eight_devices, smoke
 
 from research.config import ConfigError
 from research.data.classification import Split, SplitReport, collate, model_inputs, pack

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-# The runner's test helpers: smoke.py with overrides, metrics.jsonl records, and those records without timings.
-from test_train import SMOKE, deterministic, records, smoke
+from helpers import SMOKE, deterministic, records, smoke
 
 from research.checkpoint import MANIFEST, Checkpoints
 from research.config import apply_overrides

@@ -10,50 +10,14 @@
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import params_of, records, run_and_signal, run_on_one_and_eight_devices, smoke, step_dirs
 
 from research.cli import main
-from research.config import apply_overrides, load_experiment
-from research.evaluate import load_trained_model
 from research.train import NonFiniteLossError, RunError, train
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.py"
-# Per-step values; throughput and compile counts depend on the machine and the process, not the math.
-TIMING_KEYS = ("train/examples_per_s", "train/tokens_per_s", "train/compilations")
-
-
-def smoke(*overrides):
-    return apply_overrides(load_experiment(SMOKE), list(overrides))
-
-
-def step_dirs(workdir):
-    """The checkpoint step directories (checkpoints/ also holds its FORMAT file)."""
-    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def records(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def deterministic(rs):
-    """The training records without timings (`research eval` records, added later, left out too)."""
-    kept = [r for r in rs if not any(k.startswith("eval_") for k in r)]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in kept]
-
-
-def params_of(workdir, which="latest"):
-    from flax import nnx
-
-    model, step, _ = load_trained_model(Path(workdir), which)
-    return step, {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 @pytest.fixture(scope="module")
@@ -123,33 +87,9 @@ def test_eval_and_export_agree_with_transformers(smoke_run, tmp_path, capsys):
     assert correct / len(dev) == pytest.approx(accuracy, abs=1e-9)
 
 
-SIGNAL_AT_STEP = """
-import os, signal, sys
-from research import metrics
-from research.cli import main
-
-step_at, signum = int(sys.argv[1]), getattr(signal, sys.argv[2])
-write = metrics.MetricWriter.write
-
-def write_then_signal(self, step, values):
-    write(self, step, values)
-    if step == step_at and "train/loss" in values:
-        os.kill(os.getpid(), signum)  # a real signal, delivered mid-run at a known step
-
-metrics.MetricWriter.write = write_then_signal
-main(sys.argv[3:])
-"""
-
-
-def _run_and_signal(workdir, step, signum, *args):
-    """`research train smoke [args]` in a subprocess that receives `signum` right after logging `step`."""
-    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(step), signum, "train", str(SMOKE),
-                           "--workdir", str(workdir), *args], capture_output=True, text=True, timeout=600)
-
-
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     workdir = tmp_path / "terminated"
-    done = _run_and_signal(workdir, 2, "SIGTERM")
+    done = run_and_signal(workdir, 2, "SIGTERM")
     assert done.returncode == 143, done.stdout + done.stderr  # 128 + SIGTERM, documented (research.train)
     assert "SIGTERM: saved a checkpoint at step 2 of 16; resume with --resume" in done.stdout + done.stderr
     assert step_dirs(workdir) == [2]
@@ -199,54 +139,6 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, data_dir):
     _, b = params_of(tmp_path / "accum")
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
-
-
-EIGHT_DEVICES = """
-import json, sys
-import jax
-import numpy as np
-from flax import nnx
-from research.config import apply_overrides, load_experiment
-from research.evaluate import load_trained_model
-from research import sharding, train as train_module
-from pathlib import Path
-
-assert jax.device_count() == 8, jax.devices()
-out = {}
-placed = {}
-state_shardings = sharding.state_shardings
-def recording(state, mesh, fsdp):  # what the run placed its state with
-    out = state_shardings(state, mesh, fsdp)
-    placed["embedding"] = str(out["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"].spec)
-    return out
-train_module.state_shardings = recording
-runs = ((1, False), (8, False), (8, True)) if sys.argv[3] == "fsdp" else ((1, False), (8, False))
-for n, fsdp in runs:
-    devices = jax.devices()[:n]
-    train_module.make_mesh = lambda devices=devices: sharding.make_mesh(devices)
-    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null", *sys.argv[4:],
-                                                         f"train.fsdp={str(fsdp).lower()}"])
-    workdir = Path(sys.argv[2]) / f"d{n}{'fsdp' if fsdp else ''}"
-    train_module.train(cfg, workdir)
-    losses = [json.loads(l)["train/loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
-              if "train/loss" in l]
-    model, _, _ = load_trained_model(workdir, "latest")
-    state = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    flat = {"/".join(map(str, k)): np.asarray(v[...]).tolist() for k, v in state}
-    out[f"{n}{'fsdp' if fsdp else ''}"] = {"losses": losses, "params": flat, "embedding": placed["embedding"]}
-print("RESULT" + json.dumps(out))
-"""
-
-
-def run_on_one_and_eight_devices(tmp_path, *overrides, fsdp=False):
-    """Runs of smoke.py on 1 and 8 simulated devices (and on 8 with FSDP when asked)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(SMOKE), str(tmp_path),
-                           "fsdp" if fsdp else "replicated", *overrides], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = json.loads(done.stdout.split("RESULT")[1])
-    return (out["1"], out["8"], out["8fsdp"]) if fsdp else (out["1"], out["8"])
 
 
 def test_eight_simulated_devices_match_one(tmp_path, data_dir):

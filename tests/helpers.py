@@ -1,0 +1,196 @@
+"""Helpers the test modules share (fixtures live in conftest.py). No test module imports another: what two
+of them need sits here.
+
+- PyTorch references: `randomize_` gives every parameter of a transformers model random values; `to_numpy`;
+  `our_grads_by_hf_name` / `assert_grads_match` compare gradients by transformers parameter name (1e-4 of each
+  tensor's scale), and `check_objective` an objective's loss (1e-5 relative) and gradients on the tiny BERT pair.
+- The runner on experiments/smoke.py: `smoke(*overrides)`, the run directory's `records`, `deterministic`
+  records (timings left out), checkpoint `step_dirs`, `params_of` a run, `run_and_signal` (a real signal at
+  a known step, in a subprocess) and `run_on_one_and_eight_devices` (8 simulated CPU devices, in a subprocess).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from research.config import apply_overrides, load_experiment
+from research.models import bert
+from research.models.hf import _hf_key, key_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "smoke.py"
+# Per-step values; throughput and compile counts depend on the machine and the process, not the math.
+TIMING_KEYS = ("train/examples_per_s", "train/tokens_per_s", "train/compilations")
+GRAD_RTOL = 1e-4  # per tensor: |ours - torch| <= GRAD_RTOL * max|torch|
+KEY = jax.random.key(3)  # the random draws of the objective parity tests, handed to both frameworks
+
+
+# ------------------------------------------------------------------------------------ PyTorch references
+
+
+def randomize_(torch_model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter random values, LayerNorm scales around 1: HF's init leaves LayerNorm at (1, 0)
+    and biases at 0, which would hide a swapped scale/bias or a missing bias in the key table. Full-size
+    models use std=0.02 (their initializer_range): wider weights grow the 768-wide residual stream to
+    magnitudes where float32 rounding alone exceeds 1e-4."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_norm_scale = name.endswith("weight") and ("LayerNorm" in name or ".ln_" in name or "ln_f" in name)
+            p.copy_(1 + 0.1 * noise if is_norm_scale else std * noise)
+    return torch_model.eval()
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def our_grads_by_hf_name(model, loss_fn, task, mod):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # A copy of `rest` per trace: NNX refuses to update (e.g. an inner nnx transform's dropout count)
+    # variables that belong to another trace level.
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))))(
+        params)
+    by_path = {path: (key, t) for key, (path, t) in key_table(mod, model.config, task).items()}
+    out = {}
+    for path, g in nnx.to_flat_state(grads):
+        key, transpose = by_path[path]
+        g = np.asarray(g[...])
+        out[_hf_key(mod, key, path, task)] = g.T if transpose else g
+    return float(loss), out
+
+
+def assert_grads_match(ours, torch_model):
+    theirs = {n: to_numpy(p.grad) for n, p in torch_model.named_parameters()}
+    theirs.pop("lm_head.weight", None)  # tied to wte: torch accumulates both uses into wte's grad
+    assert set(ours) == set(theirs), set(ours) ^ set(theirs)
+    overall = max(np.abs(g).max() for g in theirs.values())
+    for name, g in theirs.items():
+        scale = np.abs(g).max()
+        if scale < 1e-6 * overall:
+            # Exactly zero in exact arithmetic (the attention key bias: softmax ignores a per-query shift);
+            # both frameworks hold only rounding noise there.
+            assert "key.bias" in name, f"{name}: unexpectedly zero gradient in torch"
+            assert np.abs(ours[name]).max() < 1e-6 * overall, name
+            continue
+        np.testing.assert_allclose(ours[name], g, rtol=0, atol=GRAD_RTOL * scale, err_msg=name)
+
+
+def check_objective(model_pair, objective, torch_loss, batch, key=KEY) -> None:
+    """`objective`'s loss (1e-5 relative) and gradients (GRAD_RTOL) on our half of `model_pair` (torch, ours)
+    equal `torch_loss` and the gradients torch accumulated for it."""
+    theirs, mine = model_pair
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    loss, grads = our_grads_by_hf_name(mine, lambda m: objective(m, b, key)[0], "sequence_classification", bert)
+    np.testing.assert_allclose(loss, float(torch_loss.detach()), rtol=1e-5)
+    assert_grads_match(grads, theirs)
+
+
+# ------------------------------------------------------------------------------------------- the runner
+
+
+def smoke(*overrides):
+    return apply_overrides(load_experiment(SMOKE), list(overrides))
+
+
+def step_dirs(workdir):
+    """The checkpoint step directories (checkpoints/ also holds its FORMAT file)."""
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def deterministic(rs):
+    """The training records without timings (`research eval` records, added later, left out too)."""
+    kept = [r for r in rs if not any(k.startswith("eval_") for k in r)]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in kept]
+
+
+def params_of(workdir, which="latest"):
+    from research.evaluate import load_trained_model
+
+    model, step, _ = load_trained_model(Path(workdir), which)
+    return step, {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+SIGNAL_AT_STEP = """
+import os, signal, sys
+from research import metrics
+from research.cli import main
+
+step_at, signum = int(sys.argv[1]), getattr(signal, sys.argv[2])
+write = metrics.MetricWriter.write
+
+def write_then_signal(self, step, values):
+    write(self, step, values)
+    if step == step_at and "train/loss" in values:
+        os.kill(os.getpid(), signum)  # a real signal, delivered mid-run at a known step
+
+metrics.MetricWriter.write = write_then_signal
+main(sys.argv[3:])
+"""
+
+
+def run_and_signal(workdir, step, signum, *args):
+    """`research train smoke [args]` in a subprocess that receives `signum` right after logging `step`."""
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(step), signum, "train", str(SMOKE),
+                           "--workdir", str(workdir), *args], capture_output=True, text=True, timeout=600)
+
+
+EIGHT_DEVICES = """
+import json, sys
+import jax
+import numpy as np
+from flax import nnx
+from research.config import apply_overrides, load_experiment
+from research.evaluate import load_trained_model
+from research import sharding, train as train_module
+from pathlib import Path
+
+assert jax.device_count() == 8, jax.devices()
+out = {}
+placed = {}
+state_shardings = sharding.state_shardings
+def recording(state, mesh, fsdp):  # what the run placed its state with
+    out = state_shardings(state, mesh, fsdp)
+    placed["embedding"] = str(out["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"].spec)
+    return out
+train_module.state_shardings = recording
+runs = ((1, False), (8, False), (8, True)) if sys.argv[3] == "fsdp" else ((1, False), (8, False))
+for n, fsdp in runs:
+    devices = jax.devices()[:n]
+    train_module.make_mesh = lambda devices=devices: sharding.make_mesh(devices)
+    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null", *sys.argv[4:],
+                                                         f"train.fsdp={str(fsdp).lower()}"])
+    workdir = Path(sys.argv[2]) / f"d{n}{'fsdp' if fsdp else ''}"
+    train_module.train(cfg, workdir)
+    losses = [json.loads(l)["train/loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in l]
+    model, _, _ = load_trained_model(workdir, "latest")
+    state = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    flat = {"/".join(map(str, k)): np.asarray(v[...]).tolist() for k, v in state}
+    out[f"{n}{'fsdp' if fsdp else ''}"] = {"losses": losses, "params": flat, "embedding": placed["embedding"]}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def run_on_one_and_eight_devices(tmp_path, *overrides, fsdp=False):
+    """Runs of smoke.py on 1 and 8 simulated devices (and on 8 with FSDP when asked)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(SMOKE), str(tmp_path),
+                           "fsdp" if fsdp else "replicated", *overrides], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.split("RESULT")[1])
+    return (out["1"], out["8"], out["8fsdp"]) if fsdp else (out["1"], out["8"])
