@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.data.batches import eval_batches
-from research.data.classification import Split, SplitReport, collate, model_inputs
+from research.data.batches import collate, eval_batches
+from research.data.split import Split, SplitReport
+from research.models.families import family_of
 from research.objectives import adversarial
 
 # --------------------------------------------------------------------------------------- embedding PGD
@@ -52,7 +53,7 @@ def make_pgd_step(graphdef: nnx.GraphDef, rest: nnx.State, steps: int) -> Callab
             _, g = adversarial.delta_grad(model, attack, embeds, delta)
             delta = adversarial.project(delta + alpha * adversarial.normalize(g, batch, "l2"), batch, epsilon, "l2")
         logits = adversarial.logits_at(model, embeds + delta, inputs)
-        return (logits.argmax(-1) == batch["labels"]).astype(jnp.float32)
+        return (logits.argmax(-1) == batch.labels).astype(jnp.float32)
 
     return jax.jit(attacked)
 
@@ -70,7 +71,7 @@ def pgd_accuracy(model: nnx.Module, split: Split, epsilons: tuple[float, ...], b
         order = indices[np.argsort(lengths[indices], kind="stable")]  # similar lengths share a batch: less padding
         kept = []
         for b, batch in eval_batches(split, batch_size, buckets, pad_id, order):
-            c = np.asarray(step(params, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.float32(eps)))
+            c = np.asarray(step(params, jax.tree.map(jnp.asarray, batch), jnp.float32(eps)))
             rows = order[b * batch_size : (b + 1) * batch_size]
             kept.append(rows[c[: len(rows)] > 0])
         return np.sort(np.concatenate(kept)) if kept else indices
@@ -110,8 +111,8 @@ class _Classifier:
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.tokenizer, self.max_length, self.buckets, self.pad_id = tokenizer, max_length, buckets, pad_id
         self.batch_size = batch_size
-        self._probs = jax.jit(lambda p, b: jax.nn.softmax(self._model(p)(**model_inputs(b)), -1))
-        self.token_types = hasattr(model.config, "type_vocab_size")  # see Split.token_type_ids
+        self._probs = jax.jit(lambda p, b: jax.nn.softmax(self._model(p)(**b.model_inputs()), -1))
+        self.token_types = family_of(model).has_token_types  # see Batch.token_type_ids
         self._saliency = jax.jit(self._token_saliency)
 
     def _model(self, params):
@@ -148,14 +149,14 @@ class _Classifier:
     def probs(self, words_list: list[list[str]], labels: np.ndarray) -> np.ndarray:
         out = []
         for n, batch in self._batches(self._encode(words_list), labels):
-            out.append(np.asarray(self._probs(self.params, {k: jnp.asarray(v) for k, v in batch.items()}))[:n])
+            out.append(np.asarray(self._probs(self.params, jax.tree.map(jnp.asarray, batch)))[:n])
         return np.concatenate(out)
 
     def word_saliency(self, words_list: list[list[str]], labels: np.ndarray) -> list[np.ndarray]:
         encodings = self._encode(words_list)
         token_saliency = []
         for n, batch in self._batches(encodings, labels):
-            s = np.asarray(self._saliency(self.params, {k: jnp.asarray(v) for k, v in batch.items()}))
+            s = np.asarray(self._saliency(self.params, jax.tree.map(jnp.asarray, batch)))
             token_saliency.extend(s[:n])
         out = []
         for words, enc, sal in zip(words_list, encodings, token_saliency, strict=True):

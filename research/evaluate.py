@@ -19,9 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from research.batch import Batch
 from research.data.batches import eval_batches
-from research.data.classification import Split, model_inputs
-from research.data.tagging import entity_scores, sentence_tags
+from research.data.split import Split
+from research.data.tagging import TaggedSplit, entity_scores, sentence_tags
 from research.sharding import make_mesh, put_batch, replicated
 
 
@@ -31,16 +32,16 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, token_su
     `token_sums`: instead of logits, the batch's sums over its weighted token targets, {"nll", "targets",
     "correct"}; a causal LM's logits, (B, T, 50257), are too large to bring to the host."""
 
-    def step(params, rest, batch):
+    def step(params, rest, batch: Batch):
         model = nnx.merge(graphdef, params, rest)
         mb = jax.tree.map(lambda x: x[0], batch)  # (1, B, ...) -> (B, ...): eval batches are never split
-        logits = model(**model_inputs(mb))
+        logits = model(**mb.model_inputs())
         if not token_sums:
             return logits
-        w = mb["label_weights"]  # (B, T)
+        w = mb.label_weights  # (B, T)
         log_probs = jax.nn.log_softmax(logits, axis=-1)  # (B, T, V)
-        nll = -jnp.take_along_axis(log_probs, mb["labels"][..., None], axis=-1)[..., 0]  # (B, T)
-        correct = (logits.argmax(-1) == mb["labels"]).astype(jnp.float32)
+        nll = -jnp.take_along_axis(log_probs, mb.labels[..., None], axis=-1)[..., 0]  # (B, T)
+        correct = (logits.argmax(-1) == mb.labels).astype(jnp.float32)
         return {"nll": (nll * w).sum(), "targets": w.sum(), "correct": (correct * w).sum()}
 
     jitted = jax.jit(step, out_shardings=replicated(mesh))
@@ -53,7 +54,7 @@ def predict(eval_step: Callable, params: dict, split: Split, batch_size: int, bu
     out = []
     for _, batch in eval_batches(split, batch_size, buckets, pad_id):
         logits = np.asarray(eval_step(params, put_batch(batch, mesh)))
-        out.append(logits[batch["weights"] > 0])  # filler rows of the last batch dropped here
+        out.append(logits[batch.weights > 0])  # filler rows of the last batch dropped here
     return np.concatenate(out)
 
 
@@ -63,15 +64,15 @@ def predict_tokens(eval_step: Callable, params: dict, split: Split, batch_size: 
     out = []
     for b, batch in eval_batches(split, batch_size, buckets, pad_id):
         logits = np.asarray(eval_step(params, put_batch(batch, mesh)))  # (B, T, C)
-        for row in range(int((batch["weights"] > 0).sum())):  # filler rows sit at the end of the last batch
+        for row in range(int((batch.weights > 0).sum())):  # filler rows sit at the end of the last batch
             out.append(logits[row, : len(split.input_ids[b * batch_size + row])])
     return out
 
 
-def tagging_metrics(logits: list[np.ndarray], split: Split, names: tuple[str, ...]) -> tuple[dict, str]:
+def tagging_metrics(logits: list[np.ndarray], split: TaggedSplit, names: tuple[str, ...]) -> tuple[dict, str]:
     """Scalars {entity_precision, entity_recall, entity_f1, <type>/f1, accuracy, loss} and a per-type report;
     `accuracy` and `loss` are over the labelled tokens (first pieces), the entity scores over gold sentences."""
-    windows, sentences = split.tagged.windows, split.tagged.sentences
+    windows, sentences = split.windows, split.sentences
     labels = np.concatenate(windows.token_labels)  # (all tokens,)
     flat = np.concatenate(logits)  # (all tokens, C)
     kept = labels >= 0
@@ -113,25 +114,28 @@ def lm_metrics(eval_step: Callable, params: dict, split: Split, batch_size: int,
     return scalars, report
 
 
-def evaluate_split(eval_step: Callable, params: dict, split: Split, names: tuple[str, ...], batch_size: int,
-                   buckets: tuple[int, ...], pad_id: int, mesh: Mesh) -> tuple[dict, str]:
-    """The metrics of one split and a text report, for the split's task."""
-    if split.tagged is not None:
+def evaluate_split(task: str, eval_step: Callable, params: dict, split: Split, names: tuple[str, ...],
+                   batch_size: int, buckets: tuple[int, ...], pad_id: int, mesh: Mesh) -> tuple[dict, str]:
+    """The metrics of one split of `task` (the model's, `model.task`) and a text report."""
+    if task == "token_classification":
         return tagging_metrics(predict_tokens(eval_step, params, split, batch_size, buckets, pad_id, mesh), split,
                                names)
-    if split.token_targets is not None:  # causal LM
+    if task == "causal_lm":
         return lm_metrics(eval_step, params, split, batch_size, buckets, pad_id, mesh)
-    return classification_metrics(predict(eval_step, params, split, batch_size, buckets, pad_id, mesh),
-                                  split.labels, names)
+    if task == "sequence_classification":
+        return classification_metrics(predict(eval_step, params, split, batch_size, buckets, pad_id, mesh),
+                                      split.labels, names)
+    raise ValueError(f"model.task={task!r} has no evaluation; the trainable tasks are sequence_classification, "
+                     "token_classification and causal_lm")
 
 
-def evaluate_splits(eval_step: Callable, params: dict, pieces, batch_size: int, buckets: tuple[int, ...],
-                    mesh: Mesh) -> tuple[dict[str, float], dict[str, str]]:
+def evaluate_splits(task: str, eval_step: Callable, params: dict, pieces, batch_size: int,
+                    buckets: tuple[int, ...], mesh: Mesh) -> tuple[dict[str, float], dict[str, str]]:
     """Dev and every test set of `pieces` (research.experiment.Pieces): the scalars as `dev/<name>` and
     `test/<set>/<name>`, and the text report of each prefix."""
     scalars, reports = {}, {}
     for prefix, split in {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}.items():
-        found, reports[prefix] = evaluate_split(eval_step, params, split, pieces.labels, batch_size, buckets,
+        found, reports[prefix] = evaluate_split(task, eval_step, params, split, pieces.labels, batch_size, buckets,
                                                 pieces.pad_id, mesh)
         scalars.update({f"{prefix}/{k}": v for k, v in found.items()})
     return scalars, reports
@@ -229,7 +233,8 @@ def evaluate_config(cfg) -> tuple[dict[str, float], str]:
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
-    scalars, reports = evaluate_splits(eval_step, params, pieces, cfg.train.eval_batch_size, cfg.data.buckets, mesh)
+    scalars, reports = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
+                                       cfg.data.buckets, mesh)
     return scalars, f"{cfg.model.name_or_path}, no training:\n" + "\n".join(f"{p}:\n{r}" for p, r in reports.items())
 
 
@@ -252,7 +257,8 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
-    found, reports = evaluate_splits(eval_step, params, pieces, cfg.train.eval_batch_size, cfg.data.buckets, mesh)
+    found, reports = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
+                                     cfg.data.buckets, mesh)
     # Dev's metrics under their own names (eval_best/accuracy), the test sets' as test/<set>/...
     scalars = {k.removeprefix("dev/"): v for k, v in found.items()}
     report = reports["dev"]

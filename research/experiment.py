@@ -12,7 +12,6 @@ import dataclasses
 import datetime
 import fcntl
 import importlib.metadata
-import inspect
 import json
 import os
 import subprocess
@@ -26,9 +25,10 @@ from flax import nnx
 
 from research.config import ConfigError, ExperimentConfig, from_dict
 from research.data import classification, dialogue, lm, tagging
-from research.data.classification import DataError, Split, data_root
+from research.data.split import DataError, Split, data_root
 from research.models import from_config, from_pretrained, load_tokenizer
-from research.models.hf import MODEL_FILES, read_hf_config, resolve_checkpoint_dir
+from research.models.families import FAMILIES, family_of
+from research.models.hf import read_hf_config, resolve_checkpoint_dir
 from research.objectives import objective_options
 
 
@@ -78,17 +78,18 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
         tests[f"agree{a:g}"] = dataclasses.replace(split, name=f"agree{a:g}",
                                                    report=dataclasses.replace(split.report, name=f"agree{a:g}"))
     model = build_model(cfg, labels)
-    if (cfg.model.task == "sequence_classification" and not hasattr(model.config, "type_vocab_size")
+    family = family_of(model)
+    if (cfg.model.task == "sequence_classification" and family.classifier_needs_pad_token
             and model.config.pad_token_id is None):
         # Our GPT-2 classifier reads the last position the attention mask keeps, but transformers' reads the
         # last token that is not pad_token_id: an exported classifier without one fails on padded batches.
-        raise ConfigError(f"model: {cfg.model.name_or_path} is a GPT-2 without a pad token, which a GPT-2 classifier "
-                          "needs (transformers finds each row's last token by it); set model.overrides="
+        raise ConfigError(f"model: {cfg.model.name_or_path} is a {family.model_type} without a pad token, which its "
+                          "classifier needs (transformers finds each row's last token by it); set model.overrides="
                           '{..., "pad_token_id": 50256} (<|endoftext|>, the usual choice)')
-    if cfg.data.pack_length is not None and "pool_index" not in inspect.signature(type(model).__call__).parameters:
+    if cfg.data.pack_length is not None and cfg.model.task not in family.packing_tasks:
         raise ConfigError(f"data.pack_length: {type(model).__name__} does not take packed rows (segment_ids, "
                           "pool_index); set data.pack_length=null to pad instead")
-    if not hasattr(model.config, "type_vocab_size"):  # GPT-2: no token types (see Split.token_type_ids)
+    if not family.has_token_types:  # e.g. GPT-2: batches carry no token types (see research/batch.py)
         train, dev = (dataclasses.replace(s, token_type_ids=None) if s is not None else None for s in (train, dev))
         tests = {name: dataclasses.replace(s, token_type_ids=None) for name, s in tests.items()}
     pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
@@ -122,10 +123,10 @@ def build_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
     directory = resolve_checkpoint_dir(source)
     # A tokenizer-only folder (model.model_type) gets the architecture's defaults; a model folder its config.
     hf = {"model_type": m.model_type} if m.model_type is not None else read_hf_config(directory)
-    if hf.get("model_type") not in MODEL_FILES:
+    if hf.get("model_type") not in FAMILIES:
         raise ConfigError(f"model.name_or_path: {directory} has model_type={hf.get('model_type')!r}; "
-                          f"supported: {sorted(MODEL_FILES)}")
-    model_cfg = MODEL_FILES[hf["model_type"]].CONFIG.from_hf_config(hf, **label_args, **m.overrides)
+                          f"supported: {sorted(FAMILIES)}")
+    model_cfg = FAMILIES[hf["model_type"]].config.from_hf_config(hf, **label_args, **m.overrides)
     model = from_config(model_cfg, m.task, seed=cfg.train.seed)
     model.hf_source = str(directory)  # tokenizer files for export
     return model

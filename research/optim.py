@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -21,7 +20,7 @@ import optax
 from flax import nnx
 
 from research.config import ConfigError, OptimConfig
-from research.models.hf import num_layers
+from research.models.families import family_of
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
@@ -115,10 +114,10 @@ def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_step
         chain += [reset_at(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), cfg.reset_at_step),
                   optax.add_decayed_weights(cfg.weight_decay, mask), optax.scale_by_learning_rate(schedule)]
     if cfg.layerwise_lr_decay != 1.0:
-        mod = sys.modules[type(model).__module__]  # the model file: bert.py or gpt2.py
-        n = num_layers(model.config)
+        family = family_of(model)  # which attribute holds the layers, which modules are embeddings
+        n = family.num_layers(model.config)
         chain.append(_scale_by_path(lambda name: cfg.layerwise_lr_decay ** (
-            n + 1 - _depth(name, mod.LAYER_CONTAINER, mod.EMBEDDING_MODULES, n))))
+            n + 1 - _depth(name, family.layer_container, family.embedding_modules, n))))
     tx = optax.chain(*chain)
 
     if not cfg.freeze:

@@ -20,6 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from research.batch import Batch
+
 DATA_AXIS = "data"
 
 
@@ -76,19 +78,19 @@ def check_divisible(batch_size: int, grad_accum: int, mesh: Mesh, what: str = "t
                          f"= {grad_accum * n}")
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, grad_accum: int = 1) -> dict[str, jax.Array]:
+def put_batch(batch: Batch, mesh: Mesh, grad_accum: int = 1) -> Batch:
     """A host batch (B, ...) as global arrays (grad_accum, B / grad_accum, ...) split over the mesh.
 
     Every host builds the same global batch (cheap, and it fixes the bucket length globally); each then
     hands over only the rows its own devices hold."""
     sharding = batch_sharding(mesh)
-    out = {}
-    for name, x in batch.items():
+
+    def put(x: np.ndarray) -> jax.Array:
         x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])  # (B, ...) -> (A, B/A, ...)
         if jax.process_count() == 1:
-            out[name] = jax.device_put(x, sharding)
-        else:
-            rows = x.shape[1] // jax.process_count()
-            local = x[:, jax.process_index() * rows : (jax.process_index() + 1) * rows]
-            out[name] = jax.make_array_from_process_local_data(sharding, local, x.shape)
-    return out
+            return jax.device_put(x, sharding)
+        rows = x.shape[1] // jax.process_count()
+        local = x[:, jax.process_index() * rows : (jax.process_index() + 1) * rows]
+        return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+    return jax.tree.map(put, batch)

@@ -18,7 +18,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -30,9 +30,11 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from research import experiment
+from research.batch import Batch
 from research.checkpoint import Checkpoints
 from research.config import ConfigError, ExperimentConfig
 from research.data.batches import epoch_batches, oversampling, steps_per_epoch
+from research.data.dialogue import DialogueSplit
 from research.evaluate import evaluate_splits, make_eval_step
 from research.generate import complete
 from research.metrics import MetricWriter, trim_jsonl
@@ -105,7 +107,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
         params = state["params"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         objective_state = state.get("objective")
-        n_micro = batch["labels"].shape[0]
+        n_micro = batch.weights.shape[0]  # (micro-batches, examples)
         if n_micro == 1:
             loss, aux, grads, objective_state = grads_of(params, rest, jax.tree.map(lambda x: x[0], batch), key,
                                                          objective_state)
@@ -231,111 +233,226 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
         print(f"resumed from {workdir}/checkpoints/{latest} (epoch {meta['epoch']}, batch {meta['batch']})")
     start = int(state["step"])
     ckpts.drop_best_after(start)
+    stop = Stop()
     if cfg.checkpoint.patience is not None and meta["evals_since_best"] >= cfg.checkpoint.patience:
-        total = start  # this run already stopped early; resuming it has nothing left to do
-    if start >= total:
+        stop.reason = "early stopping"  # this run already stopped early: resuming it has nothing left to do
+    if start >= total or stop.reason:
         print(f"{workdir} is complete (step {start} of {total}); nothing to train")
 
     train_step = make_train_step(graphdef, rest, objective, tx, schedule, mesh, t.compute_dtype, sharding)
     eval_step = make_eval_step(eval_graphdef, eval_rest, mesh, token_sums=cfg.model.task == "causal_lm")
     # Records after the restored step (all of them when no checkpoint was reached) are written again.
     writer = MetricWriter(workdir, resume_step=start)
-    samples = workdir / "samples.jsonl"
-    if jax.process_index() == 0:
-        trim_jsonl(samples, start)  # as metrics.jsonl
-    d, c = cfg.data, cfg.checkpoint
-
-    def write_samples(step: int) -> None:
-        """What the LM writes now, next to its perplexity: greedy continuations of the configured prompts and
-        of the first dev dialogue contexts (with their reference responses)."""
-        n = t.sample_dev_examples
-        prompts = [*t.sample_prompts, *pieces.dev.texts[:n]]
-        references = [None] * len(t.sample_prompts) + (pieces.dev.responses or [])[:n]
-        model = nnx.merge(eval_graphdef, state["params"], eval_rest)
-        texts = complete(model, pieces.tokenizer, prompts, max_new_tokens=t.sample_tokens)
-        shown = []
-        with samples.open("a") as f:
-            for prompt, text, reference in zip(prompts, texts, references, strict=True):
-                record = {"step": step, "prompt": prompt, "text": text}
-                shown.append(f"{prompt}{text}")
-                if reference is not None:
-                    record["reference"] = reference
-                    shown[-1] += f"\n[reference: {reference}]"
-                f.write(json.dumps(record) + "\n")
-        writer.write_text(step, "samples", "\n\n".join(shown))
-
-    def evaluate(step: int) -> dict[str, float]:
-        metrics, reports = evaluate_splits(eval_step, state["params"], pieces, t.eval_batch_size, d.buckets, mesh)
-        for prefix, report in reports.items():
-            writer.write_text(step, f"{prefix}/report", report)
-        if (t.sample_prompts or t.sample_dev_examples) and jax.process_index() == 0:
-            write_samples(step)
-        writer.write(step, metrics)
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                if k.startswith("dev/") or k.endswith("/accuracy")))
-        return metrics
-
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
     bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0, desc=cfg.name, dynamic_ncols=True)
-    window, examples, tokens, t0 = [], 0.0, 0, time.perf_counter()
-    last_eval: dict[str, float] = {}
-    step, epoch, first_batch = start, meta["epoch"], meta["batch"]
+    run = Run(cfg, workdir, pieces, mesh, writer, ckpts, bar, stop, total, per_epoch, meta, state)
+    evaluation = Evaluation(run, eval_step, lambda params: nnx.merge(eval_graphdef, params, eval_rest))
+    hooks = [Logging(run, train_step), evaluation]
+    if t.sample_prompts or t.sample_dev_examples:
+        hooks.append(Samples(run, evaluation))
+    hooks.append(Checkpointing(run))
+
+    batches = _batches(cfg, pieces, mesh, meta["epoch"], meta["batch"])
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.request("SIGTERM"))
     try:
-        while step < total and stop["signal"] is None:
-            for b, batch in epoch_batches(pieces.train, t.batch_size, d.buckets, pieces.pad_id, t.seed, epoch,
-                                          first_batch, pack_length=d.pack_length, micro_batches=t.grad_accum,
-                                          shards=mesh.shape[DATA_AXIS], proportions=d.environment_proportions):
-                state, metrics = train_step(state, put_batch(batch, mesh, t.grad_accum))
-                # One small host transfer per step: the NaN check must see every loss before any checkpoint
-                # of that step is written (on CPU the step dominates; the data for the next step is ready).
-                metrics = jax.device_get(metrics)
-                step += 1
-                if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
-                    last = ckpts.latest_step()
-                    raise NonFiniteLossError(
-                        f"non-finite loss {metrics['train/loss']} (grad norm {metrics['train/grad_norm']}) at step "
-                        f"{step} (epoch {epoch}, batch {b}); nothing was saved for it "
-                        f"({f'the last checkpoint is step {last}' if last is not None else 'no checkpoint yet'}). "
-                        "Lower optim.lr, check the data, or use train.compute_dtype=float32")
-                window.append(metrics)
-                examples += float(batch["weights"].sum())
-                tokens += int(batch["attention_mask"].sum())  # non-padding tokens (filler repeats included)
-                meta.update(epoch=epoch + (b + 1 == per_epoch), batch=(b + 1) % per_epoch)
-                bar.update(1)
-                if step % t.log_every == 0 or step == total:
-                    seconds = time.perf_counter() - t0
-                    logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-                    logged.update({"train/examples_per_s": examples / seconds, "train/tokens_per_s": tokens / seconds,
-                                   "train/epoch": step / per_epoch, "train/compilations": train_step.traces})
-                    writer.write(step, logged)
-                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}")
-                    window, examples, tokens = [], 0.0, 0
-                end_of_epoch = b + 1 == per_epoch
-                early_stop = False
-                if step == total or (step % t.eval_every == 0 if t.eval_every else end_of_epoch):
-                    last_eval = evaluate(step)
-                    early_stop = _track_best(ckpts, c, meta, step, state["params"], last_eval)
-                if step % c.every_steps == 0 or step == total or stop["signal"] or early_stop:
-                    writer.flush()
-                    ckpts.save(step, state, meta)
-                if early_stop:
-                    tqdm.write(f"early stopping at step {step}: no {c.best_metric} improvement in {c.patience} "
-                               f"evaluations (best {meta['best']:.4f} at step {meta['best_step']})")
-                    total = step
-                if stop["signal"] or step == total:
-                    break
-                if step % t.log_every == 0:
-                    t0 = time.perf_counter()  # throughput excludes evaluation and checkpointing
-            epoch, first_batch = epoch + 1, 0
+        step = start
+        while step < total and not stop.reason:
+            began = time.perf_counter()
+            epoch, b, batch = next(batches)
+            run.state, metrics = train_step(run.state, put_batch(batch, mesh, t.grad_accum))
+            # One small host transfer per step: the NaN check must see every loss before any checkpoint of that
+            # step is written (on CPU the step dominates; the data for the next step is ready).
+            metrics = jax.device_get(metrics)
+            step += 1
+            _check_finite(metrics, step, epoch, b, ckpts)
+            meta.update(epoch=epoch + (b + 1 == per_epoch), batch=(b + 1) % per_epoch)
+            done = Step(step, metrics, batch, time.perf_counter() - began, end_of_epoch=b + 1 == per_epoch)
+            for hook in hooks:
+                if hook.due(done):
+                    hook(done)
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         writer.close()
         ckpts.close()
-    if stop["signal"]:
-        raise Interrupted(f"{stop['signal']}: saved a checkpoint at step {step} of {total}; resume with --resume")
-    return last_eval
+    if stop.reason == "SIGTERM":
+        raise Interrupted(f"SIGTERM: saved a checkpoint at step {step} of {total}; resume with --resume")
+    return evaluation.last
+
+
+# ------------------------------------------------------------------------------------ the loop's parts
+
+
+class Stop:
+    """Why the loop ends early: None, "SIGTERM" (a checkpoint of the current step is saved, then the run
+    exits with EXIT_SIGTERM) or "early stopping". Every early end goes through here."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+
+@dataclasses.dataclass
+class Step:
+    """What the hooks see after a step: its number (1-based, counting from the run's start), its metrics on
+    the host, the host batch, the seconds the step took (data and transfer included) and whether it ended an
+    epoch."""
+
+    step: int
+    metrics: dict[str, float]
+    batch: Batch
+    seconds: float
+    end_of_epoch: bool
+
+
+@dataclasses.dataclass
+class Run:
+    """What the hooks share: the run's pieces, writers and state (the train state is replaced every step)."""
+
+    cfg: ExperimentConfig
+    workdir: Path
+    pieces: experiment.Pieces
+    mesh: Mesh
+    writer: MetricWriter
+    ckpts: Checkpoints
+    bar: tqdm
+    stop: Stop
+    total: int  # the step the run ends at
+    per_epoch: int
+    meta: dict  # the data position and early-stopping record, checkpointed with the state
+    state: dict
+
+
+class Logging:
+    """Every step counts towards the next record; every `train.log_every` steps (and at the last) the record:
+    the mean of the steps' metrics, throughput over the steps' own time (data included, evaluation and
+    checkpoints not), the epoch and the compile count."""
+
+    def __init__(self, run: Run, train_step: TrainStep):
+        self.run, self.train_step = run, train_step
+        self.window, self.examples, self.tokens, self.seconds = [], 0.0, 0, 0.0
+
+    def due(self, s: Step) -> bool:
+        return True
+
+    def __call__(self, s: Step) -> None:
+        self.window.append(s.metrics)
+        self.examples += float(s.batch.weights.sum())
+        self.tokens += int(s.batch.attention_mask.sum())  # non-padding tokens (filler repeats included)
+        self.seconds += s.seconds
+        self.run.bar.update(1)
+        if s.step % self.run.cfg.train.log_every and s.step != self.run.total:
+            return
+        logged = {k: float(np.mean([m[k] for m in self.window])) for k in self.window[0]}
+        logged.update({"train/examples_per_s": self.examples / self.seconds,
+                       "train/tokens_per_s": self.tokens / self.seconds, "train/epoch": s.step / self.run.per_epoch,
+                       "train/compilations": self.train_step.traces})
+        self.run.writer.write(s.step, logged)
+        self.run.bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}")
+        self.window, self.examples, self.tokens, self.seconds = [], 0.0, 0, 0.0
+
+
+class Evaluation:
+    """Every `train.eval_every` steps (each epoch's end when None) and at the last step: dev and test metrics,
+    the best checkpoint (`checkpoint.best_metric`), and early stopping after `checkpoint.patience` evaluations
+    without improvement."""
+
+    def __init__(self, run: Run, eval_step: Callable, model_of: Callable[[dict], nnx.Module]):
+        self.run, self.eval_step, self.model_of = run, eval_step, model_of
+        self.last: dict[str, float] = {}
+
+    def due(self, s: Step) -> bool:
+        every = self.run.cfg.train.eval_every
+        return s.step == self.run.total or (s.step % every == 0 if every else s.end_of_epoch)
+
+    def __call__(self, s: Step) -> None:
+        r, t = self.run, self.run.cfg.train
+        metrics, reports = evaluate_splits(r.cfg.model.task, self.eval_step, r.state["params"], r.pieces,
+                                           t.eval_batch_size, r.cfg.data.buckets, r.mesh)
+        for prefix, report in reports.items():
+            r.writer.write_text(s.step, f"{prefix}/report", report)
+        r.writer.write(s.step, metrics)
+        tqdm.write(f"step {s.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                  if k.startswith("dev/") or k.endswith("/accuracy")))
+        self.last = metrics
+        c = r.cfg.checkpoint
+        if _track_best(r.ckpts, c, r.meta, s.step, r.state["params"], metrics):
+            tqdm.write(f"early stopping at step {s.step}: no {c.best_metric} improvement in {c.patience} "
+                       f"evaluations (best {r.meta['best']:.4f} at step {r.meta['best_step']})")
+            r.stop.request("early stopping")
+
+
+class Samples:
+    """With each evaluation of a language model: greedy continuations of `train.sample_prompts` and of the
+    first `train.sample_dev_examples` dev dialogue contexts (beside their reference responses), in
+    samples.jsonl and TensorBoard's text tab."""
+
+    def __init__(self, run: Run, evaluation: Evaluation):
+        self.run, self.evaluation = run, evaluation
+        self.path = run.workdir / "samples.jsonl"
+        if jax.process_index() == 0:
+            trim_jsonl(self.path, int(run.state["step"]))  # as metrics.jsonl: what follows the restored step goes
+
+    def due(self, s: Step) -> bool:
+        return jax.process_index() == 0 and self.evaluation.due(s)
+
+    def __call__(self, s: Step) -> None:
+        r, t = self.run, self.run.cfg.train
+        n, dev = t.sample_dev_examples, r.pieces.dev
+        prompts = [*t.sample_prompts, *dev.texts[:n]]
+        responses = dev.responses if isinstance(dev, DialogueSplit) else []
+        references = [None] * len(t.sample_prompts) + responses[:n]
+        texts = complete(self.evaluation.model_of(r.state["params"]), r.pieces.tokenizer, prompts,
+                         max_new_tokens=t.sample_tokens)
+        shown = []
+        with self.path.open("a") as f:
+            for prompt, text, reference in zip(prompts, texts, references, strict=True):
+                record = {"step": s.step, "prompt": prompt, "text": text}
+                shown.append(f"{prompt}{text}")
+                if reference is not None:
+                    record["reference"] = reference
+                    shown[-1] += f"\n[reference: {reference}]"
+                f.write(json.dumps(record) + "\n")
+        r.writer.write_text(s.step, "samples", "\n\n".join(shown))
+
+
+class Checkpointing:
+    """Every `checkpoint.every_steps` steps, at the last step, and whenever the run stops early (SIGTERM: no
+    step lost; early stopping: a resume knows it is done)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def due(self, s: Step) -> bool:
+        r = self.run
+        return s.step % r.cfg.checkpoint.every_steps == 0 or s.step == r.total or r.stop.reason is not None
+
+    def __call__(self, s: Step) -> None:
+        self.run.writer.flush()
+        self.run.ckpts.save(s.step, self.run.state, self.run.meta)
+
+
+def _batches(cfg: ExperimentConfig, pieces: experiment.Pieces, mesh: Mesh, epoch: int, first_batch: int
+             ) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, batch index, batch) from the data position on, epoch after epoch."""
+    t, d = cfg.train, cfg.data
+    while True:
+        for b, batch in epoch_batches(pieces.train, t.batch_size, d.buckets, pieces.pad_id, t.seed, epoch,
+                                      first_batch, pack_length=d.pack_length, micro_batches=t.grad_accum,
+                                      shards=mesh.shape[DATA_AXIS], proportions=d.environment_proportions):
+            yield epoch, b, batch
+        epoch, first_batch = epoch + 1, 0
+
+
+def _check_finite(metrics: dict, step: int, epoch: int, b: int, ckpts: Checkpoints) -> None:
+    if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
+        last = ckpts.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite loss {metrics['train/loss']} (grad norm {metrics['train/grad_norm']}) at step "
+            f"{step} (epoch {epoch}, batch {b}); nothing was saved for it "
+            f"({f'the last checkpoint is step {last}' if last is not None else 'no checkpoint yet'}). "
+            "Lower optim.lr, check the data, or use train.compute_dtype=float32")
 
 
 def _track_best(ckpts: Checkpoints, c, meta: dict, step: int, params: dict, metrics: dict) -> bool:

@@ -22,7 +22,7 @@ import torch
 from flax import nnx
 
 from research.config import apply_overrides, load_experiment
-from research.models import bert
+from research.models.families import family_of
 from research.models.hf import _hf_key, key_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,18 +54,19 @@ def to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
-def our_grads_by_hf_name(model, loss_fn, task, mod):
+def our_grads_by_hf_name(model, loss_fn, task):
+    family = family_of(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # A copy of `rest` per trace: NNX refuses to update (e.g. an inner nnx transform's dropout count)
     # variables that belong to another trace level.
     loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))))(
         params)
-    by_path = {path: (key, t) for key, (path, t) in key_table(mod, model.config, task).items()}
+    by_path = {path: (key, t) for key, (path, t) in key_table(family, model.config, task).items()}
     out = {}
     for path, g in nnx.to_flat_state(grads):
         key, transpose = by_path[path]
         g = np.asarray(g[...])
-        out[_hf_key(mod, key, path, task)] = g.T if transpose else g
+        out[_hf_key(family, key, path, task)] = g.T if transpose else g
     return float(loss), out
 
 
@@ -89,8 +90,8 @@ def check_objective(model_pair, objective, torch_loss, batch, key=KEY) -> None:
     """`objective`'s loss (1e-5 relative) and gradients (GRAD_RTOL) on our half of `model_pair` (torch, ours)
     equal `torch_loss` and the gradients torch accumulated for it."""
     theirs, mine = model_pair
-    b = {k: jnp.asarray(v) for k, v in batch.items()}
-    loss, grads = our_grads_by_hf_name(mine, lambda m: objective(m, b, key)[0], "sequence_classification", bert)
+    b = jax.tree.map(jnp.asarray, batch)
+    loss, grads = our_grads_by_hf_name(mine, lambda m: objective(m, b, key)[0], "sequence_classification")
     np.testing.assert_allclose(loss, float(torch_loss.detach()), rtol=1e-5)
     assert_grads_match(grads, theirs)
 

@@ -32,7 +32,9 @@ from helpers import (
     smoke,
 )
 
-from research.data.classification import Split, SplitReport, collate, pack
+from research.batch import Batch
+from research.data.batches import collate, pack
+from research.data.split import Split, SplitReport
 from research.models import bert
 from research.models.hf import _hf_key, key_table
 from research.objectives import adversarial as adv
@@ -47,18 +49,18 @@ def batch():
     mask = np.ones_like(ids)
     mask[1, 6:] = 0
     mask[3, 3:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-            "labels": np.array([0, 2, 1, 2], np.int32), "weights": np.ones(4, np.float32)}
+    return Batch(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
+                 labels=np.array([0, 2, 1, 2], np.int32), weights=np.ones(4, np.float32))
 
 
 class Torch:
     """The reference side: the tiny torch model on the batch, and the geometry every algorithm uses."""
 
     def __init__(self, model, batch):
-        self.model, self.ids = model, torch.tensor(batch["input_ids"]).long()
-        self.mask = torch.tensor(batch["attention_mask"]).long()
+        self.model, self.ids = model, torch.tensor(batch.input_ids).long()
+        self.mask = torch.tensor(batch.attention_mask).long()
         self.mask3 = self.mask[..., None].float()
-        self.labels = torch.tensor(batch["labels"]).long()
+        self.labels = torch.tensor(batch.labels).long()
         model.zero_grad(set_to_none=True)
 
     def embed(self):
@@ -84,8 +86,8 @@ class Torch:
 
 def ours(model, objective, batch, key=KEY):
     """Our loss and gradients (by transformers parameter name) for `objective`."""
-    b = {k: jnp.asarray(v) for k, v in batch.items()}
-    return our_grads_by_hf_name(model, lambda m: objective(m, b, key)[0], "sequence_classification", bert)
+    b = jax.tree.map(jnp.asarray, batch)
+    return our_grads_by_hf_name(model, lambda m: objective(m, b, key)[0], "sequence_classification")
 
 
 def to_torch(x) -> torch.Tensor:
@@ -113,7 +115,7 @@ def test_pgd_matches_pytorch(tiny_bert_pair, batch, norm):
     o = adv.PGDOptions(epsilon=0.5 if norm == "l2" else 0.02, alpha=0.3 if norm == "l2" else 0.01, steps=3,
                        norm=norm, clean_weight=0.5)
     t = Torch(tiny_bert_pair[0], batch)
-    delta = torch.zeros(*batch["input_ids"].shape, 32)
+    delta = torch.zeros(*batch.input_ids.shape, 32)
     for _ in range(o.steps):
         d = delta.clone().requires_grad_()
         (g,) = torch.autograd.grad(t.loss(t.logits(t.embed().detach() + d)), d)
@@ -133,7 +135,7 @@ def test_freelb_matches_pytorch(tiny_bert_pair, batch):
     # accumulated; delta from its uniform init, ascended and projected between passes.
     o = adv.FreeLBOptions(steps=3, alpha=0.3, init_magnitude=0.5, epsilon=0.6)
     t = Torch(tiny_bert_pair[0], batch)
-    B, T = batch["input_ids"].shape
+    B, T = batch.input_ids.shape
     uniform = to_torch(jax.random.uniform(KEY, (B, T, 32), jnp.float32, -1.0, 1.0))
     lengths = t.mask.sum(1).view(-1, 1, 1).float()
     delta = uniform * t.mask3 * (o.init_magnitude / torch.sqrt(lengths * 32))
@@ -159,7 +161,7 @@ def test_smart_smoothness_matches_pytorch(tiny_bert_pair, batch):
     sym = lambda p, q: t.kl(p, q) + t.kl(q, p)  # noqa: E731
     e = t.embed()
     clean_logits = t.logits(e)
-    noise = o.noise_std * to_torch(jax.random.normal(KEY, (*batch["input_ids"].shape, 32))) * t.mask3
+    noise = o.noise_std * to_torch(jax.random.normal(KEY, (*batch.input_ids.shape, 32))) * t.mask3
     for _ in range(o.steps):
         d = noise.clone().requires_grad_()
         (g,) = torch.autograd.grad(sym(clean_logits.detach(), t.logits(e.detach() + d)), d)
@@ -178,7 +180,7 @@ def test_vat_matches_pytorch(tiny_bert_pair, batch):
     e = t.embed()
     clean_logits = t.logits(e)
     held = clean_logits.detach()
-    d = t.unit(to_torch(jax.random.normal(KEY, (*batch["input_ids"].shape, 32))))
+    d = t.unit(to_torch(jax.random.normal(KEY, (*batch.input_ids.shape, 32))))
     for _ in range(o.power_iterations):
         dd = (o.xi * d).requires_grad_()
         (g,) = torch.autograd.grad(t.kl(held, t.logits(e.detach() + dd)), dd)
@@ -199,16 +201,16 @@ def test_smart_bregman_proximal_point_matches_pytorch(tiny_bert_pair, batch):
     keys = jax.random.split(jax.random.key(5), len(leaves))
     previous = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
                                             for x, k in zip(leaves, keys, strict=True)])
-    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    b = jax.tree.map(jnp.asarray, batch)
     _, _, new_teacher = objective.loss(mine, b, KEY, previous)
     for got, p, q in zip(jax.tree.leaves(new_teacher), leaves, jax.tree.leaves(previous), strict=True):
         np.testing.assert_allclose(got, (1 - o.beta) * p + o.beta * q, rtol=1e-6, atol=1e-7)
     loss, grads = our_grads_by_hf_name(mine, lambda m: objective.loss(m, b, KEY, previous)[0],
-                                       "sequence_classification", bert)
+                                       "sequence_classification")
 
     # Torch: the teacher is a copy of the model holding the averaged weights, named as transformers names them.
     teacher = copy.deepcopy(theirs).eval()
-    table = {path: (key, transpose) for key, (path, transpose) in key_table(bert, mine.config,
+    table = {path: (key, transpose) for key, (path, transpose) in key_table(bert.FAMILY, mine.config,
                                                                             "sequence_classification").items()}
     averaged = jax.tree.map(lambda p, q: (1 - o.beta) * p + o.beta * q, params, previous)
     state = nnx.state(mine, nnx.Param)
@@ -217,13 +219,13 @@ def test_smart_bregman_proximal_point_matches_pytorch(tiny_bert_pair, batch):
     for path, value in nnx.to_flat_state(state):
         key, transpose = table[path]
         v = np.asarray(value[...])
-        named[_hf_key(bert, key, path, "sequence_classification")] = torch.tensor(v.T if transpose else v)
+        named[_hf_key(bert.FAMILY, key, path, "sequence_classification")] = torch.tensor(v.T if transpose else v)
     teacher.load_state_dict(named, strict=False)  # tied/buffer entries keep the model's own
     t = Torch(theirs, batch)
     sym = lambda p, q: t.kl(p, q) + t.kl(q, p)  # noqa: E731
     e = t.embed()
     clean_logits = t.logits(e)
-    noise = o.noise_std * to_torch(jax.random.normal(KEY, (*batch["input_ids"].shape, 32))) * t.mask3
+    noise = o.noise_std * to_torch(jax.random.normal(KEY, (*batch.input_ids.shape, 32))) * t.mask3
     d = noise.clone().requires_grad_()
     (g,) = torch.autograd.grad(sym(clean_logits.detach(), t.logits(e.detach() + d)), d)
     g_max = g.abs().reshape(g.shape[0], -1).max(1).values.view(-1, 1, 1)
@@ -256,7 +258,7 @@ def test_a_zero_perturbation_is_supervised_training(tiny_bert_pair, batch, objec
 
 
 def aux_of(model, objective, batch, key=KEY):
-    return {k: float(v) for k, v in objective(model, {k: jnp.asarray(v) for k, v in batch.items()}, key)[1].items()}
+    return {k: float(v) for k, v in objective(model, jax.tree.map(jnp.asarray, batch), key)[1].items()}
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -290,15 +292,15 @@ def test_padding_is_never_perturbed_and_norms_are_per_example(tiny_bert_pair, la
     split = ragged_split()
     idx, w = np.arange(8), np.ones(8, np.float32)
     batch = collate(split, idx, w, 12, 0) if layout == "padded" else pack(split, idx, w, 24, 0)
-    b = {k: jnp.asarray(v) for k, v in batch.items()}
-    x = jax.random.normal(KEY, (*batch["input_ids"].shape, 32))
-    padding = batch["attention_mask"] == 0
+    b = jax.tree.map(jnp.asarray, batch)
+    x = jax.random.normal(KEY, (*batch.input_ids.shape, 32))
+    padding = batch.attention_mask == 0
     for delta in [adv.normalize(x, b, "l2"), adv.normalize(x, b, "linf"), adv.freelb_init(KEY, x, b, 1.0),
                   adv.random_start(KEY, x, b, 0.5, "l2"), adv.random_start(KEY, x, b, 0.5, "linf")]:
         assert np.all(np.asarray(delta)[padding] == 0)
     # Every example of a unit-normalized direction has norm 1, computed here example by example.
     unit = np.asarray(adv.normalize(x, b, "l2"))
-    seg = batch.get("segment_ids", batch["attention_mask"])
+    seg = batch.segments()
     for row in range(seg.shape[0]):
         for s in set(seg[row]) - {0}:
             np.testing.assert_allclose(np.linalg.norm(unit[row][seg[row] == s]), 1.0, rtol=1e-5)
@@ -306,7 +308,7 @@ def test_padding_is_never_perturbed_and_norms_are_per_example(tiny_bert_pair, la
     # geometry): checked on FGM, whose perturbation depends on no random draw.
     theirs_batch = collate(split, idx, w, 12, 0)
     fgm = adv.fgm(adv.FGMOptions(epsilon=0.5))
-    padded_loss, _ = fgm(tiny_bert_pair[1], {k: jnp.asarray(v) for k, v in theirs_batch.items()}, KEY)
+    padded_loss, _ = fgm(tiny_bert_pair[1], jax.tree.map(jnp.asarray, theirs_batch), KEY)
     this_loss, _ = fgm(tiny_bert_pair[1], b, KEY)
     np.testing.assert_allclose(float(this_loss), float(padded_loss), rtol=1e-5)
 
@@ -324,8 +326,8 @@ def test_objectives_are_registered_with_their_options():
 def test_nnx_state_is_usable_after_an_objective(tiny_bert_pair, batch):
     # The inner nnx.value_and_grad passes must leave the module usable (no leaked tracers).
     model = tiny_bert_pair[1]
-    adv.freelb(adv.FreeLBOptions())(model, {k: jnp.asarray(v) for k, v in batch.items()}, KEY)
-    out = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+    adv.freelb(adv.FreeLBOptions())(model, jax.tree.map(jnp.asarray, batch), KEY)
+    out = model(jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
     assert np.isfinite(np.asarray(out)).all()
     assert isinstance(nnx.state(model), nnx.State)
 
@@ -379,7 +381,7 @@ def head_batch(head: str):
     ids = rng.integers(1, 50, (3, 9)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, 5:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "weights": np.ones(3, np.float32)}
+    batch = {"input_ids": ids, "attention_mask": mask, "weights": np.ones(3, np.float32)}  # -> a Batch below
     if head.startswith("bert"):  # GPT-2 batches carry no token types (see Split.token_type_ids)
         batch["token_type_ids"] = np.zeros_like(ids)
         model = from_config(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -394,7 +396,7 @@ def head_batch(head: str):
         model = from_config(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, num_labels=3),
                             "sequence_classification")
         batch.update(labels=np.array([0, 2, 1], np.int32))
-    return model, {k: jnp.asarray(v) for k, v in batch.items()}
+    return model, jax.tree.map(jnp.asarray, Batch(**batch))
 
 
 @pytest.mark.parametrize("head", ["bert_token_classification", "gpt2_causal_lm", "gpt2_sequence_classification"])
@@ -402,7 +404,7 @@ def test_every_objective_works_on_every_head(head):
     from research.objectives.supervised import task_loss
 
     model, b = head_batch(head)
-    clean, _ = task_loss(model(b["input_ids"], b["attention_mask"]), b)
+    clean, _ = task_loss(model(b.input_ids, b.attention_mask), b)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     objectives = {
         "fgm": (adv.fgm(adv.FGMOptions()), adv.fgm(adv.FGMOptions(epsilon=0.0, adversarial_weight=0.0))),

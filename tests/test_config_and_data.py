@@ -13,7 +13,8 @@ from flax import nnx
 
 from research.config import ConfigError, DataConfig, ExperimentConfig, OptimConfig, apply_overrides, load_experiment
 from research.data.batches import epoch_batches
-from research.data.classification import DataError, load_split
+from research.data.classification import load_split
+from research.data.split import DataError
 from research.evaluate import classification_metrics
 from research.models import from_config, load_tokenizer
 from research.models.bert import BertConfig
@@ -112,17 +113,17 @@ def test_sst2_batches_are_deterministic_complete_and_bucketed(data_dir, tokenize
         return list(epoch_batches(split, 96, cfg.buckets, 0, seed=0, epoch=e, start=start))
 
     a, b, other = epoch(0), epoch(0), epoch(1)
-    assert all(np.array_equal(x["input_ids"], y["input_ids"]) for (_, x), (_, y) in zip(a, b, strict=True))
-    assert not np.array_equal(a[0][1]["input_ids"], other[0][1]["input_ids"])
+    assert all(np.array_equal(x.input_ids, y.input_ids) for (_, x), (_, y) in zip(a, b, strict=True))
+    assert not np.array_equal(a[0][1].input_ids, other[0][1].input_ids)
     assert [i for i, _ in epoch(0, start=4)] == list(range(4, 11))  # resuming mid-epoch
-    assert np.array_equal(epoch(0, start=4)[0][1]["labels"], a[4][1]["labels"])
+    assert np.array_equal(epoch(0, start=4)[0][1].labels, a[4][1].labels)
     # Every example exactly once per epoch (the last batch is topped up with weight-0 rows).
-    assert len(a) == math.ceil(1000 / 96) and all(x["input_ids"].shape[0] == 96 for _, x in a)
-    assert sum(x["weights"].sum() for _, x in a) == 1000
-    assert {x["input_ids"].shape[1] for _, x in a} <= set(cfg.buckets)
+    assert len(a) == math.ceil(1000 / 96) and all(x.input_ids.shape[0] == 96 for _, x in a)
+    assert sum(x.weights.sum() for _, x in a) == 1000
+    assert {x.input_ids.shape[1] for _, x in a} <= set(cfg.buckets)
     for _, x in a:  # the bucket is the smallest that holds the longest row
-        longest = x["attention_mask"].sum(1).max()
-        assert x["input_ids"].shape[1] == min(bk for bk in cfg.buckets if bk >= longest)
+        longest = x.attention_mask.sum(1).max()
+        assert x.input_ids.shape[1] == min(bk for bk in cfg.buckets if bk >= longest)
 
 
 def test_missing_data_root_names_the_setting(monkeypatch, tokenizer):

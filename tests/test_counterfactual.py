@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import check_objective, smoke
 
+from research.batch import Batch
 from research.config import ConfigError
 from research.objectives import counterfactual as cf
 from research.train import train
@@ -27,21 +28,21 @@ def batch():
     mask[1, 7:] = 0
     mask[4, 5:] = 0
     # Pairs: (0, 2) flips, (1, 1) preserves, (2, 0) flips, (1, 1) is filler (weight 0).
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-            "labels": np.array([0, 2, 1, 1, 2, 0, 1, 1], np.int32),
-            "weights": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
+    return Batch(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
+                 labels=np.array([0, 2, 1, 1, 2, 0, 1, 1], np.int32),
+                 weights=np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32))
 
 
 class TorchPairs:
     def __init__(self, model, batch):
         model.zero_grad(set_to_none=True)
         self.model = model
-        out = model.bert(input_ids=torch.tensor(batch["input_ids"]).long(),
-                         attention_mask=torch.tensor(batch["attention_mask"]).long())
+        out = model.bert(input_ids=torch.tensor(batch.input_ids).long(),
+                         attention_mask=torch.tensor(batch.attention_mask).long())
         self.features = out.last_hidden_state[:, 0]  # (E, D): what the head reads
-        self.labels = torch.tensor(batch["labels"]).long()
-        self.w = torch.tensor(batch["weights"])
-        self.pairs = [(2 * p, 2 * p + 1) for p in range(len(batch["labels"]) // 2)]
+        self.labels = torch.tensor(batch.labels).long()
+        self.w = torch.tensor(batch.weights)
+        self.pairs = [(2 * p, 2 * p + 1) for p in range(len(batch.labels) // 2)]
 
     def head(self, f):
         return self.model.classifier(torch.tanh(self.model.bert.pooler.dense(f)))
@@ -97,9 +98,9 @@ def test_pair_terms_vanish_on_identical_members_and_work_on_gpt2(batch):
 
     model = from_config(GPT2Config(vocab_size=83, n_positions=16, n_embd=16, n_layer=1, n_head=2, num_labels=3),
                         "sequence_classification")
-    b = {k: jnp.asarray(v) for k, v in batch.items() if k != "token_type_ids"}  # GPT-2: no token types
-    twins = {**b, "input_ids": jnp.repeat(b["input_ids"][0::2], 2, 0),
-             "attention_mask": jnp.repeat(b["attention_mask"][0::2], 2, 0)}
+    b = jax.tree.map(jnp.asarray, batch.replace(token_type_ids=None))  # GPT-2: no token types
+    twins = b.replace(input_ids=jnp.repeat(b.input_ids[0::2], 2, 0),
+                      attention_mask=jnp.repeat(b.attention_mask[0::2], 2, 0))
     key = jax.random.key(0)
     _, aux = cf.clp(cf.CLPOptions())(model, twins, key)
     assert float(aux["logit_pairing"]) == 0.0  # identical members: identical logits

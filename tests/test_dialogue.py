@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from research.config import ConfigError, DataConfig
-from research.data.classification import DataError
 from research.data.dialogue import load_split, split_of
+from research.data.split import DataError
 
 CAMREST = "dialog/camrest676/CamRest676.json"
 EOS = 50256

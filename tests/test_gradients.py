@@ -11,11 +11,11 @@ import torch.nn.functional as F
 import transformers
 from helpers import assert_grads_match, our_grads_by_hf_name, randomize_
 
+from research.batch import Batch
 from research.models import from_pretrained
 
 
 def test_bert_classification_loss_and_grads(tmp_path):
-    from research.models import bert
 
     cfg = transformers.BertConfig(vocab_size=83, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=40, num_labels=3, attn_implementation="eager")
@@ -38,13 +38,12 @@ def test_bert_classification_loss_and_grads(tmp_path):
         logits = model(jnp.asarray(ids), jnp.asarray(mask))
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
 
-    loss, grads = our_grads_by_hf_name(ours, loss_fn, "sequence_classification", bert)
+    loss, grads = our_grads_by_hf_name(ours, loss_fn, "sequence_classification")
     np.testing.assert_allclose(loss, loss_t.item(), rtol=1e-5)
     assert_grads_match(grads, theirs)
 
 
 def test_gpt2_causal_lm_loss_and_grads(tmp_path):
-    from research.models import gpt2
 
     cfg = transformers.GPT2Config(vocab_size=91, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                   attn_implementation="eager", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
@@ -67,7 +66,7 @@ def test_gpt2_causal_lm_loss_and_grads(tmp_path):
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         return (nll * weights).sum() / weights.sum()
 
-    loss, grads = our_grads_by_hf_name(ours, loss_fn, "causal_lm", gpt2)
+    loss, grads = our_grads_by_hf_name(ours, loss_fn, "causal_lm")
     np.testing.assert_allclose(loss, out.loss.item(), rtol=1e-5)
     assert_grads_match(grads, theirs)
 
@@ -83,10 +82,13 @@ def test_task_loss_equals_torch_cross_entropy(smoothing):
     w = (rng.random((3, 5)) > 0.3).astype(np.float32)
     each = F.cross_entropy(torch.tensor(logits).reshape(15, 7), torch.tensor(labels).reshape(15),
                            reduction="none", label_smoothing=smoothing).numpy().reshape(3, 5)
-    loss, aux = task_loss(jnp.asarray(logits), {"labels": jnp.asarray(labels), "label_weights": jnp.asarray(w)},
-                          smoothing)
+    ids = jnp.zeros((3, 5), jnp.int32)  # the loss reads only labels and weights
+    tokens = Batch(input_ids=ids, attention_mask=ids + 1, labels=jnp.asarray(labels), weights=jnp.ones(3),
+                   label_weights=jnp.asarray(w))
+    loss, aux = task_loss(jnp.asarray(logits), tokens, smoothing)
     np.testing.assert_allclose(loss, (each * w).sum() / w.sum(), rtol=1e-6)
     np.testing.assert_allclose(aux["accuracy"], ((logits.argmax(-1) == labels) * w).sum() / w.sum(), rtol=1e-6)
-    per_example = {"labels": jnp.asarray(labels[:, 0]), "weights": jnp.asarray(w[:, 0])}
+    per_example = Batch(input_ids=ids, attention_mask=ids + 1, labels=jnp.asarray(labels[:, 0]),
+                        weights=jnp.asarray(w[:, 0]))
     loss, _ = task_loss(jnp.asarray(logits[:, 0]), per_example, smoothing)
     np.testing.assert_allclose(loss, (each[:, 0] * w[:, 0]).sum() / w[:, 0].sum(), rtol=1e-6)

@@ -9,7 +9,8 @@ import pytest
 
 from research.config import ConfigError, DataConfig, SpuriousConfig, apply_overrides, load_experiment
 from research.data.batches import environment_plan, epoch_batches, oversampling, pair_plan
-from research.data.classification import DataError, load_split
+from research.data.classification import load_split
+from research.data.split import DataError
 from research.models import load_tokenizer
 
 CAD = dict(text_column="Text", label_column="Sentiment", labels=("Negative", "Positive"), max_length=64,
@@ -103,9 +104,9 @@ def test_cad_pairs_and_environments_from_the_data_root(data_dir, tokenizer):
     assert same > 0 and split.report.pairs_identical_after_truncation == same
     assert f"{same:,} pairs identical after truncation" in split.report.summary()
     _, batch = next(epoch_batches(split, 16, cfg.buckets, 0, seed=0, epoch=0, micro_batches=2, shards=4))
-    assert (batch["pair_ids"][0::2] == batch["pair_ids"][1::2]).all()
-    assert (batch["labels"][0::2] != batch["labels"][1::2]).all()
-    assert batch["environment"].reshape(8, 2).tolist() == [[0, 1]] * 8  # one orig, one new per block
+    assert (batch.pair_ids[0::2] == batch.pair_ids[1::2]).all()
+    assert (batch.labels[0::2] != batch.labels[1::2]).all()
+    assert batch.environment.reshape(8, 2).tolist() == [[0, 1]] * 8  # one orig, one new per block
     # A subset keeps whole pairs; the dev split has neither pairs nor environments.
     sub = load_split(dataclasses.replace(cfg, max_train_examples=101), "train", tokenizer, cfg.labels, 0)
     assert len(sub) == 100 and np.bincount(sub.pair_ids).tolist() == [2] * 50

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import check_objective, smoke
 
+from research.batch import Batch
 from research.config import ConfigError, ObjectiveConfig, OptimConfig
 from research.objectives import invariance as inv
 from research.objectives import make_objective
@@ -30,9 +31,9 @@ def batch():
     mask = np.ones_like(ids)
     mask[2, 6:] = 0
     mask[5, 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-            "labels": np.array([0, 2, 1, 2, 0, 1, 1, 0], np.int32), "weights": np.ones(8, np.float32),
-            "environment": np.array([0, 1, 1, 0, 0, 1, 0, 1], np.int32)}
+    return Batch(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
+                 labels=np.array([0, 2, 1, 2, 0, 1, 1, 0], np.int32), weights=np.ones(8, np.float32),
+                 environment=np.array([0, 1, 1, 0, 0, 1, 0, 1], np.int32))
 
 
 class TorchEnvs:
@@ -40,10 +41,10 @@ class TorchEnvs:
 
     def __init__(self, model, batch):
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=torch.tensor(batch["input_ids"]).long(),
-                       attention_mask=torch.tensor(batch["attention_mask"]).long()).logits
-        labels = torch.tensor(batch["labels"]).long()
-        env = batch["environment"]
+        logits = model(input_ids=torch.tensor(batch.input_ids).long(),
+                       attention_mask=torch.tensor(batch.attention_mask).long()).logits
+        labels = torch.tensor(batch.labels).long()
+        env = batch.environment
         self.envs = [(logits[torch.tensor(env == e)], labels[torch.tensor(env == e)]) for e in range(len(ENVS))]
 
     def risks(self):
@@ -105,7 +106,7 @@ def test_group_dro_matches_pytorch(tiny_bert_pair, batch):
     loss.backward()
     objective = inv.group_dro(o, ENVS)
     check_objective(tiny_bert_pair, stateless(objective, {"q": jnp.array([0.3, 0.7], jnp.float32)}), loss, batch)
-    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    b = jax.tree.map(jnp.asarray, batch)
     _, aux, new = objective.loss(tiny_bert_pair[1], b, jax.random.key(0), {"q": jnp.array([0.3, 0.7], jnp.float32)})
     np.testing.assert_allclose(new["q"], q.numpy(), rtol=1e-5)
     np.testing.assert_allclose([aux["env/a/risk"], aux["env/b/risk"]], risks.detach().numpy(), rtol=1e-5)
@@ -114,8 +115,8 @@ def test_group_dro_matches_pytorch(tiny_bert_pair, batch):
 def test_penalties_vanish_when_environments_agree(tiny_bert_pair, batch):
     # Two copies of the same examples, one per environment: equal risks, so V-REx's variance is 0 and
     # IRM's two penalties are equal; Group DRO's weights stay uniform.
-    b = {k: jnp.asarray(np.concatenate([v, v]) if k != "environment" else np.repeat([0, 1], 8))
-         for k, v in batch.items()}
+    b = jax.tree.map(lambda v: jnp.asarray(np.concatenate([v, v])), batch)
+    b = b.replace(environment=jnp.asarray(np.repeat([0, 1], 8)))
     _, aux, _ = inv.vrex(inv.VRExOptions(), ENVS).loss(tiny_bert_pair[1], b, None, {"updates": jnp.float32(0)})
     assert float(aux["penalty"]) < 1e-10
     _, aux, _ = inv.irm(inv.IRMOptions(), ENVS).loss(tiny_bert_pair[1], b, None, {"updates": jnp.float32(0)})
@@ -179,6 +180,6 @@ def test_environment_objective_trains_a_gpt2_classifier_from_a_tokenizer_folder(
     with pytest.raises(ConfigError, match="model.model_type='gpt2' builds a model from scratch"):
         smoke('model.model_type="gpt2"', 'model.init="pretrained"')
     no_pad = [*gpt2[:3], 'model.overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}']
-    with pytest.raises(ConfigError, match="a GPT-2 without a pad token, which a GPT-2 classifier needs"):
+    with pytest.raises(ConfigError, match="is a gpt2 without a pad token, which its classifier needs"):
         train(smoke(*no_pad), tmp_path / "no_pad")  # before any training step
     assert not (tmp_path / "no_pad" / "metrics.jsonl").exists()

@@ -15,7 +15,8 @@ import pytest
 from helpers import records, run_on_one_and_eight_devices, smoke
 
 from research.config import ConfigError
-from research.data.classification import Split, SplitReport, collate, model_inputs, pack
+from research.data.batches import collate, pack
+from research.data.split import Split, SplitReport
 from research.experiment import prepare
 from research.models import from_pretrained
 from research.train import train
@@ -37,27 +38,27 @@ def test_every_example_is_packed_once_whole_and_inside_its_group(micro_batches, 
     indices = np.random.default_rng(1).permutation(32)
     batch = pack(split, indices, np.ones(32, np.float32), 64, 0, micro_batches, shards)
     groups = micro_batches * shards
-    n_rows = batch["input_ids"].shape[0] // groups
-    assert batch["input_ids"].shape == (groups * n_rows, 64) and batch["pool_index"].shape == (32, 2)
+    n_rows = batch.input_ids.shape[0] // groups
+    assert batch.input_ids.shape == (groups * n_rows, 64) and batch.pool_index.shape == (32, 2)
     per_micro, per_group = 32 // micro_batches, 32 // groups
-    seen = np.zeros_like(batch["segment_ids"])
+    seen = np.zeros_like(batch.segment_ids)
     for j, i in enumerate(indices):
         micro, group = j // per_micro, j // per_group
-        local_row, start = batch["pool_index"][j]
+        local_row, start = batch.pool_index[j]
         row = micro * shards * n_rows + local_row  # pool_index counts rows from the micro-batch's first
         assert row // n_rows == group, f"example {j} left its group (micro-batch x shard)"
         end = start + len(split.input_ids[i])
-        np.testing.assert_array_equal(batch["input_ids"][row, start:end], split.input_ids[i])
-        np.testing.assert_array_equal(batch["token_type_ids"][row, start:end], split.token_type_ids[i])
-        np.testing.assert_array_equal(batch["position_ids"][row, start:end], np.arange(end - start))
-        segment = batch["segment_ids"][row, start]
-        assert segment > 0 and (batch["segment_ids"][row] == segment).sum() == end - start
+        np.testing.assert_array_equal(batch.input_ids[row, start:end], split.input_ids[i])
+        np.testing.assert_array_equal(batch.token_type_ids[row, start:end], split.token_type_ids[i])
+        np.testing.assert_array_equal(batch.position_ids[row, start:end], np.arange(end - start))
+        segment = batch.segment_ids[row, start]
+        assert segment > 0 and (batch.segment_ids[row] == segment).sum() == end - start
         seen[row, start:end] += 1
     # Every non-padding slot belongs to exactly one example; padding is segment 0, masked, pad id.
-    np.testing.assert_array_equal(seen, batch["attention_mask"])
-    np.testing.assert_array_equal(batch["segment_ids"] > 0, batch["attention_mask"] == 1)
-    assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
-    np.testing.assert_array_equal(batch["labels"], split.labels[indices])
+    np.testing.assert_array_equal(seen, batch.attention_mask)
+    np.testing.assert_array_equal(batch.segment_ids > 0, batch.attention_mask == 1)
+    assert (batch.input_ids[batch.attention_mask == 0] == 0).all()
+    np.testing.assert_array_equal(batch.labels, split.labels[indices])
     # First-fit decreasing needs at most 11/9 OPT + 6/9 rows (Dosa 2007); OPT is at least the rows the
     # tokens fill and the number of examples longer than half a row.
     bounds = []
@@ -80,13 +81,13 @@ def test_packed_logits_equal_padded_logits_on_real_minilm(minilm_dir):
     split = random_split(32, 64)
     indices, weights = np.arange(32), np.ones(32, np.float32)
     padded, packed = collate(split, indices, weights, 64, 0), pack(split, indices, weights, 64, 0)
-    assert packed["input_ids"].size < padded["input_ids"].size * 0.7  # it did pack
-    logits_padded = model(**{k: jnp.asarray(v) for k, v in model_inputs(padded).items()})
-    logits_packed = model(**{k: jnp.asarray(v) for k, v in model_inputs(packed).items()})
+    assert packed.input_ids.size < padded.input_ids.size * 0.7  # it did pack
+    logits_padded = model(**{k: jnp.asarray(v) for k, v in padded.model_inputs().items()})
+    logits_packed = model(**{k: jnp.asarray(v) for k, v in packed.model_inputs().items()})
     np.testing.assert_allclose(logits_packed, logits_padded, atol=1e-5)
     # Control: the same rows attending across examples (no segment mask) give other logits.
-    leaky = {**model_inputs(packed), "segment_ids": packed["attention_mask"]}
-    logits_leaky = model(**{k: jnp.asarray(v) for k, v in leaky.items()})
+    leaky = packed.replace(segment_ids=packed.attention_mask)
+    logits_leaky = model(**{k: jnp.asarray(v) for k, v in leaky.model_inputs().items()})
     assert np.abs(np.asarray(logits_leaky) - np.asarray(logits_padded)).max() > 1e-2
 
 
@@ -129,7 +130,7 @@ def test_packing_is_checked_against_the_config_and_the_model(data_dir, monkeypat
 def test_gpt2_batches_carry_no_token_types(data_dir, monkeypatch):
     # HF's GPT-2 tokenizer returns no token_type_ids, and GPT-2 given zeros adds wte[0] to every position.
     from research import experiment
-    from research.data.classification import collate
+    from research.data.batches import collate
     from research.models import from_config
     from research.models.gpt2 import GPT2Config
 
@@ -138,4 +139,4 @@ def test_gpt2_batches_carry_no_token_types(data_dir, monkeypatch):
     pieces = prepare(smoke("data.max_train_examples=32", "data.max_dev_examples=8"))
     assert pieces.train.token_type_ids is None and pieces.dev.token_type_ids is None
     batch = collate(pieces.dev, np.arange(4), np.ones(4), 32, pieces.pad_id)
-    assert "token_type_ids" not in batch and batch["input_ids"].shape == (4, 32)
+    assert batch.token_type_ids is None and batch.input_ids.shape == (4, 32)

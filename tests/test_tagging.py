@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from research.data.classification import DataError, SplitReport
+from research.data.split import DataError, SplitReport
 from research.data.tagging import entities, entity_scores, iob1_to_iob2, read_conll, sentence_tags, tokenize
 
 
@@ -143,11 +143,11 @@ def test_token_classification_runs_through_the_runner_and_eval(tmp_path, data_di
     assert "entities" in text and "PER" in text
     pieces = prepare(cfg, with_train=False)
     batch = next(eval_batches(pieces.dev, 128, cfg.data.buckets, pieces.pad_id))[1]
-    assert batch["labels"].shape == batch["input_ids"].shape == batch["label_weights"].shape
+    assert batch.labels.shape == batch.input_ids.shape == batch.label_weights.shape
     # Weight 1 exactly on first word pieces of real rows: [CLS], [SEP], padding and filler rows weigh 0.
     windows = len(pieces.dev.input_ids)  # more than the 64 sentences: long ones are cut into windows
-    assert windows > 64 and batch["label_weights"][:, 0].sum() == 0 and batch["label_weights"][windows:].sum() == 0
-    assert batch["label_weights"].sum() == sum(len(w) for w in pieces.dev.tagged.sentences.words)
+    assert windows > 64 and batch.label_weights[:, 0].sum() == 0 and batch.label_weights[windows:].sum() == 0
+    assert batch.label_weights.sum() == sum(len(w) for w in pieces.dev.sentences.words)
 
 
 def test_token_classification_config_errors():

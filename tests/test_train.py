@@ -81,9 +81,9 @@ def test_eval_and_export_agree_with_transformers(smoke_run, tmp_path, capsys):
     correct = 0
     with torch.no_grad():
         for _, b in eval_batches(dev, 32, cfg.data.buckets, 0):
-            logits = torch_model.eval()(input_ids=torch.tensor(b["input_ids"]).long(),
-                                        attention_mask=torch.tensor(b["attention_mask"]).long()).logits.numpy()
-            correct += ((logits.argmax(-1) == b["labels"]) * b["weights"]).sum()
+            logits = torch_model.eval()(input_ids=torch.tensor(b.input_ids).long(),
+                                        attention_mask=torch.tensor(b.attention_mask).long()).logits.numpy()
+            correct += ((logits.argmax(-1) == b.labels) * b.weights).sum()
     assert correct / len(dev) == pytest.approx(accuracy, abs=1e-9)
 
 

@@ -20,14 +20,128 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from research.data.classification import DataError, Split, bucket_length, collate, pack
+from research.batch import Batch
+from research.data.split import DataError, Split
 
 Plan = list[tuple[np.ndarray, np.ndarray]]
 
 
+def bucket_length(lengths: np.ndarray, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds the longest example."""
+    longest = int(lengths.max())
+    return next(b for b in buckets if b >= longest)
+
+
+def collate(split: Split, indices: np.ndarray, weights: np.ndarray, length: int, pad_id: int) -> Batch:
+    """Rows `indices` padded on the right to `length`, one example a row."""
+    n = len(indices)
+    fields = {
+        "input_ids": np.full((n, length), pad_id, np.int32),
+        "attention_mask": np.zeros((n, length), np.int32),
+        "labels": split.labels[indices],
+        "weights": weights.astype(np.float32),  # 0 for filler rows: they count in no loss and no metric
+        **_example_keys(split, indices),
+    }
+    if split.token_type_ids is not None:
+        fields["token_type_ids"] = np.zeros((n, length), np.int32)
+    if split.token_targets is not None:  # token targets (B, T): -1 (no target, padding) weighs 0
+        targets = np.full((n, length), -1, np.int32)
+    for row, i in enumerate(indices):
+        ids = split.input_ids[i]
+        fields["input_ids"][row, : len(ids)] = ids
+        fields["attention_mask"][row, : len(ids)] = 1
+        if split.token_type_ids is not None:
+            fields["token_type_ids"][row, : len(ids)] = split.token_type_ids[i]
+        if split.token_targets is not None:
+            targets[row, : len(ids)] = split.token_targets[i]
+    if split.token_targets is not None:
+        fields["label_weights"] = (targets >= 0) * fields["weights"][:, None]
+        fields["labels"] = np.maximum(targets, 0)  # a valid index everywhere; the weight says what counts
+    return Batch(**fields)
+
+
+def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int, pad_id: int,
+         micro_batches: int = 1, shards: int = 1) -> Batch:
+    """Examples `indices` packed side by side into rows of `row_length` tokens, instead of one padded row each.
+
+    Short sentences leave most of a padded batch empty (SST-2: 13 real tokens on average against 40 padded
+    ones), and the dense layers pay for every slot. Packed, each row holds several examples; `segment_ids`
+    (1, 2, ... per example, 0 for padding) keep attention inside each example and `position_ids` restart at
+    0, so every example's logits are those of the padded layout (tested). The examples stay the batch's
+    examples: labels, weights and `pool_index` (E, 2), the (row, position) of each example's first token.
+
+    The batch is cut into `micro_batches * shards` consecutive groups of examples (the layout `put_batch`
+    makes: micro-batch a, device shard d is group a * shards + d), and each group is packed into its own
+    rows (first-fit decreasing), so no example crosses a device or a micro-batch. All groups get the same
+    number of rows R, the largest any group needs; rows are laid out group after group, (groups * R, L),
+    and `pool_index` rows count from the start of the example's micro-batch (what the objective sees).
+    The step compiles once per distinct R, at most batch_size / groups values.
+    """
+    n, groups = len(indices), micro_batches * shards
+    if n % groups:
+        raise DataError(f"a batch of {n} examples cannot be split into {micro_batches} micro-batches x {shards} "
+                        "shards")
+    per_group = n // groups
+    lengths = [len(split.input_ids[i]) for i in indices]
+    if max(lengths) > row_length:
+        raise DataError(f"an example of {max(lengths)} tokens does not fit a packed row of {row_length}: set "
+                        "data.pack_length to at least data.max_length")
+    layout = []  # per group: rows, each a list of the batch positions it holds, in packing order
+    for g in range(groups):
+        rows, free = [], []
+        # Longest first (ties in batch order, so the layout is a function of the batch alone).
+        for j in sorted(range(g * per_group, (g + 1) * per_group), key=lambda j: -lengths[j]):
+            r = next((r for r, room in enumerate(free) if room >= lengths[j]), None)
+            if r is None:
+                rows.append([])
+                free.append(row_length)
+                r = len(rows) - 1
+            rows[r].append(j)
+            free[r] -= lengths[j]
+        layout.append(rows)
+    n_rows = max(len(rows) for rows in layout)
+    shape = (groups * n_rows, row_length)
+    fields = {
+        "input_ids": np.full(shape, pad_id, np.int32),
+        "attention_mask": np.zeros(shape, np.int32),
+        "position_ids": np.zeros(shape, np.int32),
+        "segment_ids": np.zeros(shape, np.int32),
+        "pool_index": np.zeros((n, 2), np.int32),
+        "labels": split.labels[indices],
+        "weights": weights.astype(np.float32),
+        **_example_keys(split, indices),
+    }
+    if split.token_type_ids is not None:
+        fields["token_type_ids"] = np.zeros(shape, np.int32)
+    for g, rows in enumerate(layout):
+        for r, members in enumerate(rows):
+            row, start = g * n_rows + r, 0
+            for segment, j in enumerate(members, start=1):
+                i, end = indices[j], start + lengths[j]
+                fields["input_ids"][row, start:end] = split.input_ids[i]
+                fields["attention_mask"][row, start:end] = 1
+                if split.token_type_ids is not None:
+                    fields["token_type_ids"][row, start:end] = split.token_type_ids[i]
+                fields["position_ids"][row, start:end] = np.arange(lengths[j])
+                fields["segment_ids"][row, start:end] = segment
+                fields["pool_index"][j] = ((g % shards) * n_rows + r, start)  # row within its micro-batch
+                start = end
+    return Batch(**fields)
+
+
+def _example_keys(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-example batch entries beside labels and weights: `environment` ids and `pair_ids`, when present."""
+    out = {}
+    if split.environments is not None:
+        out["environment"] = split.environments[indices]
+    if split.pair_ids is not None:
+        out["pair_ids"] = split.pair_ids[indices]
+    return out
+
+
 def epoch_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int, seed: int, epoch: int,
                   start: int = 0, *, pack_length: int | None = None, micro_batches: int = 1, shards: int = 1,
-                  proportions: tuple[float, ...] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                  proportions: tuple[float, ...] | None = None) -> Iterator[tuple[int, Batch]]:
     """(batch index, batch) for one training epoch (`epoch_plan`), from batch `start` on (resuming mid-epoch).
     With `pack_length`, batches are packed for `micro_batches` x `shards`; otherwise padded to a bucket."""
     lengths = np.array([len(x) for x in split.input_ids])
@@ -46,7 +160,7 @@ def steps_per_epoch(split: Split, batch_size: int, groups: int = 1, proportions:
 
 
 def eval_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int,
-                 order: np.ndarray | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                 order: np.ndarray | None = None) -> Iterator[tuple[int, Batch]]:
     """Every example once (or those of `order`, in that order), padded; the last batch filled with weight-0
     rows."""
     lengths = np.array([len(x) for x in split.input_ids])

@@ -24,12 +24,13 @@ example is counted as truncated; the response is never cut.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 
 from research.config import DataConfig
-from research.data.classification import DataError, Split, SplitReport, split_path
+from research.data.split import DataError, Split, SplitReport, split_path
 
 SPLITS = {"train": (0.0, 0.6), "dev": (0.6, 0.8), "test": (0.8, 1.0)}  # 3:1:1 in file order
 
@@ -47,7 +48,15 @@ def turns(dialogue: dict) -> list[tuple[str, str]]:
     return [(" ".join(t["usr"]["transcript"].split()), " ".join(t["sys"]["sent"].split())) for t in dialogue["dial"]]
 
 
-def load_split(cfg: DataConfig, split: str, tokenizer, eos_id: int) -> Split:
+@dataclasses.dataclass(kw_only=True)
+class DialogueSplit(Split):
+    """Dialogue responses: `texts` are the contexts (prompts), `token_targets` the response tokens, and these
+    the reference responses, shown beside the model's own in samples."""
+
+    responses: list[str]
+
+
+def load_split(cfg: DataConfig, split: str, tokenizer, eos_id: int) -> DialogueSplit:
     """One example per system turn of the split's dialogues (module docstring); `data.train`/`dev`/a test
     name all point at CamRest676.json, and the split name picks the dialogues."""
     path = split_path(cfg, split)
@@ -109,5 +118,5 @@ def load_split(cfg: DataConfig, split: str, tokenizer, eos_id: int) -> Split:
                            "targets": int(sum((t >= 0).sum() for t in targets)),
                            "words": sum(len(r.split()) for r in responses),
                            "bytes": sum(len(r.encode()) for r in responses)}
-    return Split(split, inputs, None, np.full(len(inputs), -1, np.int32), prompts, report, token_targets=targets,
-                 responses=responses)
+    return DialogueSplit(name=split, input_ids=inputs, token_type_ids=None, labels=np.full(len(inputs), -1, np.int32),
+                         texts=prompts, report=report, token_targets=targets, responses=responses)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from research.config import DataConfig
-from research.data.classification import DataError, Split, SplitReport, read_rows, split_path
+from research.data.split import DataError, Split, SplitReport, read_rows, split_path
 
 
 def documents(cfg: DataConfig, split: str) -> tuple[list[str], str]:

@@ -23,13 +23,12 @@ import zlib
 import numpy as np
 
 from research.config import SpuriousConfig
+from research.data.split import DataError
 
 
 def apply(cfg: SpuriousConfig, texts: list[str], labels: np.ndarray, split: str, num_labels: int
           ) -> tuple[list[str], np.ndarray, np.ndarray, tuple[str, ...]]:
     """(texts with markers, noisy labels, environment ids, environment names) for one split."""
-    from research.data.classification import DataError
-
     if len(cfg.markers) != num_labels:
         raise DataError(f"data.spurious.markers={cfg.markers} has {len(cfg.markers)} words for {num_labels} labels: "
                         "give one marker word per label, in label id order")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from research.config import DataConfig
-from research.data.classification import DataError, Split, SplitReport, split_path
+from research.data.split import DataError, Split, SplitReport, split_path
 
 DOCSTART = "-DOCSTART-"
 
@@ -195,15 +195,16 @@ def tokenize(tokenizer, sentences: Sentences, label_index: dict[str, int], max_l
     return out
 
 
-@dataclasses.dataclass
-class Tagged:
-    """What a token-classification split carries beside its token ids (`Split.tagged`)."""
+@dataclasses.dataclass(kw_only=True)
+class TaggedSplit(Split):
+    """A token-classification split: windows of word pieces (`token_targets`: the tag id on each word's first
+    piece), and the gold sentences they came from, for entity scores over whole sentences."""
 
-    sentences: Sentences  # the gold words and tags, for entity scores
-    windows: Windows
+    sentences: Sentences  # the gold words and tags
+    windows: Windows  # where each window's words sit in its sentence
 
 
-def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int) -> Split:
+def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int) -> TaggedSplit:
     """Read, check and tokenize one split of CoNLL-style data ("train", "dev" or a name of `cfg.test`).
     `labels` None infers the tag set from the training split: "O" first, then the others sorted."""
     path = split_path(cfg, split)
@@ -226,8 +227,10 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
     n = len(windows.input_ids)
     texts = [" ".join(sentences.words[s][a : a + len(p)]) for s, a, p in
              zip(windows.sentence, windows.first_word, windows.word_positions, strict=True)]
-    return Split(split, windows.input_ids, [np.zeros_like(x) for x in windows.input_ids], np.full(n, -1, np.int32),
-                 texts, report, token_targets=windows.token_labels, tagged=Tagged(sentences, windows))
+    return TaggedSplit(name=split, input_ids=windows.input_ids,
+                       token_type_ids=[np.zeros_like(x) for x in windows.input_ids], labels=np.full(n, -1, np.int32),
+                       texts=texts, report=report, token_targets=windows.token_labels, sentences=sentences,
+                       windows=windows)
 
 
 def sentence_tags(windows: Windows, n_sentences: int, lengths: list[int], predicted: list[np.ndarray],

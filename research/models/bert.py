@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models.family import Family
 from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
 from research.models.linear import Linear
 
@@ -375,8 +376,6 @@ class BertForMaskedLM(nnx.Module):
         return logits_btv.astype(jnp.float32)
 
 
-CONFIG = BertConfig
-
 TASKS = {
     "base": BertModel,
     "sequence_classification": BertForSequenceClassification,
@@ -396,13 +395,6 @@ HF_ARCHITECTURES = {
 # Each row: HF key (after the "bert." prefix is stripped), our parameter path inside the base model, and
 # whether the tensor is transposed (torch nn.Linear stores (out, in); our kernels are (in, out)).
 # "{i}" stands for a layer index.
-
-# Layer-wise learning-rate decay groups (research.optim): the container of the transformer layers, and the
-# modules that count as embeddings (the lowest group).
-LAYER_CONTAINER = "layers"
-EMBEDDING_MODULES = ("embeddings",)
-
-BASE_ATTR = "bert"  # attribute holding the base model in the task classes; HF's key prefix is "bert."
 
 BASE_KEYS = [
     ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding", False),
@@ -468,3 +460,24 @@ BUFFER_KEYS = {
 # Heads of tasks other than the one loaded (pre-training heads, another task's classifier). Dropped with
 # a warning that lists them, the way transformers drops `cls.*` when loading BertForSequenceClassification.
 OTHER_HEAD_PATTERNS = [r"cls\..*", r"classifier\..*", r"qa_outputs\..*", r"pooler\..*"]
+
+# ------------------------------------------------------------------------------------- the family record
+
+FAMILY = Family(
+    model_type="bert",
+    config=BertConfig,
+    tasks=TASKS,
+    hf_architectures=HF_ARCHITECTURES,
+    num_layers=lambda cfg: cfg.num_hidden_layers,
+    base_attr="bert",  # attribute holding the base model in the task classes; HF's key prefix is "bert."
+    base_keys=BASE_KEYS,
+    head_keys=HEAD_KEYS,
+    tied_keys=TIED_KEYS,
+    buffer_keys=BUFFER_KEYS,
+    other_head_patterns=OTHER_HEAD_PATTERNS,
+    init_if_missing=INIT_IF_MISSING,
+    layer_container="layers",
+    embedding_modules=("embeddings",),
+    packing_tasks=frozenset({"sequence_classification"}),  # features() reads each example's own [CLS]
+    has_token_types=True,
+)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models.family import Family
 from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
 from research.models.linear import Linear
 
@@ -376,8 +377,6 @@ class GPT2ForSequenceClassification(nnx.Module):
         return h_btd[jnp.arange(B), last_b]  # (B, D)
 
 
-CONFIG = GPT2Config
-
 TASKS = {
     "base": GPT2Model,
     "causal_lm": GPT2LMHeadModel,
@@ -394,12 +393,6 @@ HF_ARCHITECTURES = {
 #
 # GPT-2's HF linear layers are `Conv1D`, stored (in, out) like our kernels: no transpose. Only the
 # classification `score` is a torch nn.Linear (out, in).
-
-# Layer-wise learning-rate decay groups (research.optim), as in bert.py.
-LAYER_CONTAINER = "h"
-EMBEDDING_MODULES = ("wte", "wpe")
-
-BASE_ATTR = "transformer"
 
 BASE_KEYS = [
     ("wte.weight", "wte/embedding", False),
@@ -426,8 +419,6 @@ HEAD_KEYS = {
     "sequence_classification": [("score.weight", "score/kernel", True)],
 }
 
-INIT_IF_MISSING: dict[str, list[tuple]] = {}
-
 TIED_KEYS = {"lm_head.weight": "wte.weight"}
 
 
@@ -443,3 +434,25 @@ BUFFER_KEYS = {
 }
 
 OTHER_HEAD_PATTERNS = [r"score\..*", r"multiple_choice_head\..*", r"qa_outputs\..*", r"classifier\..*"]
+
+# ------------------------------------------------------------------------------------- the family record
+
+FAMILY = Family(
+    model_type="gpt2",
+    config=GPT2Config,
+    tasks=TASKS,
+    hf_architectures=HF_ARCHITECTURES,
+    num_layers=lambda cfg: cfg.n_layer,
+    base_attr="transformer",
+    base_keys=BASE_KEYS,
+    head_keys=HEAD_KEYS,
+    tied_keys=TIED_KEYS,
+    buffer_keys=BUFFER_KEYS,
+    other_head_patterns=OTHER_HEAD_PATTERNS,
+    layer_container="h",
+    embedding_modules=("wte", "wpe"),
+    # The classifier reads the last real token of each row: one example a row, no packing.
+    packing_tasks=frozenset(),
+    has_token_types=False,  # HF's GPT-2 tokenizer returns none; given zeros, GPT-2 would add wte[0] everywhere
+    classifier_needs_pad_token=True,  # transformers finds each row's last token by pad_token_id
+)

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in and out: resolve a local directory or hub id, read safetensors (single or
-sharded) or a PyTorch pickle (only through `torch.load(weights_only=True)`), apply the model file's key
-table into an `nnx.eval_shape` skeleton, and write HF-format directories back.
+sharded) or a PyTorch pickle (only through `torch.load(weights_only=True)`), apply the model family's key
+table (research/models/family.py) into an `nnx.eval_shape` skeleton, and write HF-format directories back.
 
 Loading is strict: every missing, unexpected and mis-shaped tensor is collected and raised in one error.
 The only tolerated gap is a task head that the checkpoint lacks (a classifier on top of a pretrained
@@ -19,7 +19,6 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jax
@@ -29,9 +28,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from research.models import bert, gpt2
-
-MODEL_FILES: dict[str, ModuleType] = {"bert": bert, "gpt2": gpt2}
+from research.models.families import FAMILIES, family_of
+from research.models.family import Family
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -201,21 +199,16 @@ def _expand(rows: list[tuple[str, str, bool]], n_layers: int) -> dict[str, tuple
     return out
 
 
-def num_layers(cfg) -> int:
-    """Transformer layers in a BertConfig or GPT2Config."""
-    return getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-
-
-def key_table(mod: ModuleType, cfg, task: str) -> dict[str, tuple[tuple, bool]]:
+def key_table(family: Family, cfg, task: str) -> dict[str, tuple[tuple, bool]]:
     """HF key (base-model prefix stripped) -> (path in the task model, transpose)."""
-    prefix = () if task == "base" else (mod.BASE_ATTR,)
-    table = {k: (prefix + p, t) for k, (p, t) in _expand(mod.BASE_KEYS, num_layers(cfg)).items()}
-    table.update(_expand(mod.HEAD_KEYS[task], 0))
+    prefix = () if task == "base" else (family.base_attr,)
+    table = {k: (prefix + p, t) for k, (p, t) in _expand(family.base_keys, family.num_layers(cfg)).items()}
+    table.update(_expand(family.head_keys[task], 0))
     return table
 
 
-def _matches_buffer(mod: ModuleType, key: str):
-    for pattern, check in mod.BUFFER_KEYS.items():
+def _matches_buffer(family: Family, key: str):
+    for pattern, check in family.buffer_keys.items():
         if re.fullmatch(re.escape(pattern).replace(r"\{i\}", r"\d+"), key):
             return check
     return None
@@ -224,25 +217,19 @@ def _matches_buffer(mod: ModuleType, key: str):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _model_file(config) -> ModuleType:
-    for mod in MODEL_FILES.values():
-        if isinstance(config, mod.CONFIG):
-            return mod
-    raise TypeError(f"no model file for config type {type(config).__name__}")
-
-
 def from_config(config, task: str = "base", *, seed: int = 0) -> nnx.Module:
     """A randomly initialized model of `task` for `config` (a BertConfig or GPT2Config), in eval mode."""
-    mod = _model_file(config)
-    _check_task(mod, task)
-    model = mod.TASKS[task](config, rngs=nnx.Rngs(seed))
+    family = family_of(config)
+    _check_task(family, task)
+    model = family.tasks[task](config, rngs=nnx.Rngs(seed))
     model.eval()
     return model
 
 
-def _check_task(mod: ModuleType, task: str) -> None:
-    if task not in mod.TASKS:
-        raise ValueError(f"task {task!r} is not available for {mod.__name__}; choose from {sorted(mod.TASKS)}")
+def _check_task(family: Family, task: str) -> None:
+    if task not in family.tasks:
+        raise ValueError(f"task {task!r} is not available for {family.model_type}; choose from "
+                         f"{sorted(family.tasks)}")
 
 
 def from_pretrained(
@@ -264,21 +251,21 @@ def from_pretrained(
     directory = resolve_checkpoint_dir(name_or_path, revision)
     hf_cfg = read_hf_config(directory)
     model_type = hf_cfg.get("model_type")
-    if model_type not in MODEL_FILES:
+    if model_type not in FAMILIES:
         raise CheckpointError(
-            f"{directory}/config.json has model_type={model_type!r}; supported: {sorted(MODEL_FILES)}"
+            f"{directory}/config.json has model_type={model_type!r}; supported: {sorted(FAMILIES)}"
         )
-    mod = MODEL_FILES[model_type]
-    _check_task(mod, task)
-    cfg = mod.CONFIG.from_hf_config(hf_cfg, dtype=dtype, **config_overrides)
+    family = FAMILIES[model_type]
+    _check_task(family, task)
+    cfg = family.config.from_hf_config(hf_cfg, dtype=dtype, **config_overrides)
     tensors = load_state_dict(directory)
 
-    model_cls = mod.TASKS[task]
+    model_cls = family.tasks[task]
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(seed)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     wanted = {path: var for path, var in nnx.to_flat_state(params)}
 
-    match = _match_tensors(mod, cfg, task, tensors, wanted)
+    match = _match_tensors(family, cfg, task, tensors, wanted)
     _raise_or_warn(match, where=f"{directory} as {model_cls.__name__} (task {task!r})", strict=strict)
     missing = match.missing
 
@@ -314,13 +301,13 @@ class _Match:
     vocab_hint: str
 
 
-def _match_tensors(mod: ModuleType, cfg, task: str, tensors: dict[str, np.ndarray], wanted: dict) -> _Match:
+def _match_tensors(family: Family, cfg, task: str, tensors: dict[str, np.ndarray], wanted: dict) -> _Match:
     # Strip the base-model prefix ("bert.", "transformer.") that task checkpoints put on base weights.
-    prefix = mod.BASE_ATTR + "."
+    prefix = family.base_attr + "."
     stripped = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in tensors}
     if len(stripped) != len(tensors):
         raise CheckpointError(f"checkpoint holds the same tensor with and without the {prefix!r} prefix")
-    table = key_table(mod, cfg, task)
+    table = key_table(family, cfg, task)
 
     loaded: dict[tuple, np.ndarray] = {}
     mismatched, unexpected, dropped, bad_buffers, untied = [], [], [], [], []
@@ -336,25 +323,25 @@ def _match_tensors(mod: ModuleType, cfg, task: str, tensors: dict[str, np.ndarra
                 mismatched_paths.add(path)
             else:
                 loaded[path] = array.T if transpose else array
-        elif key in mod.TIED_KEYS:
-            target = mod.TIED_KEYS[key]
+        elif key in family.tied_keys:
+            target = family.tied_keys[key]
             if target in stripped and not np.array_equal(array, tensors[stripped[target]]):
                 untied.append(f"{original} differs from {stripped[target]}")
-        elif (check := _matches_buffer(mod, key)) is not None:
+        elif (check := _matches_buffer(family, key)) is not None:
             if not bool(check(jnp.asarray(array), cfg)):
                 bad_buffers.append(original)
-        elif key in table or any(re.fullmatch(p, key) for p in mod.OTHER_HEAD_PATTERNS):
+        elif key in table or any(re.fullmatch(p, key) for p in family.other_head_patterns):
             dropped.append(original)  # another task's head, or a pooler this head does not use
         else:
             unexpected.append(original)
 
     missing = sorted(set(wanted) - set(loaded) - mismatched_paths, key=str)
-    head_prefixes = mod.INIT_IF_MISSING.get(task, [])
-    is_head = [(task != "base" and p[0] != mod.BASE_ATTR) or any(p[: len(q)] == q for q in head_prefixes)
+    head_prefixes = family.init_if_missing.get(task, [])
+    is_head = [(task != "base" and p[0] != family.base_attr) or any(p[: len(q)] == q for q in head_prefixes)
                for p in missing]
-    missing_base = [_hf_name(mod, table, p, task) for p, head in zip(missing, is_head, strict=True) if not head]
+    missing_base = [_hf_name(family, table, p, task) for p, head in zip(missing, is_head, strict=True) if not head]
     return _Match(loaded, missing, missing_base, mismatched, sorted(unexpected), sorted(dropped), bad_buffers,
-                  untied, _vocab_hint(mod, cfg, mismatched))
+                  untied, _vocab_hint(family, cfg, mismatched))
 
 
 def _raise_or_warn(m: _Match, *, where: str, strict: bool) -> None:
@@ -387,20 +374,20 @@ def _raise_or_warn(m: _Match, *, where: str, strict: bool) -> None:
                       + ", ".join("/".join(map(str, p)) for p in m.missing), CheckpointWarning, stacklevel=3)
 
 
-def _hf_key(mod: ModuleType, key: str, path: tuple, task: str) -> str:
+def _hf_key(family: Family, key: str, path: tuple, task: str) -> str:
     """The full HF name: base weights of a task model carry the base prefix ("bert.", "transformer.")."""
-    return mod.BASE_ATTR + "." + key if task != "base" and path[0] == mod.BASE_ATTR else key
+    return family.base_attr + "." + key if task != "base" and path[0] == family.base_attr else key
 
 
-def _hf_name(mod: ModuleType, table: dict, path: tuple, task: str) -> str:
+def _hf_name(family: Family, table: dict, path: tuple, task: str) -> str:
     for key, (p, _) in table.items():
         if p == path:
-            return _hf_key(mod, key, p, task)
+            return _hf_key(family, key, p, task)
     return "/".join(map(str, path))
 
 
-def _vocab_hint(mod: ModuleType, cfg, mismatched: list[str]) -> str:
-    embedding_key = mod.BASE_KEYS[0][0]  # both tables list the word embeddings first
+def _vocab_hint(family: Family, cfg, mismatched: list[str]) -> str:
+    embedding_key = family.base_keys[0][0]  # both tables list the word embeddings first
     if any(m.split(":")[0].endswith(embedding_key) for m in mismatched):
         return (f"\nvocab size mismatch: the model was built with vocab_size={cfg.vocab_size} but the checkpoint's "
                 f"{embedding_key} has another row count; fix config.json or the vocab_size override to match "
@@ -411,33 +398,33 @@ def _vocab_hint(mod: ModuleType, cfg, mismatched: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def _task_of(model: nnx.Module) -> tuple[ModuleType, str]:
-    for mod in MODEL_FILES.values():
-        for task, cls in mod.TASKS.items():
-            if type(model) is cls:
-                return mod, task
+def _task_of(model: nnx.Module) -> tuple[Family, str]:
+    for family in FAMILIES.values():
+        if (task := family.task_of(model)) is not None:
+            return family, task
     raise TypeError(f"{type(model).__name__} is not one of our HF-compatible models")
 
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir: str | None = None) -> Path:
     """Write `config.json` + `model.safetensors` that transformers loads into the matching PyTorch class,
     and copy tokenizer files from `tokenizer_dir` (default: the directory the model was loaded from)."""
-    mod, task = _task_of(model)
+    family, task = _task_of(model)
     cfg = model.config
-    table = key_table(mod, cfg, task)
+    table = key_table(family, cfg, task)
     by_path = {path: (key, transpose) for key, (path, transpose) in table.items()}
     tensors = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path not in by_path:
-            raise CheckpointError(f"parameter {'/'.join(map(str, path))} has no HF name in {mod.__name__}'s table")
+            raise CheckpointError(f"parameter {'/'.join(map(str, path))} has no HF name in {family.model_type}'s key "
+                                  "table")
         key, transpose = by_path[path]
         array = np.asarray(jax.device_get(var[...]))
-        tensors[_hf_key(mod, key, path, task)] = np.ascontiguousarray(array.T if transpose else array)
+        tensors[_hf_key(family, key, path, task)] = np.ascontiguousarray(array.T if transpose else array)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    hf_cfg = cfg.to_hf_config(mod.HF_ARCHITECTURES[task])
+    hf_cfg = cfg.to_hf_config(family.hf_architectures[task])
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
     source = tokenizer_dir or getattr(model, "hf_source", None)
     if source:

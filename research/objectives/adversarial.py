@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.data.classification import model_inputs
+from research.batch import Batch
 from research.objectives.state import StatefulObjective
 from research.objectives.supervised import task_loss, weights_for
 
@@ -39,7 +39,7 @@ TINY = 1e-8  # the floor under a gradient norm before dividing by it (FreeLB's r
 # ------------------------------------------------------------------------------------- task loss, divergence
 
 
-def kl_divergence(logits_p: jax.Array, logits_q: jax.Array, batch: dict) -> jax.Array:
+def kl_divergence(logits_p: jax.Array, logits_q: jax.Array, batch: Batch) -> jax.Array:
     """Weighted mean over positions of KL(p || q), p and q the softmax of the two logits."""
     w = weights_for(logits_p, batch)
     log_p, log_q = jax.nn.log_softmax(logits_p, -1), jax.nn.log_softmax(logits_q, -1)
@@ -47,54 +47,49 @@ def kl_divergence(logits_p: jax.Array, logits_q: jax.Array, batch: dict) -> jax.
     return (kl * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def symmetric_kl(logits_p: jax.Array, logits_q: jax.Array, batch: dict) -> jax.Array:
+def symmetric_kl(logits_p: jax.Array, logits_q: jax.Array, batch: Batch) -> jax.Array:
     return kl_divergence(logits_p, logits_q, batch) + kl_divergence(logits_q, logits_p, batch)
 
 
 # ------------------------------------------------------------------------------------- per-example geometry
 
 
-def _segments(batch: dict) -> jax.Array:
-    """(B, T) example number of every token within its row, 0 for padding (padded rows: one example)."""
-    return batch["segment_ids"] if "segment_ids" in batch else batch["attention_mask"]
-
-
-def token_mask(batch: dict) -> jax.Array:
+def token_mask(batch: Batch) -> jax.Array:
     """(B, T, 1): 1 on real tokens, 0 on padding."""
-    return (_segments(batch) > 0).astype(jnp.float32)[..., None]
+    return (batch.segments() > 0).astype(jnp.float32)[..., None]
 
 
-def example_norm(x_btd: jax.Array, batch: dict) -> jax.Array:
+def example_norm(x_btd: jax.Array, batch: Batch) -> jax.Array:
     """(B, T, 1): at every token, the L2 norm of x over all tokens and dimensions of that token's example."""
-    seg_bt = _segments(batch)
+    seg_bt = batch.segments()
     onehot_bts = jax.nn.one_hot(seg_bt, seg_bt.shape[1] + 1)  # (B, T) -> (B, T, S): example number, 0..T
     sq_bt = (x_btd.astype(jnp.float32) ** 2).sum(-1)
     sq_bs = jnp.einsum("bt,bts->bs", sq_bt, onehot_bts)  # per (row, example)
     return jnp.sqrt(jnp.einsum("bs,bts->bt", sq_bs, onehot_bts))[..., None]  # back to its tokens
 
 
-def example_max_abs(x_btd: jax.Array, batch: dict) -> jax.Array:
+def example_max_abs(x_btd: jax.Array, batch: Batch) -> jax.Array:
     """(B, T, 1): at every token, max |x| over all tokens and dimensions of that token's example."""
-    seg_bt = _segments(batch)
+    seg_bt = batch.segments()
     onehot_bts = jax.nn.one_hot(seg_bt, seg_bt.shape[1] + 1, dtype=bool)  # (B, T) -> (B, T, S)
     m_bt = jnp.abs(x_btd.astype(jnp.float32)).max(-1)
     m_bs = jnp.where(onehot_bts, m_bt[..., None], 0.0).max(1)  # per (row, example)
     return jnp.where(onehot_bts, m_bs[:, None, :], 0.0).max(-1)[..., None]  # back to its tokens
 
 
-def example_lengths(batch: dict) -> jax.Array:
+def example_lengths(batch: Batch) -> jax.Array:
     """(B, T, 1): at every token, the number of real tokens of its example."""
     return example_norm(token_mask(batch), batch) ** 2
 
 
-def normalize(g_btd: jax.Array, batch: dict, norm: Literal["l2", "linf"]) -> jax.Array:
+def normalize(g_btd: jax.Array, batch: Batch, norm: Literal["l2", "linf"]) -> jax.Array:
     """The steepest-ascent direction of unit size: g / ||g|| per example (L2), or sign(g) (L-inf)."""
     if norm == "l2":
         return g_btd / jnp.maximum(example_norm(g_btd, batch), TINY) * token_mask(batch)
     return jnp.sign(g_btd) * token_mask(batch)
 
 
-def project(delta_btd: jax.Array, batch: dict, epsilon: float | None, norm: Literal["l2", "linf"]) -> jax.Array:
+def project(delta_btd: jax.Array, batch: Batch, epsilon: float | None, norm: Literal["l2", "linf"]) -> jax.Array:
     """delta moved into the epsilon ball of its example (unchanged inside it); epsilon None: no bound."""
     if epsilon is None:
         return delta_btd
@@ -107,9 +102,9 @@ def project(delta_btd: jax.Array, batch: dict, epsilon: float | None, norm: Lite
 # ------------------------------------------------------------------------------------------- forward passes
 
 
-def embedded(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
+def embedded(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict]:
     """The word embeddings (B, T, D) and the model's other inputs."""
-    inputs = model_inputs(batch)
+    inputs = batch.model_inputs()
     return model.embed(inputs.pop("input_ids")), inputs
 
 
@@ -117,7 +112,7 @@ def logits_at(model: nnx.Module, embeds: jax.Array, inputs: dict) -> jax.Array:
     return model(inputs_embeds=embeds, **inputs)
 
 
-def attack_loss(model: nnx.Module, inputs: dict, batch: dict, label_smoothing: float):
+def attack_loss(model: nnx.Module, inputs: dict, batch: Batch, label_smoothing: float):
     """The task loss (and aux) as a function of the model and the input embeddings."""
     return lambda m, x: task_loss(logits_at(m, x, inputs), batch, label_smoothing)
 
@@ -151,7 +146,7 @@ class FGMOptions:
 def fgm(options: FGMOptions):
     o = options
 
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
         del rng
         embeds, inputs = embedded(model, batch)
         (clean, aux), g = delta_grad(model, attack_loss(model, inputs, batch, o.label_smoothing), embeds,
@@ -180,7 +175,7 @@ class PGDOptions:
     label_smoothing: float = 0.0
 
 
-def random_start(rng: jax.Array, embeds: jax.Array, batch: dict, epsilon: float,
+def random_start(rng: jax.Array, embeds: jax.Array, batch: Batch, epsilon: float,
                  norm: Literal["l2", "linf"]) -> jax.Array:
     """Uniform in [-1, 1]^(T x D) scaled into the ball: L-inf, times epsilon; L2, rescaled so the example's
     norm is epsilon * u with u ~ U(0, 1) (a point strictly inside the ball, direction from the cube)."""
@@ -194,7 +189,7 @@ def random_start(rng: jax.Array, embeds: jax.Array, batch: dict, epsilon: float,
 def pgd(options: PGDOptions):
     o = options
 
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
         embeds, inputs = embedded(model, batch)
         attack = attack_loss(model, inputs, batch, o.label_smoothing)
         delta = random_start(rng, embeds, batch, o.epsilon, o.norm) if o.random_start else jnp.zeros_like(embeds)
@@ -234,7 +229,7 @@ class FreeLBOptions:
     label_smoothing: float = 0.0
 
 
-def freelb_init(rng: jax.Array, embeds: jax.Array, batch: dict, init_magnitude: float) -> jax.Array:
+def freelb_init(rng: jax.Array, embeds: jax.Array, batch: Batch, init_magnitude: float) -> jax.Array:
     noise = jax.random.uniform(rng, embeds.shape, jnp.float32, -1.0, 1.0) * token_mask(batch)
     dims = jnp.maximum(example_lengths(batch), 1.0) * embeds.shape[-1]
     return noise * init_magnitude / jnp.sqrt(dims)
@@ -243,7 +238,7 @@ def freelb_init(rng: jax.Array, embeds: jax.Array, batch: dict, init_magnitude: 
 def freelb(options: FreeLBOptions):
     o = options
 
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
         embeds, inputs = embedded(model, batch)
         delta = freelb_init(rng, embeds, batch, o.init_magnitude) if o.init_magnitude > 0 else jnp.zeros_like(embeds)
         delta = project(delta, batch, o.epsilon, o.norm)
@@ -299,7 +294,7 @@ def smart(options: SMARTOptions):
     def init_state(params: dict) -> dict:
         return jax.tree.map(jnp.copy, params)  # theta~_1 = theta_0
 
-    def loss_with_teacher(model: nnx.Module, batch: dict, rng: jax.Array, teacher: dict):
+    def loss_with_teacher(model: nnx.Module, batch: Batch, rng: jax.Array, teacher: dict):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         current = nnx.to_pure_dict(params)
         teacher = jax.tree.map(lambda c, t: (1 - o.beta) * jax.lax.stop_gradient(c).astype(t.dtype) + o.beta * t,
@@ -319,7 +314,7 @@ def smart(options: SMARTOptions):
 
 
 def _smart_smoothness(o: SMARTOptions):
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array, return_logits: bool = False):
+    def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array, return_logits: bool = False):
         embeds, inputs = embedded(model, batch)
         clean_logits = logits_at(model, embeds, inputs)
         task, aux = task_loss(clean_logits, batch, o.label_smoothing)
@@ -362,7 +357,7 @@ class VATOptions:
 def vat(options: VATOptions):
     o = options
 
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
         embeds, inputs = embedded(model, batch)
         clean_logits = logits_at(model, embeds, inputs)
         task, aux = task_loss(clean_logits, batch, o.label_smoothing)
@@ -380,7 +375,7 @@ def vat(options: VATOptions):
     return loss_fn
 
 
-def _norm_stats(delta: jax.Array, batch: dict, norm: Literal["l2", "linf"]) -> dict[str, jax.Array]:
+def _norm_stats(delta: jax.Array, batch: Batch, norm: Literal["l2", "linf"]) -> dict[str, jax.Array]:
     """Logged diagnostics: the weighted mean over examples of ||delta|| (L2) or max |delta| (L-inf), and the
     largest over the batch (which never exceeds epsilon where there is one; with gradient accumulation the
     train step logs the mean of the micro-batches' largest)."""

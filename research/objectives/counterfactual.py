@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.data.classification import model_inputs
+from research.batch import Batch
 from research.objectives.supervised import task_loss
 
 TINY = 1e-12
@@ -68,13 +68,13 @@ def _with_term(ce: jax.Array, aux: dict, name: str, term: jax.Array, weight: flo
 
 
 def clp(options: CLPOptions):
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array):
+    def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array):
         del rng
-        logits = model(**model_inputs(batch))  # (E, C)
+        logits = model(**batch.model_inputs())  # (E, C)
         ce, aux = task_loss(logits, batch)
         centred = logits - logits.mean(-1, keepdims=True)
         distance = jnp.abs(centred - _partner(centred)).sum(-1)  # (E,): each pair counted from both members
-        same = (batch["labels"] == _partner(batch["labels"])).astype(jnp.float32) * batch["weights"]
+        same = (batch.labels == _partner(batch.labels)).astype(jnp.float32) * batch.weights
         term, _ = _pair_mean(distance, same)
         return _with_term(ce, aux, "logit_pairing", term, options.weight)
 
@@ -82,12 +82,12 @@ def clp(options: CLPOptions):
 
 
 def gradient_supervision(options: GradientSupervisionOptions):
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array):
+    def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array):
         del rng
-        features = model.features(**model_inputs(batch))  # (E, D)
+        features = model.features(**batch.model_inputs())  # (E, D)
         logits = model.head(features)
         ce, aux = task_loss(logits, batch)
-        target = jax.nn.one_hot(_partner(batch["labels"]), logits.shape[-1])  # (E, C): the partner's label
+        target = jax.nn.one_hot(_partner(batch.labels), logits.shape[-1])  # (E, C): the partner's label
 
         # Row i's score depends on row i's features only, so the gradient of the summed scores is, row by
         # row, each example's own input gradient (E, D). nnx.grad: the head's dropout stream may advance.
@@ -97,7 +97,7 @@ def gradient_supervision(options: GradientSupervisionOptions):
         g = nnx.grad(score, argnums=1)(model, features)
         towards = _partner(features) - features  # x_j - x_i
         cos = (g * towards).sum(-1) / (jnp.linalg.norm(g, axis=-1) * jnp.linalg.norm(towards, axis=-1) + TINY)
-        flips = (batch["labels"] != _partner(batch["labels"])).astype(jnp.float32) * batch["weights"]
+        flips = (batch.labels != _partner(batch.labels)).astype(jnp.float32) * batch.weights
         term, _ = _pair_mean(1.0 - cos, flips)
         return _with_term(ce, aux, "gradient_supervision", term, options.weight)
 
@@ -105,15 +105,15 @@ def gradient_supervision(options: GradientSupervisionOptions):
 
 
 def pair_margin(options: PairMarginOptions):
-    def loss_fn(model: nnx.Module, batch: dict, rng: jax.Array):
+    def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array):
         del rng
-        logits = model(**model_inputs(batch))
+        logits = model(**batch.model_inputs())
         ce, aux = task_loss(logits, batch)
-        own, other = batch["labels"], _partner(batch["labels"])
+        own, other = batch.labels, _partner(batch.labels)
         pick = lambda z, y: jnp.take_along_axis(z, y[:, None], -1)[:, 0]  # noqa: E731  z[e, y[e]] (E,)
         m = pick(logits, own) - pick(logits, other)  # (E,): each member's margin for its label over the other's
         hinge = jax.nn.relu(options.margin - (m + _partner(m)))  # the same for both members of a pair
-        flips = (own != other).astype(jnp.float32) * batch["weights"]
+        flips = (own != other).astype(jnp.float32) * batch.weights
         term, _ = _pair_mean(hinge, flips)
         return _with_term(ce, aux, "pair_margin", term, options.weight)
 

@@ -1,6 +1,6 @@
 """Invariance objectives over training environments: IRMv1, V-REx and Group DRO.
 
-Each reads `batch["environment"]` (E,) (research/data/batches.py puts every environment in every device
+Each reads `batch.environment` (E,) (research/data/batches.py puts every environment in every device
 shard of every micro-batch, in fixed counts) and computes the risk of each environment e as the weighted
 mean cross-entropy over its examples, R_e. Then:
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from research.data.classification import model_inputs
+from research.batch import Batch
 from research.objectives.state import StatefulObjective
 
 
@@ -57,10 +57,11 @@ class GroupDROOptions:
     eta: float = 0.01  # step size of the group weights (the paper: 0.01)
 
 
-def _per_example(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Logits (E, C) and one-hot environment membership weighted by the example weights (E, n_env)."""
-    logits = model(**model_inputs(batch))
-    return logits, batch["weights"][:, None] * batch["environment_onehot"]
+def _per_example(model: nnx.Module, batch: Batch, n_envs: int) -> tuple[jax.Array, jax.Array]:
+    """Logits (E, C) and one-hot environment membership weighted by the example weights (E, n_env); the number
+    of environments is static in jit."""
+    logits = model(**batch.model_inputs())
+    return logits, batch.weights[:, None] * jax.nn.one_hot(batch.environment, n_envs, dtype=jnp.float32)
 
 
 def _risks(logits: jax.Array, labels: jax.Array, member: jax.Array) -> jax.Array:
@@ -82,9 +83,9 @@ def _env_metrics(names: tuple[str, ...], logits: jax.Array, labels: jax.Array, m
     return out
 
 
-def _summary(logits: jax.Array, batch: dict, loss: jax.Array) -> dict[str, jax.Array]:
-    w = batch["weights"]
-    correct = (logits.argmax(-1) == batch["labels"]).astype(jnp.float32)
+def _summary(logits: jax.Array, batch: Batch, loss: jax.Array) -> dict[str, jax.Array]:
+    w = batch.weights
+    correct = (logits.argmax(-1) == batch.labels).astype(jnp.float32)
     return {"accuracy": (correct * w).sum() / jnp.maximum(w.sum(), 1.0), "weight": w.sum()}
 
 
@@ -98,11 +99,6 @@ def _combine(options, mean_risk: jax.Array, penalty: jax.Array, weight: jax.Arra
     return loss / jnp.maximum(weight, 1.0) if options.rescale else loss
 
 
-def with_onehot(batch: dict, n_envs: int) -> dict:
-    """The batch with `environment_onehot` (E, n_env): the number of environments must be static in jit."""
-    return {**batch, "environment_onehot": jax.nn.one_hot(batch["environment"], n_envs, dtype=jnp.float32)}
-
-
 def _penalized(options, environments: tuple[str, ...], penalty_of) -> StatefulObjective:
     """mean_e R_e + lambda * penalty, lambda annealed after `options.anneal_steps` updates (the objective's
     state counts them). `penalty_of(logits, labels, member, risks)` -> (penalty, {name: (n_env,) values to log
@@ -111,14 +107,13 @@ def _penalized(options, environments: tuple[str, ...], penalty_of) -> StatefulOb
 
     def loss(model, batch, rng, state):
         del rng
-        batch = with_onehot(batch, n)
-        logits, member = _per_example(model, batch)
-        risks = _risks(logits, batch["labels"], member)
-        penalty, per_env = penalty_of(logits, batch["labels"], member, risks)
+        logits, member = _per_example(model, batch, n)
+        risks = _risks(logits, batch.labels, member)
+        penalty, per_env = penalty_of(logits, batch.labels, member, risks)
         weight = _annealed(options, state["updates"])
         total = _combine(options, risks.mean(), penalty, weight)
         aux = {**_summary(logits, batch, total), "penalty": penalty, "penalty_weight": weight,
-               **_env_metrics(environments, logits, batch["labels"], member, risks, **per_env)}
+               **_env_metrics(environments, logits, batch.labels, member, risks, **per_env)}
         return total, aux, {"updates": state["updates"] + 1.0}
 
     return StatefulObjective(loss, lambda params: {"updates": jnp.zeros((), jnp.float32)})
@@ -156,14 +151,13 @@ def group_dro(options: GroupDROOptions, environments: tuple[str, ...]) -> Statef
 
     def loss(model, batch, rng, state):
         del rng
-        batch = with_onehot(batch, n)
-        logits, member = _per_example(model, batch)
-        risks = _risks(logits, batch["labels"], member)
+        logits, member = _per_example(model, batch, n)
+        risks = _risks(logits, batch.labels, member)
         q = state["q"] * jnp.exp(options.eta * jax.lax.stop_gradient(risks))
         q = q / q.sum()
         total = (jax.lax.stop_gradient(q) * risks).sum()
         aux = {**_summary(logits, batch, total),
-               **_env_metrics(environments, logits, batch["labels"], member, risks, weight_q=q)}
+               **_env_metrics(environments, logits, batch.labels, member, risks, weight_q=q)}
         return total, aux, {"q": q}
 
     return StatefulObjective(loss, lambda params: {"q": jnp.full((n,), 1.0 / n, jnp.float32)})

@@ -1,0 +1,62 @@
+"""What a model family provides: one `Family` record at the bottom of each model file (`bert.FAMILY`,
+`gpt2.FAMILY`), registered in `research/models/families.py`.
+
+Everything outside the model file learns about a family from this record and nothing else: checkpoint import
+and export (`hf.py`) read the key tables, the optimizer (`optim.py`) the layer container, the experiment
+(`experiment.py`) and the attacks the capabilities. Adding a family (say RoBERTa) means one model file that
+ends with its record, and one line in `families.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+# A key table row: HF key (its base-model prefix stripped; "{i}" stands for a layer index), our parameter path
+# ("/"-separated, "{i}" likewise), and whether the tensor is transposed (torch nn.Linear stores (out, in); our
+# kernels are (in, out)).
+KeyRow = tuple[str, str, bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    model_type: str  # config.json's "model_type" of the Hugging Face checkpoints this family reads
+    config: type  # the frozen config dataclass, with from_hf_config / to_hf_config
+    # task -> module class; `base` (the bare encoder/decoder) is always one of them
+    tasks: dict[str, type[nnx.Module]]
+    hf_architectures: dict[str, str]  # task -> transformers class name, written to an exported config.json
+    num_layers: Callable[[Any], int]  # config -> number of transformer layers
+
+    # ---- the HF key tables (research/models/hf.py)
+    base_attr: str  # attribute of the task classes that holds the base model; also HF's key prefix
+    base_keys: list[KeyRow]  # the base model's parameters
+    head_keys: dict[str, list[KeyRow]]  # task -> its head's parameters (paths inside the task model)
+    # Tensors HF stores that duplicate another one (weight tying): HF key -> the key it must equal; dropped.
+    tied_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Non-learned buffers some checkpoints carry: HF key pattern -> check(tensor, config) of what it must hold.
+    buffer_keys: dict[str, Callable] = dataclasses.field(default_factory=dict)
+    # Heads of other tasks (pre-training heads, another task's classifier): dropped with a warning listing them.
+    other_head_patterns: list[str] = dataclasses.field(default_factory=list)
+    # task -> base-model paths that count as part of its head (initialized, with a warning, when missing).
+    init_if_missing: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)
+
+    # ---- structure (layer-wise learning-rate decay in research/optim.py; adapters next)
+    layer_container: str = "layers"  # the attribute holding the list of transformer layers
+    embedding_modules: tuple[str, ...] = ()  # modules that count as embeddings (the lowest lr-decay group)
+
+    # ---- capabilities
+    # Tasks whose model takes packed rows (segment_ids, position_ids, pool_index: research/data/batches.py).
+    packing_tasks: frozenset[str] = frozenset()
+    # Has token-type (segment A/B) embeddings. Without them, batches carry no token_type_ids: GPT-2 given
+    # zeros would add the embedding of token 0 to every position.
+    has_token_types: bool = False
+    # A sequence classifier reads the last token that is not pad_token_id (transformers' GPT-2): an exported
+    # classifier fails on padded batches without a pad token, so training one without it is refused.
+    classifier_needs_pad_token: bool = False
+
+    def task_of(self, model: nnx.Module) -> str | None:
+        """The task whose class `model` is, or None when it is not one of this family's."""
+        return next((task for task, cls in self.tasks.items() if type(model) is cls), None)
