@@ -1,8 +1,9 @@
 """Orbax checkpoints of the whole training state, verified by checksums and restored against an abstract
 state.
 
-    <workdir>/checkpoints/<step>/   params, optimizer state, step, RNG key + JSON meta (data position,
-                                    early-stopping state): the last `keep` of them, for --resume
+    <workdir>/checkpoints/<step>/   three Orbax items: `params`; `train`, the rest of the train state (optimizer
+                                    state, step, RNG key, an objective's state); `meta`, JSON (data position,
+                                    early-stopping state). The last `keep` of them, for --resume
     <workdir>/best/<step>/          params of the best evaluation by `best_metric` (one kept)
 
 **When a checkpoint counts.** Orbax writes each checkpoint into a temporary directory and renames it when
@@ -17,6 +18,11 @@ missing file fails, naming the step and the file, and naming the older complete 
 from on request: `research train --resume --resume-step N`), and every array's shape and dtype against the
 state it is restored into (all mismatched paths listed together). Saving is synchronous: the train step
 donates its state buffers, and a blocking save cannot race with that.
+
+**The parameters are an item of their own**, so that evaluation and export read them alone (`restore_params`)
+without knowing the optimizer or the objective that shaped the rest of the state. Checkpoints written before
+that held one `state` item: --resume still reads them (and writes the new layout from then on); reading their
+parameters alone is refused with a message that says what to do.
 
 Where the starting weights come from, in order (see `research.train.train`): a checkpoint in the run
 directory (--resume) > the pretrained checkpoint named by model.name_or_path (an exported run directory
@@ -123,12 +129,13 @@ def _path(keys: tuple) -> str:
     return "/".join(parts)
 
 
-def check_structure(directory: Path, abstract: Any, step: int) -> None:
+def check_structure(directory: Path, abstract: Any, step: int, prefix: str = "") -> None:
     """Raise a CheckpointError listing every path whose shape or dtype differs between the checkpoint's
-    arrays (`directory`, an Orbax StandardSave item) and `abstract`, or that only one of them has."""
+    arrays (`directory`, an Orbax StandardSave item) and `abstract`, or that only one of them has. Paths are
+    named `prefix` + their path in the item."""
     stored = ocp.StandardCheckpointHandler().metadata(directory.absolute())
-    have = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored.tree)}
-    want = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    have = {prefix + _path(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored.tree)}
+    want = {prefix + _path(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
     problems = [f"{p}: only in the checkpoint, {have[p].shape} {have[p].dtype}" for p in have if p not in want]
     problems += [f"{p}: not in the checkpoint (expected {want[p].shape} {want[p].dtype})" for p in want
                  if p not in have]
@@ -199,7 +206,9 @@ class Checkpoints:
             self.latest.reload()
         previous = self.latest_step()
         try:
-            self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            params, rest = _split_state(state)
+            self.latest.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                           train=ocp.args.StandardSave(rest),
                                                            meta=ocp.args.JsonSave(meta)), force=True)
             if _primary():
                 write_manifest(target)
@@ -214,9 +223,8 @@ class Checkpoints:
         _sync(f"retention-{step}")
         self.latest.reload()
 
-    def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict]:
-        """(state, meta) of `step` (default: the latest complete checkpoint), verified against its manifest
-        and against the abstract state's structure, shapes and dtypes; with its shardings."""
+    def _verified(self, step: int | None) -> tuple[Path, int]:
+        """The directory of committed checkpoint `step` (default: the latest), its files checked."""
         steps = self.complete_steps()
         step = steps[-1] if step is None and steps else step
         if step is None or step not in steps:
@@ -224,10 +232,38 @@ class Checkpoints:
         directory = self.directory / str(step)
         if (directory / MANIFEST).is_file() or not self.legacy:
             verify(directory, step, steps)
-        check_structure(directory / "state", abstract_state, step)
+        return directory, step
+
+    def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict]:
+        """(state, meta) of `step` (default: the latest complete checkpoint), verified against its manifest
+        and against the abstract state's structure, shapes and dtypes; with its shardings."""
+        directory, step = self._verified(step)
+        if (directory / "state").is_dir():  # written before the parameters were an item of their own
+            check_structure(directory / "state", abstract_state, step)
+            restored = self.latest.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            return restored.state, restored.meta
+        params, rest = _split_state(abstract_state)
+        check_structure(directory / "params", params, step, "params/")
+        check_structure(directory / "train", rest, step)
         restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored.state, restored.meta
+            params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(rest),
+            meta=ocp.args.JsonRestore()))
+        return {"params": restored.params, **restored.train}, restored.meta
+
+    def restore_params(self, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
+        """(params, step) of `step` (default: the latest complete checkpoint), read alone and verified like
+        `restore`."""
+        directory, step = self._verified(step)
+        if (directory / "state").is_dir():
+            raise CheckpointError(
+                f"checkpoint step {step} ({directory}) was written before the parameters were stored apart from the "
+                "optimizer state (one `state` item), and its parameters cannot be read alone. Resume the run once "
+                "(`research train ... --resume`: it reads this layout, and its next checkpoint is written in the "
+                "new one), or use --checkpoint best if the run keeps one")
+        check_structure(directory / "params", abstract_params, step, "params/")
+        restored = self.latest.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+        return restored.params, step
 
     def save_best(self, step: int, params: dict, metrics: dict[str, float]) -> None:
         """Offer `params` as the best; orbax keeps whichever checkpoint scores best on `best_metric`."""
@@ -255,3 +291,8 @@ class Checkpoints:
         self.latest.close()
         if self.best is not None:
             self.best.close()
+
+
+def _split_state(state: dict) -> tuple[dict, dict]:
+    """(params, the rest of the train state): the two array items of a checkpoint."""
+    return state["params"], {k: v for k, v in state.items() if k != "params"}

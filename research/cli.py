@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from research.config import ConfigError
-from research.data.classification import DataError
-from research.experiment import RunDirBusyError
+from research.data.split import DataError
 from research.models.hf import CheckpointError
-from research.train import NonFiniteLossError, RunError
+from research.run import RunDirBusyError, RunError
+from research.train import NonFiniteLossError
 
 DEMO_QUERY = "How do I get my money back for a broken phone?"
 DEMO_CANDIDATES = [
@@ -95,7 +95,7 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    from research.evaluate import evaluate_config, evaluate_run
+    from research.run import evaluate_config, evaluate_run
 
     if args.workdir.endswith(".py"):  # an experiment file: its model as built, untrained
         from research.config import apply_overrides, load_experiment
@@ -124,8 +124,8 @@ def generate_command(args: argparse.Namespace) -> None:
 
     source = Path(args.model)
     if (source / "config.json").is_file() and (source / "checkpoints").is_dir():  # a run directory
-        from research.evaluate import load_trained_model
-        from research.experiment import model_source, read_run_config
+        from research.experiment import model_source
+        from research.run import load_trained_model, read_run_config
 
         model, step, which = load_trained_model(source, args.checkpoint)
         tokenizer = load_tokenizer(model_source(read_run_config(source).model.name_or_path))
@@ -139,8 +139,8 @@ def generate_command(args: argparse.Namespace) -> None:
 
 
 def export_command(args: argparse.Namespace) -> None:
-    from research.evaluate import load_trained_model
     from research.models import save_pretrained
+    from research.run import load_trained_model
 
     model, step, which = load_trained_model(Path(args.workdir), args.checkpoint)
     out = save_pretrained(model, args.out_dir)

@@ -9,9 +9,7 @@ plus the loss and accuracy over the tokens that carry a label (each word's first
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +21,7 @@ from research.batch import Batch
 from research.data.batches import eval_batches
 from research.data.split import Split
 from research.data.tagging import TaggedSplit, entity_scores, sentence_tags
-from research.sharding import make_mesh, put_batch, replicated
+from research.sharding import put_batch, replicated
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, token_sums: bool = False) -> Callable:
@@ -166,117 +164,3 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[
                  f"{support.sum():7d}")
     lines.append(f"{'accuracy':>{width}}  {scalars['accuracy']:.4f} of {len(labels)}")
     return scalars, "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------- run directories
-
-
-def load_trained_model(workdir: Path, which: str = "best") -> tuple[nnx.Module, int, str]:
-    """The model of a run directory with the parameters of its best (or latest) checkpoint, in eval mode."""
-    from research.experiment import build_model, read_run_config
-
-    cfg = read_run_config(workdir)
-    model = build_model(cfg, cfg.data.labels)
-    return model, restore_params(workdir, cfg, model, which), which
-
-
-def restore_params(workdir: Path, cfg, model: nnx.Module, which: str = "best") -> int:
-    """Put the best (or latest) checkpoint's parameters into `model` (eval mode); returns the step."""
-    from research.checkpoint import Checkpoints
-    from research.objectives import make_objective
-    from research.objectives.state import StatefulObjective
-    from research.optim import make_optimizer
-
-    mesh = make_mesh()
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), params)
-    c = cfg.checkpoint
-    ckpts = Checkpoints(workdir, c.keep, c.best_metric, c.best_mode)
-    try:
-        if which == "best":
-            if c.best_metric is None:
-                raise FileNotFoundError(f"{workdir} keeps no best checkpoint (checkpoint.best_metric is None); "
-                                        "use --checkpoint latest")
-            params, step = ckpts.restore_best(abstract)
-        else:
-            # The optimizer state's structure does not depend on the schedule length: 1 step will do.
-            tx, _ = make_optimizer(cfg.optim, model, params, 1)
-            abstract_state = {"params": abstract, "opt_state": jax.eval_shape(tx.init, params),
-                              "step": jax.ShapeDtypeStruct((), jnp.int32),
-                              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
-            # The run's training environments (their number shapes e.g. Group DRO's state), as it recorded them.
-            report = json.loads((workdir / "data_report.json").read_text())["train"]
-            objective = make_objective(cfg.objective, tuple(report.get("environment_counts", {})))
-            if isinstance(objective, StatefulObjective):  # e.g. SMART's teacher: part of the saved state
-                abstract_state["objective"] = jax.eval_shape(objective.init_state, params)
-            abstract_state = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), abstract_state)
-            if ckpts.latest_step() is None:
-                raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-            state, _ = ckpts.restore(abstract_state)
-            params, step = state["params"], int(state["step"])
-    finally:
-        ckpts.close()
-    param_state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(param_state, params)
-    nnx.update(model, param_state)
-    model.eval()
-    return step
-
-
-def evaluate_config(cfg) -> tuple[dict[str, float], str]:
-    """Evaluate an experiment's model as its config builds it (pretrained weights, no training) on the dev
-    split and every data.test set: e.g. a GPT-2 checkpoint's WikiText-2 perplexity."""
-    from research.experiment import prepare
-
-    pieces = prepare(cfg, with_train=False)
-    mesh = make_mesh()
-    graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
-    eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
-    scalars, reports = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
-                                       cfg.data.buckets, mesh)
-    return scalars, f"{cfg.model.name_or_path}, no training:\n" + "\n".join(f"{p}:\n{r}" for p, r in reports.items())
-
-
-def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = (),
-                 epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0), max_words: int = 5
-                 ) -> tuple[dict[str, float], str]:
-    """Evaluate a run's checkpoint on its dev split; the scalars are appended to the run's metrics.jsonl
-    (and TensorBoard) as `eval_<which>/...` at the checkpoint's step. `attacks` adds robustness numbers
-    (research/attacks.py): "pgd" (embedding-space PGD at each of `epsilons`) and "char" (character edits
-    to at most `max_words` salient words)."""
-    from research.experiment import prepare, read_run_config
-    from research.metrics import MetricWriter
-
-    unknown = set(attacks) - {"pgd", "char"}
-    if unknown:
-        raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from ['char', 'pgd']")
-    cfg = read_run_config(workdir)
-    pieces = prepare(cfg, with_train=False)  # tokenizer, checked dev split, model: as in training
-    step = restore_params(workdir, cfg, pieces.model, which)
-    mesh = make_mesh()
-    graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
-    eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
-    found, reports = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
-                                     cfg.data.buckets, mesh)
-    # Dev's metrics under their own names (eval_best/accuracy), the test sets' as test/<set>/...
-    scalars = {k.removeprefix("dev/"): v for k, v in found.items()}
-    report = reports["dev"]
-    if "pgd" in attacks:
-        from research.attacks import pgd_accuracy
-
-        for eps, acc in pgd_accuracy(pieces.model, pieces.dev, tuple(epsilons), cfg.train.eval_batch_size,
-                                     cfg.data.buckets, pieces.pad_id).items():
-            scalars[f"pgd_eps{eps:g}/accuracy"] = acc
-    if "char" in attacks:
-        from research.attacks import char_attack
-
-        result = char_attack(pieces.model, pieces.tokenizer, pieces.dev, cfg.data.max_length, cfg.data.buckets,
-                             pieces.pad_id, max_words=max_words, batch_size=cfg.train.eval_batch_size,
-                             seed=cfg.train.seed)
-        scalars.update({f"char_attack/{k}": v for k, v in result.items()})
-    metrics = {f"eval_{which}/{k}": v for k, v in scalars.items()}
-    writer = MetricWriter(workdir)
-    writer.write(step, metrics)
-    writer.close()
-    return metrics, f"{which} checkpoint (step {step}) on {pieces.dev.report.source}:\n{report}"

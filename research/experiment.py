@@ -1,35 +1,23 @@
-"""From an experiment config to its pieces (tokenizer, checked data, model) and the run directory's record
-of what ran (`config.json`: the resolved config plus package versions, git commit, devices and command).
+"""From an experiment config to its pieces: the tokenizer, the checked data of every split, and the model
+(pretrained or from scratch), checked against what its family supports.
 
 Training, evaluation and export all build their model here, so a run directory always rebuilds the model
-it was trained with.
+it was trained with (research/run.py reads the run's config.json back).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import fcntl
-import importlib.metadata
-import json
-import os
-import subprocess
-import sys
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
-import jax
 from flax import nnx
 
-from research.config import ConfigError, ExperimentConfig, from_dict
+from research.config import ConfigError, ExperimentConfig
 from research.data import classification, dialogue, lm, tagging
 from research.data.split import DataError, Split, data_root
 from research.models import from_config, from_pretrained, load_tokenizer
 from research.models.families import FAMILIES, family_of
 from research.models.hf import read_hf_config, resolve_checkpoint_dir
-from research.objectives import objective_options
 
 
 @dataclasses.dataclass
@@ -130,88 +118,3 @@ def build_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
     model = from_config(model_cfg, m.task, seed=cfg.train.seed)
     model.hf_source = str(directory)  # tokenizer files for export
     return model
-
-
-# ----------------------------------------------------------------------------------- the run directory
-
-
-class RunDirBusyError(RuntimeError):
-    """Another live run holds the run directory."""
-
-
-@contextlib.contextmanager
-def lock_run_dir(workdir: Path) -> Iterator[None]:
-    """Hold `<workdir>/.lock` for the whole run (process 0): a second run writing the same directory would
-    interleave checkpoints and metrics, so it is refused. The OS drops the lock when the process dies, so a
-    killed run leaves no stale lock behind."""
-    if jax.process_index() != 0:
-        yield
-        return
-    path = workdir / ".lock"
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise RunDirBusyError(f"{workdir} is in use by another run (process {owner} holds {path}); wait for it to "
-                              "finish or choose another --workdir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
-
-
-def provenance() -> dict:
-    packages = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "safetensors", "research"]
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    root = Path(__file__).resolve().parent.parent
-    git = {}
-    try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10)  # noqa: E731
-        head = run("rev-parse", "HEAD")
-        if head.returncode == 0:
-            git = {"commit": head.stdout.strip(), "dirty": bool(run("status", "--porcelain").stdout.strip())}
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return {
-        "versions": versions,
-        "python": sys.version.split()[0],
-        "git": git or None,
-        "devices": [str(d) for d in jax.devices()],
-        "processes": jax.process_count(),
-        "command": sys.argv,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def normalized(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`cfg` with the objective's default options filled in: how configs are compared and recorded."""
-    objective = dataclasses.replace(cfg.objective, params=objective_options(cfg.objective))
-    return dataclasses.replace(cfg, objective=objective)
-
-
-def write_run_config(workdir: Path, cfg: ExperimentConfig) -> None:
-    record = normalized(cfg).to_dict()
-    record["provenance"] = provenance()
-    (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def read_run_config(workdir: Path) -> ExperimentConfig:
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a run directory")
-    record = json.loads(path.read_text())
-    record.pop("provenance", None)
-    return from_dict(ExperimentConfig, record)

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from research import experiment
+from research import run as run_dir
 from research.batch import Batch
 from research.checkpoint import Checkpoints
 from research.config import ConfigError, ExperimentConfig
@@ -55,10 +56,6 @@ from research.sharding import (
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/inf; the message names the step."""
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked (e.g. training over an existing run without --resume)."""
 
 
 class TrainStep:
@@ -167,7 +164,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, resume: bool = False,
     init_distributed()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with experiment.lock_run_dir(workdir):
+    with run_dir.lock_run_dir(workdir):
         return _train(cfg, workdir, resume, resume_step)
 
 
@@ -176,19 +173,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     t = cfg.train
     check_divisible(t.batch_size, t.grad_accum, mesh)
     check_divisible(t.eval_batch_size, 1, mesh, "train.eval_batch_size")
-    ckpts = Checkpoints(workdir, cfg.checkpoint.keep, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
-    latest = ckpts.latest_step()
-    if latest is not None and not resume:
-        raise RunError(f"{workdir} already holds checkpoints (latest step {latest}); pass --resume to continue "
-                       "that run, or choose another --workdir")
-    if resume_step is not None:
-        if not resume or resume_step not in ckpts.complete_steps():
-            raise RunError(f"--resume-step {resume_step} needs --resume and a complete checkpoint of that step in "
-                           f"{workdir}/checkpoints (complete: {ckpts.complete_steps()})")
-        dropped = ckpts.drop_after(resume_step)
-        if dropped:
-            print(f"resuming from step {resume_step} as asked: deleted the later checkpoints {dropped}")
-        latest = resume_step
+    ckpts, latest = run_dir.open_checkpoints(cfg, workdir, resume, resume_step)
 
     pieces = experiment.prepare(cfg)
     if pieces.labels:  # the label set resolved (a causal LM has none)
@@ -199,7 +184,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
         draws = oversampling(train_split.environments, len(train_split.environment_names), t.batch_size, groups,
                              cfg.data.environment_proportions)
         train_split.report.draws_per_epoch = {train_split.environment_names[e]: round(v, 3) for e, v in draws.items()}
-    _record_run(workdir, cfg, pieces, resuming=latest is not None)
+    run_dir.record_run(workdir, cfg, pieces, resuming=latest is not None)
 
     model = pieces.model
     model.eval()
@@ -470,24 +455,3 @@ def _track_best(ckpts: Checkpoints, c, meta: dict, step: int, params: dict, metr
     else:
         meta["evals_since_best"] += 1
     return c.patience is not None and meta["evals_since_best"] >= c.patience
-
-
-def _record_run(workdir: Path, cfg: ExperimentConfig, pieces: experiment.Pieces, resuming: bool) -> None:
-    """Write config.json and data_report.json; when resuming, refuse a config that differs from the run's."""
-    if resuming and (workdir / "config.json").exists():
-        saved = experiment.read_run_config(workdir)
-        if experiment.normalized(saved) != experiment.normalized(cfg):
-            a, b = experiment.normalized(saved).to_dict(), experiment.normalized(cfg).to_dict()
-            diff = [f"{g}.{k}: {a[g][k]!r} -> {b[g][k]!r}" for g in a if isinstance(a[g], dict)
-                    for k in a[g] if a[g][k] != b[g][k]]
-            raise RunError(f"--resume with a config that differs from {workdir}/config.json ({'; '.join(diff)}); "
-                           "a resumed run must be the same experiment: start a new --workdir instead")
-    if jax.process_index() != 0:
-        return
-    if not resuming:
-        experiment.write_run_config(workdir, cfg)
-    splits = (pieces.train, pieces.dev, *pieces.tests.values())
-    reports = {s.name: dataclasses.asdict(s.report) for s in splits}
-    (workdir / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
-    for s in splits:
-        print(f"data {s.report.summary()}")

@@ -119,7 +119,7 @@ def deterministic(rs):
 
 
 def params_of(workdir, which="latest"):
-    from research.evaluate import load_trained_model
+    from research.run import load_trained_model
 
     model, step, _ = load_trained_model(Path(workdir), which)
     return step, {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -155,7 +155,7 @@ import jax
 import numpy as np
 from flax import nnx
 from research.config import apply_overrides, load_experiment
-from research.evaluate import load_trained_model
+from research.run import load_trained_model
 from research import sharding, train as train_module
 from pathlib import Path
 

@@ -41,8 +41,7 @@ def trained(tmp_path_factory, data_dir):
 
 
 def test_pgd_at_zero_is_clean_accuracy_and_a_large_ball_breaks_the_model(trained):
-    from research.evaluate import restore_params
-    from research.experiment import read_run_config
+    from research.run import read_run_config, restore_params
 
     cfg = read_run_config(trained)
     pieces = prepare(cfg, with_train=False)

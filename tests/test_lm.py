@@ -108,7 +108,7 @@ def test_gpt2_trains_through_the_runner(tiny_gpt2_dir, data_dir, tmp_path, capsy
     import dataclasses
 
     from research.cli import main
-    from research.evaluate import evaluate_run
+    from research.run import evaluate_run
     from research.train import train
 
     path = tmp_path / "text.txt"

@@ -92,7 +92,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path, data_dir):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)  # 4 devices over 2 hosts vs 1: sum order only
     from flax import nnx
 
-    from research.evaluate import load_trained_model
+    from research.run import load_trained_model
 
     params = []
     for workdir in (run, single):

@@ -24,17 +24,17 @@ import numpy as np
 import pytest
 from helpers import SMOKE, deterministic, records, smoke
 
-from research.checkpoint import MANIFEST, Checkpoints
+from research.checkpoint import MANIFEST, Checkpoints, write_manifest
 from research.config import apply_overrides
-from research.experiment import RunDirBusyError
 from research.models.hf import CheckpointError
+from research.run import RunDirBusyError
 from research.train import train
 
 
 def final_params(workdir):
     from flax import nnx
 
-    from research.evaluate import load_trained_model
+    from research.run import load_trained_model
 
     model, step, _ = load_trained_model(Path(workdir), "latest")
     return step, {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -145,9 +145,40 @@ def test_a_damaged_checkpoint_is_detected_and_an_older_one_used_only_when_asked(
         assert_same_run(reference, run)
 
 
+def test_a_checkpoint_from_before_params_were_their_own_item_resumes_exactly_and_is_refused_for_eval(
+        reference, tmp_path):
+    # The reference's step-12 checkpoint rewritten in the layout of earlier versions: one `state` item.
+    import orbax.checkpoint as ocp
+
+    from research.experiment import build_model
+    from research.run import read_run_config, restore_params
+
+    run = tmp_path / "legacy"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints" / "16")
+    manager = ocp.CheckpointManager((run / "checkpoints").absolute())
+    old = manager.restore(12, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                      train=ocp.args.StandardRestore(),
+                                                      meta=ocp.args.JsonRestore()))
+    shutil.rmtree(run / "checkpoints" / "12")
+    manager.reload()
+    manager.save(12, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": old.params, **old.train}),
+                                             meta=ocp.args.JsonSave(old.meta)), force=True)
+    manager.close()
+    write_manifest(run / "checkpoints" / "12")
+    assert {p.name for p in (run / "checkpoints" / "12").iterdir()} >= {MANIFEST, "meta", "state"}
+    assert not (run / "checkpoints" / "12" / "params").exists()
+    cfg = read_run_config(run)
+    with pytest.raises(CheckpointError, match="written before the parameters were stored apart .* Resume the run"):
+        restore_params(run, cfg, build_model(cfg, cfg.data.labels), "latest")
+    train(smoke(), run, resume=True)  # reads the old layout, writes the new one: the same run as the reference
+    assert_same_run(reference, run)
+    assert (run / "checkpoints" / "16" / "params").is_dir()
+
+
 def test_restoring_into_another_shape_lists_every_mismatch(reference):
-    from research.evaluate import restore_params
-    from research.experiment import build_model, read_run_config
+    from research.experiment import build_model
+    from research.run import read_run_config, restore_params
 
     cfg = read_run_config(reference)
     wider = apply_overrides(cfg, ['model.overrides={"hidden_size": 48, "num_hidden_layers": 2, '

@@ -128,8 +128,8 @@ def test_token_classification_runs_through_the_runner_and_eval(tmp_path, data_di
     import json
 
     from research.data.batches import eval_batches
-    from research.evaluate import evaluate_run
     from research.experiment import prepare
+    from research.run import evaluate_run
     from research.train import train
 
     cfg = conll()

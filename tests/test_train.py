@@ -17,7 +17,8 @@ import pytest
 from helpers import params_of, records, run_and_signal, run_on_one_and_eight_devices, smoke, step_dirs
 
 from research.cli import main
-from research.train import NonFiniteLossError, RunError, train
+from research.run import RunError
+from research.train import NonFiniteLossError, train
 
 
 @pytest.fixture(scope="module")

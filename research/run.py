@@ -1,0 +1,255 @@
+"""The run directory: what a run writes beside its checkpoints, and what one does with a finished run.
+
+    <workdir>/.lock              held by the live run (process 0): a second run there is refused
+    <workdir>/config.json        the resolved config + provenance (package versions, git commit, devices, command)
+    <workdir>/data_report.json   what became of every row of every split
+    <workdir>/metrics.jsonl      one record per logged step (research/metrics.py), TensorBoard beside it
+    <workdir>/checkpoints/       research/checkpoint.py: `params` apart from the rest of the train state
+    <workdir>/best/              the best evaluation's parameters
+
+Opening a run for training (`open_checkpoints`: refuse to train over a run without --resume, resume from an
+older step on request), recording it (`record_run`: a resumed run must be the same experiment), and reading a
+finished one back: `load_trained_model` restores the parameters alone (no optimizer, no objective), which
+`research eval` (`evaluate_run`) and `research export` use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from research.attacks import char_attack, pgd_accuracy
+from research.checkpoint import Checkpoints
+from research.config import ExperimentConfig, from_dict
+from research.evaluate import evaluate_splits, make_eval_step
+from research.experiment import Pieces, build_model, prepare
+from research.metrics import MetricWriter
+from research.objectives import objective_options
+from research.sharding import make_mesh, replicated
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (e.g. training over an existing run without --resume)."""
+
+
+class RunDirBusyError(RuntimeError):
+    """Another live run holds the run directory."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(workdir: Path) -> Iterator[None]:
+    """Hold `<workdir>/.lock` for the whole run (process 0): a second run writing the same directory would
+    interleave checkpoints and metrics, so it is refused. The OS drops the lock when the process dies, so a
+    killed run leaves no stale lock behind."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = workdir / ".lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirBusyError(f"{workdir} is in use by another run (process {owner} holds {path}); wait for it to "
+                              "finish or choose another --workdir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def provenance() -> dict:
+    packages = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "safetensors", "research"]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    root = Path(__file__).resolve().parent.parent
+    git = {}
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode == 0:
+            git = {"commit": head.stdout.strip(), "dirty": bool(run("status", "--porcelain").stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "git": git or None,
+        "devices": [str(d) for d in jax.devices()],
+        "processes": jax.process_count(),
+        "command": sys.argv,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def normalized(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with the objective's default options filled in: how configs are compared and recorded."""
+    objective = dataclasses.replace(cfg.objective, params=objective_options(cfg.objective))
+    return dataclasses.replace(cfg, objective=objective)
+
+
+def write_run_config(workdir: Path, cfg: ExperimentConfig) -> None:
+    record = normalized(cfg).to_dict()
+    record["provenance"] = provenance()
+    (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_run_config(workdir: Path) -> ExperimentConfig:
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a run directory")
+    record = json.loads(path.read_text())
+    record.pop("provenance", None)
+    return from_dict(ExperimentConfig, record)
+
+
+def open_checkpoints(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int | None
+                     ) -> tuple[Checkpoints, int | None]:
+    """The run's checkpoints and the step to resume from (None: a fresh run). Training into a directory that
+    holds checkpoints needs --resume; `resume_step` resumes from that older checkpoint, deleting the later ones
+    (e.g. after the latest failed verification)."""
+    ckpts = Checkpoints(workdir, cfg.checkpoint.keep, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
+    latest = ckpts.latest_step()
+    if latest is not None and not resume:
+        raise RunError(f"{workdir} already holds checkpoints (latest step {latest}); pass --resume to continue "
+                       "that run, or choose another --workdir")
+    if resume_step is not None:
+        if not resume or resume_step not in ckpts.complete_steps():
+            raise RunError(f"--resume-step {resume_step} needs --resume and a complete checkpoint of that step in "
+                           f"{workdir}/checkpoints (complete: {ckpts.complete_steps()})")
+        dropped = ckpts.drop_after(resume_step)
+        if dropped:
+            print(f"resuming from step {resume_step} as asked: deleted the later checkpoints {dropped}")
+        latest = resume_step
+
+    return ckpts, latest
+
+
+def record_run(workdir: Path, cfg: ExperimentConfig, pieces: Pieces, resuming: bool) -> None:
+    """Write config.json and data_report.json; when resuming, refuse a config that differs from the run's."""
+    if resuming and (workdir / "config.json").exists():
+        saved = read_run_config(workdir)
+        if normalized(saved) != normalized(cfg):
+            a, b = normalized(saved).to_dict(), normalized(cfg).to_dict()
+            diff = [f"{g}.{k}: {a[g][k]!r} -> {b[g][k]!r}" for g in a if isinstance(a[g], dict)
+                    for k in a[g] if a[g][k] != b[g][k]]
+            raise RunError(f"--resume with a config that differs from {workdir}/config.json ({'; '.join(diff)}); "
+                           "a resumed run must be the same experiment: start a new --workdir instead")
+    if jax.process_index() != 0:
+        return
+    if not resuming:
+        write_run_config(workdir, cfg)
+    splits = (pieces.train, pieces.dev, *pieces.tests.values())
+    reports = {s.name: dataclasses.asdict(s.report) for s in splits}
+    (workdir / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
+    for s in splits:
+        print(f"data {s.report.summary()}")
+
+
+# ------------------------------------------------------------------------------------ a finished run
+
+
+def load_trained_model(workdir: Path, which: str = "best") -> tuple[nnx.Module, int, str]:
+    """The model of a run directory with the parameters of its best (or latest) checkpoint, in eval mode."""
+    cfg = read_run_config(workdir)
+    model = build_model(cfg, cfg.data.labels)
+    return model, restore_params(workdir, cfg, model, which), which
+
+
+def restore_params(workdir: Path, cfg: ExperimentConfig, model: nnx.Module, which: str = "best") -> int:
+    """Put the best (or latest) checkpoint's parameters into `model` (eval mode); returns the step. Only the
+    parameters are read: no optimizer or objective is built to describe the rest of the state."""
+    mesh = make_mesh()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), params)
+    c = cfg.checkpoint
+    ckpts = Checkpoints(workdir, c.keep, c.best_metric, c.best_mode)
+    try:
+        if which == "best":
+            if c.best_metric is None:
+                raise FileNotFoundError(f"{workdir} keeps no best checkpoint (checkpoint.best_metric is None); "
+                                        "use --checkpoint latest")
+            params, step = ckpts.restore_best(abstract)
+        else:
+            if ckpts.latest_step() is None:
+                raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
+            params, step = ckpts.restore_params(abstract)
+    finally:
+        ckpts.close()
+    param_state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(param_state, params)
+    nnx.update(model, param_state)
+    model.eval()
+    return step
+
+
+def evaluate_config(cfg: ExperimentConfig) -> tuple[dict[str, float], str]:
+    """Evaluate an experiment's model as its config builds it (pretrained weights, no training) on the dev
+    split and every data.test set: e.g. a GPT-2 checkpoint's WikiText-2 perplexity."""
+    pieces = prepare(cfg, with_train=False)
+    mesh = make_mesh()
+    graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
+    eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
+    scalars, reports = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
+                                       cfg.data.buckets, mesh)
+    return scalars, f"{cfg.model.name_or_path}, no training:\n" + "\n".join(f"{p}:\n{r}" for p, r in reports.items())
+
+
+def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = (),
+                 epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0), max_words: int = 5
+                 ) -> tuple[dict[str, float], str]:
+    """Evaluate a run's checkpoint on its dev split; the scalars are appended to the run's metrics.jsonl
+    (and TensorBoard) as `eval_<which>/...` at the checkpoint's step. `attacks` adds robustness numbers
+    (research/attacks.py): "pgd" (embedding-space PGD at each of `epsilons`) and "char" (character edits
+    to at most `max_words` salient words)."""
+    unknown = set(attacks) - {"pgd", "char"}
+    if unknown:
+        raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from ['char', 'pgd']")
+    cfg = read_run_config(workdir)
+    pieces = prepare(cfg, with_train=False)  # tokenizer, checked dev split, model: as in training
+    step = restore_params(workdir, cfg, pieces.model, which)
+    mesh = make_mesh()
+    graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
+    eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
+    found, reports = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
+                                     cfg.data.buckets, mesh)
+    # Dev's metrics under their own names (eval_best/accuracy), the test sets' as test/<set>/...
+    scalars = {k.removeprefix("dev/"): v for k, v in found.items()}
+    report = reports["dev"]
+    if "pgd" in attacks:
+        for eps, acc in pgd_accuracy(pieces.model, pieces.dev, tuple(epsilons), cfg.train.eval_batch_size,
+                                     cfg.data.buckets, pieces.pad_id).items():
+            scalars[f"pgd_eps{eps:g}/accuracy"] = acc
+    if "char" in attacks:
+        result = char_attack(pieces.model, pieces.tokenizer, pieces.dev, cfg.data.max_length, cfg.data.buckets,
+                             pieces.pad_id, max_words=max_words, batch_size=cfg.train.eval_batch_size,
+                             seed=cfg.train.seed)
+        scalars.update({f"char_attack/{k}": v for k, v in result.items()})
+    metrics = {f"eval_{which}/{k}": v for k, v in scalars.items()}
+    writer = MetricWriter(workdir)
+    writer.write(step, metrics)
+    writer.close()
+    return metrics, f"{which} checkpoint (step {step}) on {pieces.dev.report.source}:\n{report}"
