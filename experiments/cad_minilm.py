@@ -7,7 +7,7 @@ on CAD's original and revised test sets (488 reviews each) beside the combined d
         --workdir runs/cad/gradient_supervision_s0
     research train experiments/cad_minilm.py --set data.train='"cad_imdb/orig/train.tsv"' \\
         --set data.pair_column=null --set data.pair_environments=null --workdir runs/cad/erm_orig_s0
-    python scripts/cad_table.py --seeds 0 1 2   # every method: experiments/results/cad/
+    research sweep experiments/cad_minilm.py --seeds 0 1 2   # every method: experiments/results/cad/
 
 The paired file lists each original review first and its revision second (`batch_id` ties them), so the
 pair position names the environment (`orig`, `new`) for IRM, V-REx and Group DRO, and every batch holds 8

@@ -4,7 +4,7 @@ IRMv1, V-REx and Group DRO, with the oracle (no marker) as the ceiling.
     research train experiments/spurious_sst2.py --workdir runs/spurious/erm_s0
     research train experiments/spurious_sst2.py --set objective.name='"irm"' --workdir runs/spurious/irm_s0
     research train experiments/spurious_sst2.py --set data.spurious.oracle=true --workdir runs/spurious/oracle_s0
-    python scripts/spurious_table.py --seeds 0 1 2   # every method: experiments/results/spurious/
+    research sweep experiments/spurious_sst2.py --seeds 0 1 2   # every method: experiments/results/spurious/
 
 Data: 8,000 training sentences of SST-2 (a seeded subset), labels flipped with probability 0.25, then a
 marker word ("nebula" for negative, "comet" for positive) prepended that agrees with the (noisy) label with
@@ -14,10 +14,9 @@ for the accuracy-vs-agreement figure. As in Colored MNIST, the marker predicts t
 (~85%) than the text can (at most 75%: the label noise), and at test it points the wrong way.
 
 Training: all-MiniLM-L6-v2, batches of 32 with 16 sentences of each environment, AdamW 5e-5 with linear
-decay, 2 epochs (500 steps); IRM and V-REx switch their penalty weight (1e4) on after 100 steps, and
-scripts/spurious_table.py resets Adam's moments there for them (`--set optim.reset_at_step=100`, DomainBed's
-protocol). The last checkpoint is evaluated (no model selection on the
-test environment).
+decay, 2 epochs (500 steps); IRM and V-REx switch their penalty weight (1e4) on after 100 steps, and their
+variants (VARIANTS, below) reset Adam's moments there (`optim.reset_at_step=100`, DomainBed's protocol). The
+last checkpoint is evaluated (no model selection on the test environment).
 
 Expected (README, "Causal-regularized fine-tuning", has the measured table): ERM well below the oracle on the
 test environment because it leans on the marker; IRM and V-REx closer to the oracle; the oracle ~0.65-0.70

@@ -7,9 +7,9 @@
 
 Objectives: cross_entropy (supervised), fgm, pgd, freelb, smart, vat (research/objectives/adversarial.py).
 FGM, PGD and VAT need their radius scaled to MiniLM's embeddings: at the default epsilon of 1 (L2 per
-example) FGM and PGD never leave chance; scripts/robustness_table.py sets 0.1 and says why. It runs all six
-for 3 seeds, attacks each
-final model and writes the README's table; paper_figs/robust_accuracy.py draws robust accuracy against the
+example) FGM and PGD never leave chance; the study's variants (VARIANTS, below) set 0.1 and say why.
+`research sweep experiments/sst2_robust.py --seeds 0 1 2` runs all six for 3 seeds, attacks each final model and
+writes the table; paper_figs/robust_accuracy.py draws robust accuracy against the
 attack radius. A subset, because six objectives x three seeds of the full epoch (2,105 steps, up to ~4x the
 supervised step) do not fit a 2-core machine. Expected: clean dev accuracy about 0.85-0.87 for supervised
 training (README, "Adversarial objectives and robustness evaluation", has the measured table).

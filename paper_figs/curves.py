@@ -1,5 +1,5 @@
 """What the figure scripts in this folder share: per-method curves gathered from a grid of run directories
-(`<method>_s<seed>/metrics.jsonl`, as scripts/*_table.py lay them out) and drawn as mean +- std over seeds.
+(`<method>_s<seed>/metrics.jsonl`, as `research sweep` lays them out) and drawn as mean +- std over seeds.
 
 The scripts import it as a sibling module (`python paper_figs/<figure>.py` puts this folder on sys.path).
 """

@@ -1,5 +1,5 @@
 """Figure: dev accuracy under the embedding-space PGD attack against the attack radius, one line per
-objective (mean over seeds, shaded +- std), from scripts/robustness_table.py's committed record
+objective (mean over seeds, shaded +- std), from `research sweep experiments/sst2_robust.py`'s committed record
 (experiments/results/robustness) or its run directories.
 
     python paper_figs/robust_accuracy.py --out paper_figs/robust_accuracy.pdf
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     found = collect(args.runs)
     if not found:
-        raise SystemExit(f"no attacked runs under {args.runs}: run scripts/robustness_table.py first")
+        raise SystemExit(f"no attacked runs under {args.runs}: run `research sweep experiments/sst2_robust.py` first")
     shared.plot(found, args.out, "PGD radius epsilon (L2 per example, word embeddings)", "SST-2 dev accuracy (%)")
 
 

@@ -1,5 +1,5 @@
 """Figure: test accuracy against the spurious marker's agreement with the label at test time, one line per
-method (mean over seeds, shaded +- std), from scripts/spurious_table.py's committed record
+method (mean over seeds, shaded +- std), from `research sweep experiments/spurious_sst2.py`'s committed record
 (experiments/results/spurious) or its run directories.
 
     python paper_figs/spurious_accuracy.py --out paper_figs/spurious_accuracy.pdf
@@ -35,7 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     found = collect(args.runs)
     if not found:
-        raise SystemExit(f"no evaluated runs under {args.runs}: run scripts/spurious_table.py first")
+        raise SystemExit(f"no evaluated runs under {args.runs}: run `research sweep experiments/spurious_sst2.py` "
+                         "first")
     shared.plot(found, args.out, "marker-label agreement at test (training: 0.9 and 0.8)",
                 "accuracy on SST-2 dev, noisy labels (%)", marks=TRAIN_AGREEMENTS)
 

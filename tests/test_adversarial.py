@@ -338,7 +338,8 @@ def test_nnx_state_is_usable_after_an_objective(tiny_bert_pair, batch):
 # One of them through the whole runner (config -> make_objective -> jitted train step -> metrics.jsonl): FreeLB,
 # the one with the longest inner loop; SMART goes through it in the resume test below. FGM, PGD and VAT take
 # the same path, their losses and gradients are checked against PyTorch above, and
-# scripts/robustness_table.py trains every one for real; each runner test costs ~30-50 s, which is why not all.
+# `research sweep experiments/sst2_robust.py` trains every one for real; each runner test costs ~30-50 s, which is
+# why not all.
 @pytest.mark.parametrize("name", ["freelb"])
 def test_objectives_train_through_the_runner(tmp_path, data_dir, name):
     train(smoke(f"objective.name=\"{name}\"", "train.max_steps=2", "train.eval_every=null", "train.log_every=1",

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research.config import ConfigError, DataConfig, ExperimentConfig, OptimConfig, apply_overrides, load_experiment
+from research.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    OptimConfig,
+    apply_overrides,
+    load_experiment,
+    load_experiment_module,
+    variant_overrides,
+)
 from research.data.batches import epoch_batches
 from research.data.classification import load_split
 from research.data.split import DataError
@@ -34,6 +43,15 @@ def test_every_experiment_file_loads_and_says_how_to_run_it(path):
     assert doc and ("research train experiments/" in doc or "research eval experiments/" in doc), \
         f"{path.name}'s docstring must give its command"
     assert "xpect" in doc, f"{path.name}'s docstring must say what it should reach"
+    # A study's variants (research sweep) are checked here too, each applied to get_config() in this process.
+    module = load_experiment_module(path)
+    for name, changes in getattr(module, "VARIANTS", {}).items():
+        varied = apply_overrides(cfg, variant_overrides(changes))
+        for key, value in changes.items():  # each change landed where it says, with its type
+            node = varied.to_dict()
+            for part in key.split("."):
+                node = node[part]
+            assert node == (list(value) if isinstance(value, tuple) else value), f"{path.name}: {name}: {key}"
 
 
 def test_overrides_parse_json_and_check_types():

@@ -1,13 +1,22 @@
-"""The helpers behind the result tables in scripts/ (research/sweep.py): the final record of a run, the
-mean +- std cells, and the two summary files."""
+"""`research sweep` (research/sweep.py): variants checked before anything trains, every (variant, seed) run
+once and recorded, the summary, a fresh checkout that trains nothing again, and a sweep killed with SIGKILL that
+resumes and finishes; the helpers behind the tables (the final record of a run, mean +- std, the two files)."""
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from helpers import SMOKE, deterministic, records, smoke
 
-from research.sweep import last_record_with, mean_std, write_table
+from research.checkpoint import MANIFEST
+from research.config import ConfigError
+from research.sweep import last_record_with, load_study, mean_std, run_study, write_table
+from research.train import train
 
 
 def test_last_record_and_table(tmp_path):
@@ -26,11 +35,21 @@ def test_last_record_and_table(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == {"seeds": [0, 1, 2]}
 
 
-def test_grid_runs_each_cell_once_and_records_it(tmp_path, monkeypatch):
-    """run_grid trains every (method, seed) with the method's overrides and the seed, seed by seed, in the run
-    directories; copies the run's metrics and config beside its summary (result.json) into the record; and a
-    second invocation (a resumed table, e.g. in a fresh checkout that has only the committed record, no run
-    directories) trains nothing again."""
+STUDY = '''
+from research.config import load_experiment
+
+def get_config():
+    return load_experiment("{smoke}")
+
+VARIANTS = {{"erm": {{}}, "irm": {{"objective.name": "irm", "optim.reset_at_step": 3}}}}
+'''
+
+
+def test_a_sweep_runs_each_cell_once_and_records_it(tmp_path, monkeypatch):
+    """Every (variant, seed), seed by seed, with the variant's changes as --set JSON and the seed; the run's
+    metrics and config copied beside its summary (result.json) into the record; the default summary (the last
+    evaluation, mean +- std); and a second sweep (e.g. a fresh checkout holding only the committed record)
+    trains nothing again."""
     import research.sweep as sweep
 
     launched = []
@@ -45,26 +64,56 @@ def test_grid_runs_each_cell_once_and_records_it(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "train_run", fake_train)
     monkeypatch.setenv("RESEARCH_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # conftest sets it; restored after the test
-    methods = {"erm": [], "irm": ['objective.name="irm"']}
-
-    def summarize(workdir):
-        return {"acc": last_record_with(workdir, "dev/accuracy")["dev/accuracy"]}
-
+    experiment = tmp_path / "study.py"
+    experiment.write_text(STUDY.format(smoke=SMOKE))
+    study = load_study(experiment)
+    assert study.results == "study" and list(study.variants) == ["erm", "irm"]
     record, runs = tmp_path / "record", tmp_path / "runs"
-    argv = ["--seeds", "0", "1", "--out", str(record), "--workdirs", str(runs)]
-    out, payload = sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, argv)
-    assert out == record and payload["seeds"] == [0, 1]
-    # Seed by seed: a grid cut short compares every method at the same seeds.
-    assert launched == [("erm_s0", ["train.seed=0"]), ("irm_s0", ['objective.name="irm"', "train.seed=0"]),
-                        ("erm_s1", ["train.seed=1"]), ("irm_s1", ['objective.name="irm"', "train.seed=1"])]
-    assert payload["results"]["irm"][1] == {"method": "irm", "seed": 1, "acc": 0.9}
+    payload, table = run_study(study, ["erm", "irm"], [0, 1], record, runs)
+    assert launched == [("erm_s0", ["train.seed=0"]),
+                        ("irm_s0", ['objective.name="irm"', "optim.reset_at_step=3", "train.seed=0"]),
+                        ("erm_s1", ["train.seed=1"]),
+                        ("irm_s1", ['objective.name="irm"', "optim.reset_at_step=3", "train.seed=1"])]
+    assert payload["results"]["irm"][1] == {"method": "irm", "seed": 1, "step": 5, "dev/accuracy": 0.9}
+    assert table == "| variant | dev/accuracy |\n|---|---:|\n| erm | 70.0 +- 14.1 |\n| irm | 80.0 +- 14.1 |"
     assert sorted(p.name for p in (record / "irm_s1").iterdir()) == ["config.json", "metrics.jsonl", "result.json"]
-    assert json.loads((record / "irm_s1" / "result.json").read_text())["acc"] == 0.9
     assert (record / "irm_s1" / "metrics.jsonl").read_text() == (runs / "irm_s1" / "metrics.jsonl").read_text()
     assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str((runs / ".xla_cache").resolve())
 
     shutil.rmtree(runs)  # a fresh checkout: the record alone says which runs are finished
-    _, again = sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, [*argv, "--methods", "irm"])
+    again, _ = run_study(study, ["irm"], [0, 1], record, runs)
     assert len(launched) == 4 and again["results"] == {"irm": payload["results"]["irm"]}
-    with pytest.raises(SystemExit):  # an unknown method is refused by argparse, before anything runs
-        sweep.run_grid("doc", tmp_path / "exp.py", methods, "unused", summarize, [*argv, "--methods", "dro"])
+    with pytest.raises(ConfigError, match="has no variant 'dro'; choose from \\['erm', 'irm'\\]"):
+        run_study(study, ["dro"], [0], record, runs)
+
+
+def test_a_variant_with_a_bad_key_or_type_fails_before_anything_trains(tmp_path):
+    experiment = tmp_path / "study.py"
+    experiment.write_text(STUDY.format(smoke=SMOKE).replace('"optim.reset_at_step": 3', '"optim.reset_at_stepp": 3'))
+    with pytest.raises(ConfigError, match="variant 'irm': unknown config key 'optim.reset_at_stepp'"):
+        load_study(experiment)
+    experiment.write_text(STUDY.format(smoke=SMOKE).replace('"optim.reset_at_step": 3', '"optim.lr": "fast"'))
+    with pytest.raises(ConfigError, match="variant 'irm': .*optim.lr"):
+        load_study(experiment)
+
+
+def test_a_sweep_killed_with_sigkill_resumes_and_finishes(tmp_path, data_dir):
+    out, runs = tmp_path / "record", tmp_path / "runs"
+    command = [sys.executable, "-m", "research.cli", "sweep", str(SMOKE), "--variants", "base", "--seeds", "0",
+               "--out", str(out), "--workdirs", str(runs)]
+    # The sweep and its `research train` child in one process group, killed together once step 8 is committed.
+    sweep = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (runs / "base_s0" / "checkpoints" / "8" / MANIFEST).is_file():
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    assert not (out / "base_s0" / "result.json").exists()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reference = train(smoke(), tmp_path / "reference")
+    result = json.loads((out / "base_s0" / "result.json").read_text())
+    assert result["step"] == 16 and result["dev/accuracy"] == reference["dev/accuracy"]
+    assert deterministic(records(runs / "base_s0")) == deterministic(records(tmp_path / "reference"))
+    assert "| base |" in (out / "summary.md").read_text() and "| base |" in done.stdout
