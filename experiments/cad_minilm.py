@@ -20,7 +20,7 @@ One epoch (214 steps of 8 pairs, the last of 3): at 256 tokens the 2-core CI mac
 second (measured 2026-11-23, 24 steps), so an epoch takes ~14 minutes and the study's 7 methods x 3 seeds ~5
 hours; three epochs would take ~15. Pass `--set train.epochs=3` for the longer recipe on a faster machine.
 
-Expected (README, "Causal-regularized fine-tuning", has the measured table): as in Kaushik et al., training on
+Expected (experiments/results/cad/README.md has the measured table): as in Kaushik et al., training on
 the original reviews alone does worse on the revised test set than on the original one, and training on the
 combined data closes most of that gap.
 """

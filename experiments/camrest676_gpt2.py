@@ -24,7 +24,7 @@ TensorBoard (text, "samples") and in <run>/samples.jsonl.
 Expected: response perplexity on dev and test around 5-15 for the random-init model (CamRest676 responses
 are templated: "X is a nice place in the Y of town serving Z food"), with samples that name slots in the
 right places but not always the right restaurant (there is no database lookup). Measured (seed 0, 2-core
-CPU, 34 min): dev 9.34, test 8.19 (README, "Experiments").
+CPU, 34 min): dev 9.34, test 8.19 (experiments/README.md).
 """
 
 from research.config import CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig

@@ -16,7 +16,7 @@ the last checkpoint is the one reported (no selection on test).
 
 Expected: all-MiniLM-L6-v2 is small and uncased (capitalization, NER's strongest cue, is gone), so entity F1
 sits below BERT-base's published 96.4 / 92.4 (dev / test, Devlin et al. 2019). Measured (seed 0, 2-core CPU,
-45 min): dev 89.57, test 84.93; the PyTorch baseline 89.39 / 84.97 (README, "Named-entity recognition").
+45 min): dev 89.57, test 84.93; the PyTorch baseline 89.39 / 84.97 (experiments/README.md, "Named-entity recognition").
 """
 
 from research.config import CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig

@@ -18,7 +18,7 @@ decay, 2 epochs (500 steps); IRM and V-REx switch their penalty weight (1e4) on 
 variants (VARIANTS, below) reset Adam's moments there (`optim.reset_at_step=100`, DomainBed's protocol). The
 last checkpoint is evaluated (no model selection on the test environment).
 
-Expected (README, "Causal-regularized fine-tuning", has the measured table): ERM well below the oracle on the
+Expected (experiments/results/spurious/README.md has the measured table): ERM well below the oracle on the
 test environment because it leans on the marker; IRM and V-REx closer to the oracle; the oracle ~0.65-0.70
 (0.75 at most: the label noise).
 """

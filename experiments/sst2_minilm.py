@@ -14,7 +14,7 @@ token slots (SST-2 sentences average 13 tokens; padding each batch to its longes
 averages 42). It compiles once per row count (5-10 rows, so 6 compilations). `--set data.pack_length=null`
 pads to multiples of 8 tokens instead (7 buckets), close to the baseline's padding.
 
-Expected: SST-2 dev accuracy about 0.89-0.90 after one epoch (README, "SST-2 with all-MiniLM-L6-v2", has
+Expected: SST-2 dev accuracy about 0.89-0.90 after one epoch (scripts/README.md, "SST-2 with all-MiniLM-L6-v2", has
 the measured mean and std over 3 seeds next to the PyTorch baseline's).
 """
 

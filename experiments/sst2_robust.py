@@ -12,7 +12,7 @@ example) FGM and PGD never leave chance; the study's variants (VARIANTS, below) 
 writes the table; paper_figs/robust_accuracy.py draws robust accuracy against the
 attack radius. A subset, because six objectives x three seeds of the full epoch (2,105 steps, up to ~4x the
 supervised step) do not fit a 2-core machine. Expected: clean dev accuracy about 0.85-0.87 for supervised
-training (README, "Adversarial objectives and robustness evaluation", has the measured table).
+training (experiments/results/robustness/README.md has the measured table).
 """
 
 import dataclasses
