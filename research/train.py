@@ -7,8 +7,12 @@ merges the parameters into the model, reseeds the dropout streams from (seed, st
 update. A new objective is a new `loss_fn`, never a branch in here (an objective with state of its own,
 `objectives.state.StatefulObjective`, gets it threaded through the train state).
 
-`train` is the loop: data -> step -> metrics -> evaluation -> checkpoints, resumable bit-exactly because
-everything random is a function of (seed, step) or (seed, epoch) and the data position is checkpointed.
+`train` sets the run up (run directory and resume point: research/run.py; pieces; model views; optimizer,
+objective and state, restored when resuming), then loops: the step, then the hooks, each a small object
+with its own schedule (`due(step)`): Logging, Evaluation (with the best checkpoint and early stopping),
+Samples and Checkpointing. Adding periodic work is adding a hook. SIGTERM and early stopping end the loop
+through one `Stop`. A run resumes bit-exactly because everything random is a function of (seed, step) or
+(seed, epoch) and the data position is checkpointed.
 """
 
 from __future__ import annotations
@@ -175,32 +179,13 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     check_divisible(t.eval_batch_size, 1, mesh, "train.eval_batch_size")
     ckpts, latest = run_dir.open_checkpoints(cfg, workdir, resume, resume_step)
 
-    pieces = experiment.prepare(cfg)
-    if pieces.labels:  # the label set resolved (a causal LM has none)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))
+    pieces, cfg = _prepare(cfg, workdir, mesh, resuming=latest is not None)
+    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype)
+
     groups = t.grad_accum * mesh.shape[DATA_AXIS]  # blocks of a batch: one per micro-batch and device shard
-    train_split = pieces.train
-    if train_split.environments is not None and train_split.pair_ids is None:  # say what stratifying costs
-        draws = oversampling(train_split.environments, len(train_split.environment_names), t.batch_size, groups,
-                             cfg.data.environment_proportions)
-        train_split.report.draws_per_epoch = {train_split.environment_names[e]: round(v, 3) for e, v in draws.items()}
-    run_dir.record_run(workdir, cfg, pieces, resuming=latest is not None)
-
-    model = pieces.model
-    model.eval()
-    eval_graphdef, _, eval_rest = nnx.split(model, nnx.Param, ...)
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if t.compute_dtype != "float32":  # same structure, layers computing in compute_dtype
-        low = dataclasses.replace(model.config, dtype=t.compute_dtype)
-        abstract = nnx.eval_shape(lambda: type(model)(low, rngs=nnx.Rngs(0)))
-        abstract.train()
-        graphdef = nnx.graphdef(abstract)
-    params = nnx.to_pure_dict(params)
-
     per_epoch = steps_per_epoch(pieces.train, t.batch_size, groups, cfg.data.environment_proportions)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
-    tx, schedule = make_optimizer(cfg.optim, model, params, total)
+    tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total)
     objective = make_objective(cfg.objective, pieces.train.environment_names)
     if cfg.objective.name in PAIR_OBJECTIVES and pieces.train.pair_ids is None:
         raise ConfigError(f"objective.name={cfg.objective.name!r} works on counterfactual pairs: set data.pair_column "
@@ -262,6 +247,42 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     if stop.reason == "SIGTERM":
         raise Interrupted(f"SIGTERM: saved a checkpoint at step {step} of {total}; resume with --resume")
     return evaluation.last
+
+
+# ------------------------------------------------------------------------------------------- set-up
+
+
+def _prepare(cfg: ExperimentConfig, workdir: Path, mesh: Mesh, resuming: bool
+             ) -> tuple[experiment.Pieces, ExperimentConfig]:
+    """The run's pieces, and the config with its label set resolved (a causal LM has none), recorded in the run
+    directory (a resumed run must be the same experiment)."""
+    t = cfg.train
+    pieces = experiment.prepare(cfg)
+    if pieces.labels:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))
+    train_split = pieces.train
+    if train_split.environments is not None and train_split.pair_ids is None:  # say what stratifying costs
+        groups = t.grad_accum * mesh.shape[DATA_AXIS]
+        draws = oversampling(train_split.environments, len(train_split.environment_names), t.batch_size, groups,
+                             cfg.data.environment_proportions)
+        train_split.report.draws_per_epoch = {train_split.environment_names[e]: round(v, 3) for e, v in draws.items()}
+    run_dir.record_run(workdir, cfg, pieces, resuming=resuming)
+    return pieces, cfg
+
+
+def _model_views(model: nnx.Module, compute_dtype: str) -> tuple[tuple, tuple]:
+    """(eval graphdef, eval rest) for evaluation (no dropout) and (graphdef, params as a pure dict, rest) for
+    the train step, the graphdef's layers computing in `compute_dtype` over the float32 parameters."""
+    model.eval()
+    eval_graphdef, _, eval_rest = nnx.split(model, nnx.Param, ...)
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if compute_dtype != "float32":  # same structure, layers computing in compute_dtype
+        low = dataclasses.replace(model.config, dtype=compute_dtype)
+        abstract = nnx.eval_shape(lambda: type(model)(low, rngs=nnx.Rngs(0)))
+        abstract.train()
+        graphdef = nnx.graphdef(abstract)
+    return (eval_graphdef, eval_rest), (graphdef, nnx.to_pure_dict(params), rest)
 
 
 # ------------------------------------------------------------------------------------ the loop's parts
