@@ -210,7 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--query", default=DEMO_QUERY)
     p.add_argument("--candidates", nargs="+", default=DEMO_CANDIDATES)
     p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:  # its arguments, --help included, go to research/sweep.py's own parser
+        args = argparse.Namespace(command="sweep", func=sweep_command, arguments=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.func(args)
     except (ConfigError, DataError, CheckpointError, RunError, RunDirBusyError, NonFiniteLossError, SweepError,
