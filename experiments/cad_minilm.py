@@ -71,7 +71,7 @@ VARIANTS = {
     "gradient_supervision": {"objective.name": "gradient_supervision"},
     "pair_margin": {"objective.name": "pair_margin"},
 }
-COLUMNS = {"original test": "test/orig/accuracy", "revised test": "test/new/accuracy",
+COLUMNS = {"original test": "orig/accuracy", "revised test": "new/accuracy",
            "combined dev": "dev/accuracy"}
 
 

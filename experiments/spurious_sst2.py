@@ -9,7 +9,7 @@ IRMv1, V-REx and Group DRO, with the oracle (no marker) as the ceiling.
 Data: 8,000 training sentences of SST-2 (a seeded subset), labels flipped with probability 0.25, then a
 marker word ("nebula" for negative, "comet" for positive) prepended that agrees with the (noisy) label with
 probability 0.9 in one training environment and 0.8 in the other (4,000 sentences each). The test
-environment is SST-2 dev (872 sentences) with agreement 0.1; test/agree<a> repeats it at other agreements
+environment is SST-2 dev (872 sentences) with agreement 0.1; agree<a> repeats it at other agreements
 for the accuracy-vs-agreement figure. As in Colored MNIST, the marker predicts the training labels better
 (~85%) than the text can (at most 75%: the label noise), and at test it points the wrong way.
 
@@ -84,8 +84,8 @@ def summarize(workdir: Path) -> dict:
     """The last evaluation: dev is the test environment (agreement 0.1); each other agreement a test set."""
     last = last_record_with(workdir, "dev/accuracy")
     return {"step": last["step"], "agree0.1": last["dev/accuracy"],
-            **{k.removeprefix("test/").removesuffix("/accuracy"): v for k, v in last.items()
-               if k.startswith("test/") and k.endswith("/accuracy")}}
+            **{k.removesuffix("/accuracy"): v for k, v in last.items()
+               if k.startswith("agree") and k.endswith("/accuracy")}}
 
 
 def table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:

@@ -6,13 +6,14 @@ The scripts import it as a sibling module (`python paper_figs/<figure>.py` puts 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from research.metrics import read_records
 
 Curves = dict[str, dict[float, list[float]]]  # {method: {x: [y per seed]}}
 
@@ -23,7 +24,7 @@ def collect(root: Path, final_key: str, points: Callable[[dict], dict[float, flo
     curves: Curves = defaultdict(lambda: defaultdict(list))
     for metrics in sorted(root.glob("*_s*/metrics.jsonl")):
         method = re.sub(r"_s\d+$", "", metrics.parent.name)
-        finals = [r for r in map(json.loads, metrics.read_text().splitlines()) if final_key in r]
+        finals = [r for r in read_records(metrics.parent) if final_key in r]  # metric names as today's
         if finals:
             for x, y in points(finals[-1]).items():
                 curves[method][x].append(y)

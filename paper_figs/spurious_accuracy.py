@@ -5,7 +5,7 @@ method (mean over seeds, shaded +- std), from `research sweep experiments/spurio
     python paper_figs/spurious_accuracy.py --out paper_figs/spurious_accuracy.pdf
 
 Reads each `<method>_s<seed>/metrics.jsonl`: the last evaluation's `dev/accuracy` (the test environment,
-agreement 0.1) and `test/agree<a>/accuracy` (the same sentences with markers at agreement a). The training
+agreement 0.1) and `agree<a>/accuracy` (the same sentences with markers at agreement a). The training
 environments' agreements (0.9, 0.8) are marked. A method that ignores the marker draws a flat line at the
 oracle's level; one that leans on it rises with the agreement. Needs matplotlib (`pip install -e '.[figs]'`).
 """
@@ -24,7 +24,7 @@ TRAIN_AGREEMENTS = (0.9, 0.8)
 def collect(root: Path) -> shared.Curves:
     """{method: {agreement: [accuracy per seed]}} from the last evaluation of every run."""
     return shared.collect(root, "dev/accuracy", lambda last: {
-        DEV_AGREEMENT: last["dev/accuracy"], **shared.metric_points(last, r"test/agree([0-9.]+)/accuracy")})
+        DEV_AGREEMENT: last["dev/accuracy"], **shared.metric_points(last, r"agree([0-9.]+)/accuracy")})
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ class SpuriousConfig:
     oracle: bool = False
     seed: int = 0  # the benchmark's own seed: the same data for every training seed
     # More test environments, built from the dev split like it (same label noise, same random draws, so
-    # they differ only in the markers): evaluated beside dev as test/agree<a>/..., for accuracy-vs-agreement.
+    # they differ only in the markers): evaluated beside dev as agree<a>/..., for accuracy-vs-agreement.
     test_agreements: tuple[float, ...] = ()
 
 
@@ -120,7 +120,7 @@ class DataConfig:
     # in [1]. CAD's paired file lists the original review first and its revision second.
     pair_environments: tuple[str, ...] | None = None
     spurious: SpuriousConfig | None = None
-    # Extra evaluation sets, name -> file (read like `dev`), evaluated with dev (metrics `test/<name>/...`)
+    # Extra evaluation sets, name -> file (read like `dev`), evaluated with dev (metrics `<name>/...`)
     # and by `research eval`: e.g. CAD's original and revised test sets.
     test: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -279,6 +279,15 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if not d.buckets or list(d.buckets) != sorted(set(d.buckets)) or d.buckets[-1] != d.max_length:
         raise ConfigError(f"data.buckets={d.buckets} must be strictly increasing and end at data.max_length="
                           f"{d.max_length}")
+    # Each evaluated split logs under its own name (research/metrics.py): the names must not collide.
+    agreements = [f"agree{a:g}" for a in (d.spurious.test_agreements if d.spurious is not None else ())]
+    for name in [*d.test, *agreements]:
+        if name in ("train", "dev") or name.startswith("eval_") or "/" in name:
+            raise ConfigError(f"data.test name {name!r} would mix its metrics with another group's: choose a name "
+                              "other than 'train' and 'dev', not starting with 'eval_', without '/'")
+    if set(d.test) & set(agreements):
+        raise ConfigError(f"data.test names {sorted(set(d.test) & set(agreements))} are also data.spurious test "
+                          "agreements' names: rename them")
     if d.pack_length is not None and d.pack_length < d.max_length:
         raise ConfigError(f"data.pack_length={d.pack_length} must be at least data.max_length={d.max_length} (every "
                           "example must fit one packed row)")

@@ -129,10 +129,10 @@ def evaluate_split(task: str, eval_step: Callable, params: dict, split: Split, n
 
 def evaluate_splits(task: str, eval_step: Callable, params: dict, pieces, batch_size: int,
                     buckets: tuple[int, ...], mesh: Mesh) -> tuple[dict[str, float], dict[str, str]]:
-    """Dev and every test set of `pieces` (research.experiment.Pieces): the scalars as `dev/<name>` and
-    `test/<set>/<name>`, and the text report of each prefix."""
+    """Dev and every test set of `pieces` (research.experiment.Pieces), each under its own name: the scalars as
+    `dev/<metric>` and `<set>/<metric>` (research/metrics.py), and the text report of each."""
     scalars, reports = {}, {}
-    for prefix, split in {"dev": pieces.dev, **{f"test/{n}": s for n, s in pieces.tests.items()}}.items():
+    for prefix, split in {"dev": pieces.dev, **pieces.tests}.items():
         found, reports[prefix] = evaluate_split(task, eval_step, params, split, pieces.labels, batch_size, buckets,
                                                 pieces.pad_id, mesh)
         scalars.update({f"{prefix}/{k}": v for k, v in found.items()})

@@ -1,8 +1,14 @@
 """Metrics out: append-only `metrics.jsonl` and TensorBoard event files, written by process 0 only.
 
 Each JSONL line is `{"step": N, "<group>/<name>": value, ...}`; the TensorBoard scalars carry the same names
-and values. On resume, records after the restored step are dropped from both (TensorBoard through
-`purge_step`), because the resumed run writes them again: the files end up as an uninterrupted run's.
+and values. The groups: `train/` (the step's metrics), one per evaluated split under the split's own name
+(`dev/accuracy`, a test set `orig` as `orig/accuracy`, CoNLL's `test` as `test/entity_f1`), and
+`eval_<which>/` for `research eval`. Records written before splits logged under their own name said
+`test/<name>/...`; `read_records` renames those on read, from the run's own config.json, so old and new
+records read alike.
+
+On resume, records after the restored step are dropped from both files (TensorBoard through `purge_step`),
+because the resumed run writes them again: the files end up as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -79,3 +85,32 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep the fact as a string
     return value
+
+
+def read_records(workdir: Path) -> list[dict]:
+    """The records of `<workdir>/metrics.jsonl`, metric names in today's scheme (module docstring)."""
+    workdir = Path(workdir)
+    names = split_names(workdir / "config.json")
+    return [renamed(json.loads(line), names) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def split_names(config_json: Path) -> set[str]:
+    """The test-set names of a run, from its config.json (data.test and the spurious benchmark's agreements)."""
+    if not config_json.is_file():
+        return set()
+    data = json.loads(config_json.read_text()).get("data", {})
+    spurious = data.get("spurious") or {}
+    return set(data.get("test") or {}) | {f"agree{a:g}" for a in spurious.get("test_agreements", ())}
+
+
+def renamed(record: dict, names: set[str]) -> dict:
+    """`record` with old-scheme keys `[eval_<which>/]test/<name>/<metric>` (name one of `names`) as
+    `[eval_<which>/]<name>/<metric>`; every other key as it is."""
+    def rename(key: str) -> str:
+        parts = key.split("/")
+        for i in range(len(parts) - 2):
+            if parts[i] == "test" and parts[i + 1] in names and (i == 0 or parts[i - 1].startswith("eval_")):
+                return "/".join(parts[:i] + parts[i + 1 :])
+        return key
+
+    return {rename(k): v for k, v in record.items()}

@@ -236,7 +236,7 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
     found, reports = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
                                      cfg.data.buckets, mesh)
-    # Dev's metrics under their own names (eval_best/accuracy), the test sets' as test/<set>/...
+    # Dev's metrics as eval_best/accuracy, ..., each test set's under its name: eval_best/<set>/accuracy, ...
     scalars = {k.removeprefix("dev/"): v for k, v in found.items()}
     report = reports["dev"]
     if "pgd" in attacks:

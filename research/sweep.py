@@ -46,6 +46,7 @@ from types import ModuleType
 from typing import Any
 
 from research.config import ConfigError, apply_overrides, load_experiment_module, variant_overrides
+from research.metrics import read_records, renamed, split_names
 
 
 class SweepError(RuntimeError):
@@ -79,7 +80,8 @@ def share_compilation_cache(workdirs: Path) -> None:
 
 
 def records(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's records, metric names in today's scheme (research/metrics.py renames older ones)."""
+    return read_records(workdir)
 
 
 def last_record_with(workdir: Path, key: str) -> dict:
@@ -119,8 +121,8 @@ def run_cell(experiment: Path, method: str, sets: list[str], seed: int, out: Pat
     name = f"{method}_s{seed}"
     record = out / name
     done = record / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    if done.exists():  # recorded; metric names as today's (research/metrics.py)
+        return renamed(json.loads(done.read_text()), split_names(record / "config.json"))
     workdir = workdirs / name
     train_run(experiment, [*sets, f"train.seed={seed}"], workdir, workdirs / f"{name}.log")
     result = {"method": method, "seed": seed, **summarize(workdir)}
@@ -160,11 +162,11 @@ def load_study(experiment: Path) -> Study:
 
 
 def last_evaluation(workdir: Path) -> dict:
-    """The default of what a record keeps: the step and every dev/ and test/ metric of the last evaluation."""
+    """The default of what a record keeps: the step and every evaluated split's metrics of the last evaluation."""
     last = [r for r in records(workdir) if any(k.startswith("dev/") for k in r)]
     if not last:
         raise RuntimeError(f"{workdir}/metrics.jsonl has no evaluation: did the run finish?")
-    return {k: v for k, v in last[-1].items() if k == "step" or k.startswith(("dev/", "test/"))}
+    return {k: v for k, v in last[-1].items() if not k.startswith(("train/", "eval_"))}
 
 
 def mean_std_table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:

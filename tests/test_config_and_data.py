@@ -71,6 +71,7 @@ def test_overrides_parse_json_and_check_types():
     ("data.buckets=[16, 8]", r"data.buckets=\(16, 8\) must be strictly increasing and end at data.max_length"),
     ("train.grad_accum=3", r"train.batch_size=32 is not divisible by train.grad_accum=3"),
     ("optim.lr", r"not of the form key=value"),
+    ('data.test={"dev": "sst2/dev.tsv"}', r"data.test name 'dev' would mix its metrics with another group's"),
 ])
 def test_bad_overrides_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

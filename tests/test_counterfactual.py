@@ -119,7 +119,7 @@ def test_pair_objectives_train_on_cad_pairs_and_refuse_unpaired_data(tmp_path, d
                         "train.batch_size=16"), tmp_path / "gs")
     assert np.isfinite(final["dev/loss"])
     # data.test sets are evaluated beside dev, and reported (read like dev: max_dev_examples applies).
-    assert {"test/orig/accuracy", "test/new/accuracy", "test/new/loss"} <= set(final)
+    assert {"orig/accuracy", "new/accuracy", "new/loss"} <= set(final)  # each test set under its own name
     report = json.loads((tmp_path / "gs" / "data_report.json").read_text())
     assert report["orig"]["used"] == report["new"]["used"] == 16 and report["orig"]["source"].endswith("orig/test.tsv")
     with pytest.raises(ConfigError, match="'pair_margin' works on counterfactual pairs: set data.pair_column"):

@@ -39,9 +39,13 @@ def test_spurious_accuracy_figure_from_run_directories(tmp_path, monkeypatch):
     for method, seed, test_env, high in [("erm", 0, 0.30, 0.95), ("erm", 1, 0.34, 0.93), ("irm", 0, 0.60, 0.70)]:
         run = tmp_path / f"{method}_s{seed}"
         run.mkdir()
+        # ERM's records in the metric names of earlier runs (test/<set>/...), renamed on read from the run's
+        # config.json; IRM's in today's (each split under its own name).
+        name = "test/agree0.9/accuracy" if method == "erm" else "agree0.9/accuracy"
         lines = [{"step": 250, "dev/accuracy": 0.5},
-                 {"step": 500, "dev/accuracy": test_env, "test/agree0.9/accuracy": high, "dev/loss": 1.0}]
+                 {"step": 500, "dev/accuracy": test_env, name: high, "dev/loss": 1.0}]
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        (run / "config.json").write_text(json.dumps({"data": {"test": {}, "spurious": {"test_agreements": [0.9]}}}))
     fig = load("spurious_accuracy", monkeypatch)
     curves = fig.collect(tmp_path)
     assert curves["erm"][0.1] == [0.30, 0.34] and curves["irm"][0.9] == [0.70] and sorted(curves["erm"]) == [0.1, 0.9]

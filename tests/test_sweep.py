@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import SMOKE, deterministic, records, smoke
@@ -33,6 +34,22 @@ def test_last_record_and_table(tmp_path):
     assert text == "| method | acc |\n|---|---:|\n| erm | 90.0 +- 10.0 |"
     assert (tmp_path / "summary.md").read_text() == text + "\n"
     assert json.loads((tmp_path / "summary.json").read_text()) == {"seeds": [0, 1, 2]}
+
+
+def test_metric_names_of_earlier_runs_are_renamed_on_read():
+    """Each split logs under its own name (research/metrics.py); a committed record from before says
+    test/<set>/..., and reads as today's names, from its config.json's test-set names."""
+    from research.metrics import read_records, renamed
+
+    cad = read_records(Path(__file__).resolve().parents[1] / "experiments" / "results" / "cad" / "erm_orig_s0")
+    final = [r for r in cad if "dev/accuracy" in r][-1]
+    assert {"orig/accuracy", "new/accuracy", "dev/accuracy"} <= set(final)
+    assert not any(k.startswith("test/") for r in cad for k in r)
+    old = {"test/test/entity_f1": 0.8, "test/test/PER/f1": 0.9, "eval_best/test/orig/accuracy": 0.7, "dev/loss": 1.0}
+    assert renamed(old, {"test", "orig"}) == {"test/entity_f1": 0.8, "test/PER/f1": 0.9,
+                                              "eval_best/orig/accuracy": 0.7, "dev/loss": 1.0}
+    today = {"test/entity_f1": 0.8, "test/PER/f1": 0.9, "orig/accuracy": 0.7}  # unchanged: already today's
+    assert renamed(today, {"test", "orig"}) == today
 
 
 STUDY = '''

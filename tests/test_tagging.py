@@ -134,7 +134,7 @@ def test_token_classification_runs_through_the_runner_and_eval(tmp_path, data_di
 
     cfg = conll()
     final = train(cfg, tmp_path / "run")
-    assert 0.0 <= final["dev/entity_f1"] <= 1.0 and "test/test/entity_f1" in final and "dev/PER/f1" in final
+    assert 0.0 <= final["dev/entity_f1"] <= 1.0 and "test/entity_f1" in final and "dev/PER/f1" in final
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train"]["split_into_windows"] > 0 and report["dev"]["used"] == 64
     again, text = evaluate_run(tmp_path / "run", "latest")
