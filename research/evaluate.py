@@ -3,7 +3,7 @@
 Sequence classification: accuracy, per-class and macro precision/recall/F1 and the loss, from the confusion
 matrix; `tests/test_train.py` checks them against scikit-learn's `classification_report`, which we do not
 depend on at run time for five lines of arithmetic. Token classification: entity-level precision/recall/F1
-(micro, and F1 per entity type) by conlleval's rules (research/data/tagging.py, checked against seqeval),
+(micro, and F1 per entity type) by conlleval's rules (below, checked against seqeval),
 plus the loss and accuracy over the tokens that carry a label (each word's first piece).
 """
 
@@ -20,7 +20,6 @@ from jax.sharding import Mesh
 from research.batch import Batch
 from research.data.batches import eval_batches
 from research.data.split import Split
-from research.data.tagging import TaggedSplit, entity_scores, sentence_tags
 from research.sharding import put_batch, replicated
 
 
@@ -67,16 +66,16 @@ def predict_tokens(eval_step: Callable, params: dict, split: Split, batch_size: 
     return out
 
 
-def tagging_metrics(logits: list[np.ndarray], split: TaggedSplit, names: tuple[str, ...]) -> tuple[dict, str]:
+def tagging_metrics(logits: list[np.ndarray], split: Split, names: tuple[str, ...]) -> tuple[dict, str]:
     """Scalars {entity_precision, entity_recall, entity_f1, <type>/f1, accuracy, loss} and a per-type report;
-    `accuracy` and `loss` are over the labelled tokens (first pieces), the entity scores over gold sentences."""
+    `accuracy` and `loss` are over the labelled tokens (first pieces), the entity scores over the gold sentences
+    of the split (a `research.data.tagging.TaggedSplit`, which maps window predictions back to them)."""
     windows, sentences = split.windows, split.sentences
     labels = np.concatenate(windows.token_labels)  # (all tokens,)
     flat = np.concatenate(logits)  # (all tokens, C)
     kept = labels >= 0
     log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(flat[kept], jnp.float32), axis=-1))
-    predicted = sentence_tags(windows, len(sentences.words), [len(w) for w in sentences.words],
-                              [x.argmax(-1) for x in logits], names)
+    predicted = split.predicted_tags([x.argmax(-1) for x in logits], names)
     scores = entity_scores(sentences.tags, predicted)
     scalars = {**{k: v for k, v in scores.items() if not k.endswith("/support")},
                "accuracy": float((flat[kept].argmax(-1) == labels[kept]).mean()),
@@ -164,3 +163,42 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[
                  f"{support.sum():7d}")
     lines.append(f"{'accuracy':>{width}}  {scalars['accuracy']:.4f} of {len(labels)}")
     return scalars, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def entities(tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, first, last) of every entity in one tag sequence, by conlleval's chunk rules (IOB1 or IOB2)."""
+    found, start, kind = [], None, None
+    for i, tag in enumerate([*tags, "O"]):  # the sentinel closes an entity at the end
+        prefix, typ = (tag[0], tag[2:]) if tag != "O" else ("O", "")
+        # conlleval's endOfChunk: an entity ends before O, before B, or where the type changes.
+        if start is not None and (prefix in ("O", "B") or typ != kind):
+            found.append((kind, start, i - 1))
+            start = None
+        # startOfChunk: B starts one; so does an I that follows O or another type.
+        if prefix == "B" or (prefix == "I" and start is None):
+            start, kind = i, typ
+    return found
+
+
+def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    """Micro precision/recall/F1 over entities, and `<type>/f1` (with `<type>/support`) per entity type."""
+    true = {(s, *e) for s, tags in enumerate(gold) for e in entities(tags)}
+    pred = {(s, *e) for s, tags in enumerate(predicted) for e in entities(tags)}
+
+    def prf(t: set, p: set) -> tuple[float, float, float]:
+        hit = len(t & p)
+        precision = hit / len(p) if p else 0.0
+        recall = hit / len(t) if t else 0.0
+        return precision, recall, 2 * precision * recall / (precision + recall) if hit else 0.0
+
+    precision, recall, f1 = prf(true, pred)
+    out = {"entity_precision": precision, "entity_recall": recall, "entity_f1": f1}
+    for kind in sorted({e[1] for e in true | pred}):
+        t = {e for e in true if e[1] == kind}
+        p = {e for e in pred if e[1] == kind}
+        out[f"{kind}/f1"] = prf(t, p)[2]
+        out[f"{kind}/support"] = float(len(t))
+    return out

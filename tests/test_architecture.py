@@ -3,7 +3,8 @@
 - no import cycle anywhere, counting imports inside functions too (a cycle dodged by a local import is
   still a cycle);
 - the task readers of research/data import the shared split types (research/data/split.py), never each other;
-  the objectives, the train step, evaluation and the attacks import no task reader: they read the `Batch`;
+  the objectives, the train step, evaluation and the attacks import no task reader: they read the `Batch`
+  (and a split's own methods);
 - nothing outside a model file sniffs the model family (sys.modules, inspect.signature, hasattr on a config):
   the family record says what a family provides.
 """
@@ -70,7 +71,8 @@ def test_task_readers_share_only_the_split_module():
 
 @pytest.mark.parametrize("consumer", ["research.objectives.supervised", "research.objectives.adversarial",
                                       "research.objectives.invariance", "research.objectives.counterfactual",
-                                      "research.attacks", "research.sharding", "research.batch"])
+                                      "research.attacks", "research.sharding", "research.batch",
+                                      "research.evaluate"])
 def test_batch_consumers_import_no_task_reader(consumer):
     assert not imports_of(consumer) & READERS, f"{consumer} imports a task reader: it should read the Batch"
 

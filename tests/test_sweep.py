@@ -119,10 +119,13 @@ def test_a_sweep_killed_with_sigkill_resumes_and_finishes(tmp_path, data_dir):
     command = [sys.executable, "-m", "research.cli", "sweep", str(SMOKE), "--variants", "base", "--seeds", "0",
                "--out", str(out), "--workdirs", str(runs)]
     # The sweep and its `research train` child in one process group, killed together once step 8 is committed.
-    sweep = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "sweep.log"
+    with log.open("w") as sink:
+        sweep = subprocess.Popen(command, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not (runs / "base_s0" / "checkpoints" / "8" / MANIFEST).is_file():
-        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before its first checkpoint"
+        assert sweep.poll() is None and time.monotonic() < deadline, \
+            "the sweep ended before its step-8 checkpoint:\n" + log.read_text()[-2000:] + _tail(runs / "base_s0.log")
         time.sleep(0.05)
     os.killpg(sweep.pid, signal.SIGKILL)
     sweep.wait()
@@ -134,3 +137,7 @@ def test_a_sweep_killed_with_sigkill_resumes_and_finishes(tmp_path, data_dir):
     assert result["step"] == 16 and result["dev/accuracy"] == reference["dev/accuracy"]
     assert deterministic(records(runs / "base_s0")) == deterministic(records(tmp_path / "reference"))
     assert "| base |" in (out / "summary.md").read_text() and "| base |" in done.stdout
+
+
+def _tail(path) -> str:
+    return "\n" + path.read_text()[-3000:] if path.is_file() else ""

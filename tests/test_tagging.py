@@ -9,7 +9,8 @@ import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 from research.data.split import DataError, SplitReport
-from research.data.tagging import entities, entity_scores, iob1_to_iob2, read_conll, sentence_tags, tokenize
+from research.data.tagging import iob1_to_iob2, read_conll, sentence_tags, tokenize
+from research.evaluate import entities, entity_scores
 
 
 @pytest.fixture(scope="module")

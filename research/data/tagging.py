@@ -203,6 +203,11 @@ class TaggedSplit(Split):
     sentences: Sentences  # the gold words and tags
     windows: Windows  # where each window's words sit in its sentence
 
+    def predicted_tags(self, predicted: list[np.ndarray], names: tuple[str, ...]) -> list[list[str]]:
+        """Tag sequences per gold sentence from per-window token predictions (`predicted[i]`: (T_i,) tag ids)."""
+        return sentence_tags(self.windows, len(self.sentences.words), [len(w) for w in self.sentences.words],
+                             predicted, names)
+
 
 def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int) -> TaggedSplit:
     """Read, check and tokenize one split of CoNLL-style data ("train", "dev" or a name of `cfg.test`).
@@ -243,43 +248,4 @@ def sentence_tags(windows: Windows, n_sentences: int, lengths: list[int], predic
         for w, t in enumerate(positions):
             if t >= 0:
                 out[s][a + w] = names[int(predicted[i][t])]
-    return out
-
-
-# --------------------------------------------------------------------------------------------- scoring
-
-
-def entities(tags: list[str]) -> list[tuple[str, int, int]]:
-    """(type, first, last) of every entity in one tag sequence, by conlleval's chunk rules (IOB1 or IOB2)."""
-    found, start, kind = [], None, None
-    for i, tag in enumerate([*tags, "O"]):  # the sentinel closes an entity at the end
-        prefix, typ = (tag[0], tag[2:]) if tag != "O" else ("O", "")
-        # conlleval's endOfChunk: an entity ends before O, before B, or where the type changes.
-        if start is not None and (prefix in ("O", "B") or typ != kind):
-            found.append((kind, start, i - 1))
-            start = None
-        # startOfChunk: B starts one; so does an I that follows O or another type.
-        if prefix == "B" or (prefix == "I" and start is None):
-            start, kind = i, typ
-    return found
-
-
-def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
-    """Micro precision/recall/F1 over entities, and `<type>/f1` (with `<type>/support`) per entity type."""
-    true = {(s, *e) for s, tags in enumerate(gold) for e in entities(tags)}
-    pred = {(s, *e) for s, tags in enumerate(predicted) for e in entities(tags)}
-
-    def prf(t: set, p: set) -> tuple[float, float, float]:
-        hit = len(t & p)
-        precision = hit / len(p) if p else 0.0
-        recall = hit / len(t) if t else 0.0
-        return precision, recall, 2 * precision * recall / (precision + recall) if hit else 0.0
-
-    precision, recall, f1 = prf(true, pred)
-    out = {"entity_precision": precision, "entity_recall": recall, "entity_f1": f1}
-    for kind in sorted({e[1] for e in true | pred}):
-        t = {e for e in true if e[1] == kind}
-        p = {e for e in pred if e[1] == kind}
-        out[f"{kind}/f1"] = prf(t, p)[2]
-        out[f"{kind}/support"] = float(len(t))
     return out
