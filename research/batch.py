@@ -50,10 +50,6 @@ class Batch:
         """`model(**batch.model_inputs())`: the inputs the batch has (padded or packed)."""
         return {k: getattr(self, k) for k in self.MODEL_INPUTS if getattr(self, k) is not None}
 
-    @property
-    def packed(self) -> bool:
-        return self.segment_ids is not None
-
     def segments(self) -> Array:
         """(R, T) the example number of every token within its row, 0 on padding: the segment ids when packed,
         the attention mask when padded (one example a row)."""

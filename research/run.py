@@ -144,7 +144,6 @@ def open_checkpoints(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_
         if dropped:
             print(f"resuming from step {resume_step} as asked: deleted the later checkpoints {dropped}")
         latest = resume_step
-
     return ckpts, latest
 
 

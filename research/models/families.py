@@ -11,13 +11,6 @@ from research.models.family import Family
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY)}
 
 
-def family_named(model_type: str | None, where: str) -> Family:
-    """The family of HF `model_type`; `where` names the file or setting it came from, for the error."""
-    if model_type not in FAMILIES:
-        raise ValueError(f"{where} has model_type={model_type!r}; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
-
-
 def family_of(config_or_model) -> Family:
     """The family of a model config (BertConfig, GPT2Config, ...) or of a model built from one."""
     config = config_or_model.config if isinstance(config_or_model, nnx.Module) else config_or_model
