@@ -283,7 +283,7 @@ class Checkpoints:
         directory = Path(str(self.best.directory)) / str(step)
         if (directory / MANIFEST).is_file():  # best checkpoints of runs from before manifests have none
             verify(directory, step, [])
-        check_structure(directory / "params", abstract_params, step)
+        check_structure(directory / "params", abstract_params, step, "params/")
         restored = self.best.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
         return restored.params, step
 

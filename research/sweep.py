@@ -79,14 +79,9 @@ def share_compilation_cache(workdirs: Path) -> None:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str((workdirs / ".xla_cache").resolve()))
 
 
-def records(workdir: Path) -> list[dict]:
-    """metrics.jsonl's records, metric names in today's scheme (research/metrics.py renames older ones)."""
-    return read_records(workdir)
-
-
 def last_record_with(workdir: Path, key: str) -> dict:
     """The last metrics.jsonl record holding `key` (e.g. the final evaluation)."""
-    found = [r for r in records(workdir) if key in r]
+    found = [r for r in read_records(workdir) if key in r]  # metric names as today's
     if not found:
         raise RuntimeError(f"{workdir}/metrics.jsonl has no record with {key!r}: did the run finish?")
     return found[-1]
@@ -163,7 +158,7 @@ def load_study(experiment: Path) -> Study:
 
 def last_evaluation(workdir: Path) -> dict:
     """The default of what a record keeps: the step and every evaluated split's metrics of the last evaluation."""
-    last = [r for r in records(workdir) if any(k.startswith("dev/") for k in r)]
+    last = [r for r in read_records(workdir) if any(k.startswith("dev/") for k in r)]
     if not last:
         raise RuntimeError(f"{workdir}/metrics.jsonl has no evaluation: did the run finish?")
     return {k: v for k, v in last[-1].items() if not k.startswith(("train/", "eval_"))}

@@ -179,10 +179,9 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     check_divisible(t.eval_batch_size, 1, mesh, "train.eval_batch_size")
     ckpts, latest = run_dir.open_checkpoints(cfg, workdir, resume, resume_step)
 
-    pieces, cfg = _prepare(cfg, workdir, mesh, resuming=latest is not None)
-    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype)
-
     groups = t.grad_accum * mesh.shape[DATA_AXIS]  # blocks of a batch: one per micro-batch and device shard
+    pieces, cfg = _prepare(cfg, workdir, groups, resuming=latest is not None)
+    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype)
     per_epoch = steps_per_epoch(pieces.train, t.batch_size, groups, cfg.data.environment_proportions)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
     tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total)
@@ -252,7 +251,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
 # ------------------------------------------------------------------------------------------- set-up
 
 
-def _prepare(cfg: ExperimentConfig, workdir: Path, mesh: Mesh, resuming: bool
+def _prepare(cfg: ExperimentConfig, workdir: Path, groups: int, resuming: bool
              ) -> tuple[experiment.Pieces, ExperimentConfig]:
     """The run's pieces, and the config with its label set resolved (a causal LM has none), recorded in the run
     directory (a resumed run must be the same experiment)."""
@@ -262,7 +261,6 @@ def _prepare(cfg: ExperimentConfig, workdir: Path, mesh: Mesh, resuming: bool
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))
     train_split = pieces.train
     if train_split.environments is not None and train_split.pair_ids is None:  # say what stratifying costs
-        groups = t.grad_accum * mesh.shape[DATA_AXIS]
         draws = oversampling(train_split.environments, len(train_split.environment_names), t.batch_size, groups,
                              cfg.data.environment_proportions)
         train_split.report.draws_per_epoch = {train_split.environment_names[e]: round(v, 3) for e, v in draws.items()}
