@@ -2,7 +2,7 @@
 
     research train CONFIG [--set key=value ...] [--workdir DIR] [--resume]
     research eval WORKDIR [--checkpoint best|latest] [--attack pgd,char [--epsilons E ...] [--max-words N]]
-    research export WORKDIR OUT_DIR [--checkpoint best|latest]
+    research export WORKDIR OUT_DIR [--checkpoint best|latest] [--merged]
     research demo      the real all-MiniLM-L6-v2 weights in our Flax BERT, ranking sentences by similarity
 
 Errors a user can fix (bad config keys, bad data, bad checkpoints, an existing run) end with one line naming
@@ -140,12 +140,9 @@ def generate_command(args: argparse.Namespace) -> None:
 
 
 def export_command(args: argparse.Namespace) -> None:
-    from research.models import save_pretrained
-    from research.run import load_trained_model
+    from research.run import export_run
 
-    model, step, which = load_trained_model(Path(args.workdir), args.checkpoint)
-    out = save_pretrained(model, args.out_dir)
-    print(f"exported the {which} checkpoint (step {step}) of {args.workdir} to {out} (Hugging Face format)")
+    print(export_run(Path(args.workdir), Path(args.out_dir), args.checkpoint, args.merged))
 
 
 def sweep_command(args: argparse.Namespace) -> None:
@@ -198,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("workdir")
     p.add_argument("out_dir")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--merged", action="store_true", help="a PEFT run: a plain transformers directory with the update "
+                   "folded into the weights (LoRA, IA3), instead of the adapter in peft's format")
     p.set_defaults(func=export_command)
 
     p = sub.add_parser("sweep", add_help=False, help="every (variant, seed) run of a study's experiment file, "

@@ -150,6 +150,40 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning (research/peft/): only the method's parameters and the task head are
+    trained; every other weight is frozen (no gradient computed, no optimizer state, not in the checkpoints,
+    which carry a fingerprint of it instead)."""
+
+    method: Literal["none", "lora", "ia3", "bottleneck"] = "none"
+    # The layers the method attaches to, as Hugging Face module names: a plain name matches every module whose
+    # name is it or ends with "." + it, as in peft ("query" matches bert.encoder.layer.3.attention.self.query);
+    # anything else is a regex matched against the whole name. Every pattern must match a linear layer.
+    # (): the method's default for the model family (research/models/family.py: peft_targets).
+    targets: tuple[str, ...] = ()
+    # Modules trained in full beside the method (peft's modules_to_save), named like `targets`; None: the task
+    # head (BERT's classifier, GPT-2's score; none for a causal LM).
+    modules_to_save: tuple[str, ...] | None = None
+    # LoRA (Hu et al. 2021): W x + (alpha / rank) B A dropout(x), A random and B zero at the start.
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale by alpha / sqrt(rank) (Kalajdzievski 2023) instead of alpha / rank
+    # IA3 (Liu et al. 2022): which of the targets scale their input (the MLP's intermediate activations) rather
+    # than their output; (): the family's default.
+    feedforward: tuple[str, ...] = ()
+    # Bottleneck adapters: "houlsby" (Houlsby et al. 2019: after the attention and after the MLP) or
+    # "pfeiffer" (Pfeiffer et al. 2021: after the MLP only); `adapter_size` units between the down- and the
+    # up-projection, `adapter_activation` between them (None: swish for houlsby, relu for pfeiffer).
+    adapter_placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    adapter_size: int = 64
+    adapter_activation: str | None = None
+    # Start from an adapter trained elsewhere: a directory that `peft.PeftModel.save_pretrained` wrote (LoRA,
+    # IA3), or that `research export` of a bottleneck run wrote. Its method and base must match this run's.
+    init_from: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 32  # examples per optimizer step, over all devices and accumulation steps
@@ -188,6 +222,7 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
@@ -348,6 +383,21 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"optim.layerwise_lr_decay={o.layerwise_lr_decay} must be in (0, 1]")
     if t.epochs <= 0 and t.max_steps is None:
         raise ConfigError(f"train.epochs={t.epochs} must be positive (or set train.max_steps)")
+    p = cfg.peft
+    if p.method == "none":
+        if p != PeftConfig():
+            raise ConfigError("peft.* options are set but peft.method is 'none': set peft.method (lora, ia3, "
+                              "bottleneck) or drop them")
+    else:
+        if p.rank < 1 or p.adapter_size < 1:
+            raise ConfigError(f"peft.rank={p.rank} and peft.adapter_size={p.adapter_size} must be at least 1")
+        if not 0.0 <= p.dropout < 1.0:
+            raise ConfigError(f"peft.dropout={p.dropout} must be in [0, 1)")
+        if p.feedforward and p.method != "ia3":
+            raise ConfigError("peft.feedforward is IA3's: set peft.method='ia3' or unset it")
+        if o.freeze:
+            raise ConfigError("optim.freeze and peft.method both choose what trains: with PEFT, name what trains "
+                              "in full in peft.modules_to_save")
     if c.patience is not None and c.best_metric is None:
         raise ConfigError("checkpoint.patience needs checkpoint.best_metric (the metric early stopping watches)")
 

@@ -42,6 +42,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, token_su
         return {"nll": (nll * w).sum(), "targets": w.sum(), "correct": (correct * w).sum()}
 
     jitted = jax.jit(step, out_shardings=replicated(mesh))
+    rest = jax.device_put(rest, replicated(mesh))  # once: under PEFT it holds the frozen weights
     return lambda params, batch: jitted(params, rest, batch)
 
 

@@ -12,6 +12,7 @@ import warnings
 
 from flax import nnx
 
+from research import peft
 from research.config import ConfigError, ExperimentConfig
 from research.data import classification, dialogue, lm, tagging
 from research.data.split import DataError, Split, data_root
@@ -31,8 +32,9 @@ class Pieces:
     tests: dict[str, Split] = dataclasses.field(default_factory=dict)  # data.test: evaluated beside dev
 
 
-def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
-    """Load the tokenizer, read and check the data, and build the model (pretrained or from scratch)."""
+def prepare(cfg: ExperimentConfig, with_train: bool = True, init_adapter: bool = True) -> Pieces:
+    """Load the tokenizer, read and check the data, and build the model (pretrained or from scratch).
+    `init_adapter=False`: leave peft.init_from unread (a run's own checkpoint is restored over it)."""
     tokenizer = load_tokenizer(model_source(cfg.model.name_or_path))
     if cfg.model.task == "token_classification":  # CoNLL-style column files, labels per word
         load_split = tagging.load_split
@@ -65,7 +67,7 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True) -> Pieces:
         split = load_split(shifted, "dev", tokenizer, labels, cfg.train.seed)
         tests[f"agree{a:g}"] = dataclasses.replace(split, name=f"agree{a:g}",
                                                    report=dataclasses.replace(split.report, name=f"agree{a:g}"))
-    model = build_model(cfg, labels)
+    model = build_model(cfg, labels, init_adapter)
     family = family_of(model)
     if (cfg.model.task == "sequence_classification" and family.classifier_needs_pad_token
             and model.config.pad_token_id is None):
@@ -97,7 +99,14 @@ def model_source(name_or_path: str) -> str:
     return name_or_path
 
 
-def build_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
+def build_model(cfg: ExperimentConfig, labels: tuple[str, ...], init_adapter: bool = True) -> nnx.Module:
+    """The model as the config builds it: pretrained or from scratch, then with its PEFT method attached (the
+    rest frozen; research/peft/), starting from peft.init_from's adapter unless `init_adapter` is False."""
+    p = cfg.peft if init_adapter else dataclasses.replace(cfg.peft, init_from=None)
+    return peft.prepare(_base_model(cfg, labels), p, cfg.train.seed)
+
+
+def _base_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
     m = cfg.model
     label_args = {"num_labels": len(labels), "id2label": labels} if labels else {}  # none for causal LM
     source = model_source(m.name_or_path)

@@ -6,6 +6,8 @@
     <workdir>/metrics.jsonl      one record per logged step (research/metrics.py), TensorBoard beside it
     <workdir>/checkpoints/       research/checkpoint.py: `params` apart from the rest of the train state
     <workdir>/best/              the best evaluation's parameters
+    <workdir>/peft.json          under PEFT: the method, the layers it attached to, what trains, parameter
+                                 counts, and the fingerprint of the frozen base the checkpoints belong to
 
 Opening a run for training (`open_checkpoints`: refuse to train over a run without --resume, resume from an
 older step on request), recording it (`record_run`: a resumed run must be the same experiment), and reading a
@@ -30,12 +32,14 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from research import peft
 from research.attacks import char_attack, pgd_accuracy
 from research.checkpoint import Checkpoints
 from research.config import ExperimentConfig, from_dict
 from research.evaluate import evaluate_splits, make_eval_step
 from research.experiment import Pieces, build_model, prepare
 from research.metrics import MetricWriter
+from research.models import save_pretrained
 from research.objectives import objective_options
 from research.sharding import make_mesh, replicated
 
@@ -157,15 +161,39 @@ def record_run(workdir: Path, cfg: ExperimentConfig, pieces: Pieces, resuming: b
                     for k in a[g] if a[g][k] != b[g][k]]
             raise RunError(f"--resume with a config that differs from {workdir}/config.json ({'; '.join(diff)}); "
                            "a resumed run must be the same experiment: start a new --workdir instead")
+    if cfg.peft.method != "none":
+        described = peft.describe(pieces.model)
+        if resuming and (workdir / "peft.json").exists():
+            check_base(workdir, pieces.model, "--resume")
+        print(f"peft: {described['method']} on {len(described['layers'])} layers ({', '.join(described['layers'])}); "
+              f"trained in full: {described['modules_to_save']}; {described['trained_parameters']:,} trained "
+              f"parameters ({described['trained_percent']:.3g}% of the model)")
     if jax.process_index() != 0:
         return
     if not resuming:
         write_run_config(workdir, cfg)
+        if cfg.peft.method != "none":
+            (workdir / "peft.json").write_text(json.dumps(described, indent=2) + "\n")
     splits = (pieces.train, pieces.dev, *pieces.tests.values())
     reports = {s.name: dataclasses.asdict(s.report) for s in splits}
     (workdir / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
     for s in splits:
         print(f"data {s.report.summary()}")
+
+
+def check_base(workdir: Path, model: nnx.Module, what: str) -> None:
+    """Under PEFT the checkpoints hold the trained parameters alone: refuse to combine them with any base but
+    the one they were trained on (peft.json's fingerprint of the frozen weights)."""
+    path = workdir / "peft.json"
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())["base_fingerprint"]
+    found = peft.fingerprint(model)
+    if found != recorded:
+        raise RunError(f"{what}: the frozen base weights built from config.json's model.name_or_path differ from the "
+                       f"ones {workdir} was trained on (fingerprint {found[:12]}... != {recorded[:12]}... in {path}); "
+                       "its checkpoints hold only the trained parameters and fit that base alone: restore the "
+                       "original base checkpoint")
 
 
 # ------------------------------------------------------------------------------------ a finished run
@@ -174,13 +202,14 @@ def record_run(workdir: Path, cfg: ExperimentConfig, pieces: Pieces, resuming: b
 def load_trained_model(workdir: Path, which: str = "best") -> tuple[nnx.Module, int, str]:
     """The model of a run directory with the parameters of its best (or latest) checkpoint, in eval mode."""
     cfg = read_run_config(workdir)
-    model = build_model(cfg, cfg.data.labels)
+    model = build_model(cfg, cfg.data.labels, init_adapter=False)
     return model, restore_params(workdir, cfg, model, which), which
 
 
 def restore_params(workdir: Path, cfg: ExperimentConfig, model: nnx.Module, which: str = "best") -> int:
     """Put the best (or latest) checkpoint's parameters into `model` (eval mode); returns the step. Only the
     parameters are read: no optimizer or objective is built to describe the rest of the state."""
+    check_base(Path(workdir), model, f"restoring {which}")
     mesh = make_mesh()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), params)
@@ -203,6 +232,21 @@ def restore_params(workdir: Path, cfg: ExperimentConfig, model: nnx.Module, whic
     nnx.update(model, param_state)
     model.eval()
     return step
+
+
+def export_run(workdir: Path, out_dir: Path, which: str = "best", merged: bool = False) -> str:
+    """Write a run's checkpoint for PyTorch; returns what was written. A plain run: a transformers directory. A
+    PEFT run: the adapter in peft's format (`peft.PeftModel.from_pretrained(base, out_dir)` loads it), or with
+    `merged` a transformers directory with the update folded into the weights (LoRA, IA3)."""
+    model, step, which = load_trained_model(workdir, which)
+    cfg = read_run_config(workdir)
+    if cfg.peft.method == "none" or merged:
+        save_pretrained(peft.merged_model(model) if cfg.peft.method != "none" else model, out_dir)
+        what = "Hugging Face format" + (f", the {cfg.peft.method} update folded in" if cfg.peft.method != "none" else "")
+    else:
+        peft.save_adapter(model, cfg.peft, out_dir, base_name_or_path=getattr(model, "hf_source", cfg.model.name_or_path))
+        what = f"a {cfg.peft.method} adapter in peft's format; its base: {getattr(model, 'hf_source', '?')}"
+    return f"exported the {which} checkpoint (step {step}) of {workdir} to {out_dir} ({what})"
 
 
 def evaluate_config(cfg: ExperimentConfig) -> tuple[dict[str, float], str]:
@@ -228,7 +272,7 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from ['char', 'pgd']")
     cfg = read_run_config(workdir)
-    pieces = prepare(cfg, with_train=False)  # tokenizer, checked dev split, model: as in training
+    pieces = prepare(cfg, with_train=False, init_adapter=False)  # tokenizer, checked dev split, model: as trained
     step = restore_params(workdir, cfg, pieces.model, which)
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from research import experiment
+from research import experiment, peft
 from research import run as run_dir
 from research.batch import Batch
 from research.checkpoint import Checkpoints
@@ -142,6 +142,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
         return new, metrics
 
     state_sharding = replicated(mesh) if state_sharding is None else state_sharding
+    rest = jax.device_put(rest, replicated(mesh))  # once: under PEFT it holds the frozen weights
     jitted = jax.jit(step, in_shardings=(state_sharding, replicated(mesh), batch_sharding(mesh)),
                      out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
     wrapper = TrainStep(jitted, rest)
@@ -181,7 +182,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
 
     groups = t.grad_accum * mesh.shape[DATA_AXIS]  # blocks of a batch: one per micro-batch and device shard
     pieces, cfg = _prepare(cfg, workdir, groups, resuming=latest is not None)
-    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype)
+    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype, cfg)
     per_epoch = steps_per_epoch(pieces.train, t.batch_size, groups, cfg.data.environment_proportions)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
     tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total)
@@ -196,9 +197,16 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     sharding = state_shardings(state, mesh, t.fsdp)  # replicated, or FSDP
     state = jax.device_put(state, sharding)
     meta = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "evals_since_best": 0}
+    if cfg.peft.method != "none":  # the checkpoints hold the trained parameters only: say which base they fit
+        meta["base_fingerprint"] = peft.fingerprint(pieces.model)
     if latest is not None:
+        fresh = meta
         state, meta = ckpts.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                                  state), latest)
+        if meta.get("base_fingerprint") != fresh.get("base_fingerprint"):
+            raise run_dir.RunError(f"--resume: checkpoint step {latest} was trained on another frozen base (fingerprint "
+                                   f"{str(meta.get('base_fingerprint'))[:12]}..., this base's "
+                                   f"{str(fresh.get('base_fingerprint'))[:12]}...): restore that base checkpoint")
         print(f"resumed from {workdir}/checkpoints/{latest} (epoch {meta['epoch']}, batch {meta['batch']})")
     start = int(state["step"])
     ckpts.drop_best_after(start)
@@ -268,16 +276,18 @@ def _prepare(cfg: ExperimentConfig, workdir: Path, groups: int, resuming: bool
     return pieces, cfg
 
 
-def _model_views(model: nnx.Module, compute_dtype: str) -> tuple[tuple, tuple]:
+def _model_views(model: nnx.Module, compute_dtype: str, cfg: ExperimentConfig) -> tuple[tuple, tuple]:
     """(eval graphdef, eval rest) for evaluation (no dropout) and (graphdef, params as a pure dict, rest) for
-    the train step, the graphdef's layers computing in `compute_dtype` over the float32 parameters."""
+    the train step, the graphdef's layers computing in `compute_dtype` over the float32 parameters. Under PEFT
+    the params are the trained ones only; the frozen weights ride in `rest` (research/peft/attach.py)."""
     model.eval()
     eval_graphdef, _, eval_rest = nnx.split(model, nnx.Param, ...)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if compute_dtype != "float32":  # same structure, layers computing in compute_dtype
         low = dataclasses.replace(model.config, dtype=compute_dtype)
-        abstract = nnx.eval_shape(lambda: type(model)(low, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: peft.prepare(type(model)(low, rngs=nnx.Rngs(0)),
+                                                       dataclasses.replace(cfg.peft, init_from=None), 0))
         abstract.train()
         graphdef = nnx.graphdef(abstract)
     return (eval_graphdef, eval_rest), (graphdef, nnx.to_pure_dict(params), rest)

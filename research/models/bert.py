@@ -478,6 +478,14 @@ FAMILY = Family(
     init_if_missing=INIT_IF_MISSING,
     layer_container="layers",
     embedding_modules=("embeddings",),
+    peft_targets={
+        "lora": ("query", "value"),  # peft's default for BERT, and Hu et al.'s choice
+        # Keys, values and the MLP's intermediate activations (the input of its output projection), as Liu et al.
+        "ia3": ("key", "value", r".*layer\.\d+\.output\.dense"),
+        "ia3_feedforward": (r".*layer\.\d+\.output\.dense",),
+        "houlsby": (r".*attention\.output\.dense", r".*layer\.\d+\.output\.dense"),
+        "pfeiffer": (r".*layer\.\d+\.output\.dense",),
+    },
     packing_tasks=frozenset({"sequence_classification"}),  # features() reads each example's own [CLS]
     has_token_types=True,
 )

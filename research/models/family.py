@@ -2,7 +2,7 @@
 `gpt2.FAMILY`), registered in `research/models/families.py`.
 
 Everything outside the model file learns about a family from this record and nothing else: checkpoint import
-and export (`hf.py`) read the key tables, the optimizer (`optim.py`) the layer container, the experiment
+and export (`hf.py`) read the key tables, the optimizer (`optim.py`) the layer container, PEFT (`research/peft/`) its default targets, the experiment
 (`experiment.py`) and the attacks the capabilities. Adding a family (say RoBERTa) means one model file that
 ends with its record, and one line in `families.py`.
 """
@@ -46,6 +46,13 @@ class Family:
     # ---- structure (layer-wise learning-rate decay in research/optim.py; adapters next)
     layer_container: str = "layers"  # the attribute holding the list of transformer layers
     embedding_modules: tuple[str, ...] = ()  # modules that count as embeddings (the lowest lr-decay group)
+
+    # ---- parameter-efficient fine-tuning (research/peft/): the Hugging Face module names (peft's matching: a
+    # plain name matches itself or any name ending in "." + it; anything else is a regex on the whole name) of
+    # the linear layers each method attaches to by default. Keys: "lora", "ia3", "ia3_feedforward" (the IA3
+    # targets that scale their input: the MLP's intermediate activations), "houlsby" (after the attention and
+    # after the MLP), "pfeiffer" (after the MLP).
+    peft_targets: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     # ---- capabilities
     # Tasks whose model takes packed rows (segment_ids, position_ids, pool_index: research/data/batches.py).

@@ -451,6 +451,15 @@ FAMILY = Family(
     other_head_patterns=OTHER_HEAD_PATTERNS,
     layer_container="h",
     embedding_modules=("wte", "wpe"),
+    peft_targets={
+        "lora": ("c_attn",),  # peft's default for GPT-2: the fused query/key/value projection
+        # The fused projection is scaled whole (queries too), as peft does: keys and values alone would need a
+        # scale with fixed ones over the query third.
+        "ia3": ("c_attn", "mlp.c_proj"),
+        "ia3_feedforward": ("mlp.c_proj",),
+        "houlsby": ("attn.c_proj", "mlp.c_proj"),
+        "pfeiffer": ("mlp.c_proj",),
+    },
     # The classifier reads the last real token of each row: one example a row, no packing.
     packing_tasks=frozenset(),
     has_token_types=False,  # HF's GPT-2 tokenizer returns none; given zeros, GPT-2 would add wte[0] everywhere

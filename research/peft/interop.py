@@ -1,0 +1,150 @@
+"""Adapters in peft's format, both ways: what `peft.PeftModel.from_pretrained(base, DIR)` loads in PyTorch, and
+what `peft.init_from=DIR` starts a run from.
+
+    DIR/adapter_config.json          peft's long-standing keys only (peft_type, task_type, target_modules, ...)
+    DIR/adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight (r, D) / .lora_B.weight (F, r)
+                                     base_model.model.<HF module>.ia3_l ((F, 1), or (1, D) for feedforward)
+                                     base_model.model.<HF key of a module trained in full> (modules_to_save)
+
+`target_modules` lists the full module names the run attached to, so peft rebuilds exactly those layers
+whatever patterns chose them. Our exports also put the base's fingerprint in the safetensors metadata
+(`research.base_fingerprint`); an adapter with one is refused on any other base.
+
+Bottleneck adapters, which peft lacks, use the same layout under our own `peft_type`, "BOTTLENECK"
+(`<HF module>.adapter.down.weight` (m, F), `.down.bias`, `.up.weight` (F, m), `.up.bias`: torch nn.Linear
+layout) and load back only here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from research.config import PeftConfig
+from research.peft.attach import adapters, fingerprint, method_of, trained_modules
+from research.peft.targets import PeftError, linear_layers, parameter_names, task_of, transposed
+
+PREFIX = "base_model.model."
+PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "bottleneck": "BOTTLENECK"}
+TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM",
+              "masked_lm": None, "base": "FEATURE_EXTRACTION"}
+FINGERPRINT_KEY = "research.base_fingerprint"
+
+
+def trained_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Every trained tensor under peft's names: the adapters', then the modules trained in full."""
+    out = {}
+    for name, (_, adapter) in adapters(model).items():
+        out.update({PREFIX + k: np.ascontiguousarray(v) for k, v in adapter.to_peft(name).items()})
+    names, flip = parameter_names(model), transposed(model)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if "adapter" not in path:
+            array = np.asarray(jax.device_get(var.get_value()))
+            out[PREFIX + names[path]] = np.ascontiguousarray(array.T if flip[path] else array)
+    return out
+
+
+def _expected_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for name, (_, adapter) in adapters(model).items():
+        out.update({PREFIX + k: s for k, s in adapter.peft_shapes(name).items()})
+    names, flip = parameter_names(model), transposed(model)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if "adapter" not in path:
+            shape = tuple(var.get_value().shape)
+            out[PREFIX + names[path]] = shape[::-1] if flip[path] else shape
+    return out
+
+
+def adapter_config(model: nnx.Module, cfg: PeftConfig, base_name_or_path: str) -> dict:
+    method = method_of(model)
+    _, task = task_of(model)
+    layers = list(adapters(model))
+    # GPT-2's Conv1D stores (in, out): peft must know, to merge the update the right way round.
+    flip = transposed(model)
+    fan_in_fan_out = any(not flip[(*layer_path, "kernel")] for layer_path in _layer_paths(model))
+    common = {"peft_type": PEFT_TYPES[method], "task_type": TASK_TYPES[task], "base_model_name_or_path":
+              base_name_or_path, "target_modules": layers, "modules_to_save": trained_modules(model) or None,
+              "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "revision": None}
+    if method == "lora":
+        return common | {"r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+                         "use_rslora": cfg.rslora, "bias": "none", "init_lora_weights": True}
+    if method == "ia3":
+        ff = [n for n, (_, a) in adapters(model).items() if a.feedforward]
+        return common | {"feedforward_modules": ff, "init_ia3_weights": True}
+    return common | {"adapter_size": cfg.adapter_size, "adapter_placement": cfg.adapter_placement,
+                     "adapter_activation": next(iter(adapters(model).values()))[1].activation}
+
+
+def save_adapter(model: nnx.Module, cfg: PeftConfig, out_dir: str | Path, base_name_or_path: str) -> Path:
+    """Write `model`'s trained tensors and config in peft's layout (see the module docstring)."""
+    if any(a.merged for _, a in adapters(model).values()):
+        raise PeftError("the adapters are merged into the weights: unmerge them before saving the adapter alone")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(trained_tensors(model), out / "adapter_model.safetensors",
+              metadata={"format": "pt", FINGERPRINT_KEY: fingerprint(model)})
+    config = adapter_config(model, cfg, base_name_or_path)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_adapter(model: nnx.Module, directory: str | Path) -> None:
+    """Set `model`'s trained tensors (adapters and modules trained in full) from a peft-format directory. The
+    method, the layers and every tensor's name and shape must match this model's."""
+    directory = Path(directory)
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise PeftError(f"peft.init_from: {path} does not exist; a peft adapter directory holds adapter_config.json "
+                            "and adapter_model.safetensors (PeftModel.save_pretrained writes them)")
+    config = json.loads(config_path.read_text())
+    method = method_of(model)
+    if config.get("peft_type") != PEFT_TYPES[method]:
+        raise PeftError(f"peft.init_from: {directory} holds a {config.get('peft_type')} adapter, but this run trains "
+                        f"{PEFT_TYPES[method]}: set peft.method to match it")
+    if method == "lora":
+        scaling = next(iter(adapters(model).values()))[1].scaling
+        r, alpha = config["r"], config.get("lora_alpha", 8)
+        theirs = alpha / (r ** 0.5 if config.get("use_rslora", False) else r)
+        if abs(theirs - scaling) > 1e-9 * max(abs(scaling), 1.0):
+            raise PeftError(f"peft.init_from: {directory} was trained with r={r}, lora_alpha={alpha}, use_rslora="
+                            f"{config.get('use_rslora', False)} (scaling {theirs:g}), this run scales by {scaling:g}: set "
+                            "peft.rank, peft.alpha and peft.rslora to the adapter's")
+    with open(weights_path, "rb") as f:  # the metadata: safetensors' header, read without loading the tensors
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    theirs = header.get("__metadata__", {}).get(FINGERPRINT_KEY)
+    if theirs is not None and theirs != fingerprint(model):
+        raise PeftError(f"peft.init_from: {directory} was trained on another base model (frozen-weight fingerprint "
+                        f"{theirs[:12]}..., this model's {fingerprint(model)[:12]}...): load the base it was trained "
+                        "on (model.name_or_path)")
+    tensors = load_file(weights_path)
+    expected = _expected_shapes(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: {tensors[k].shape} != {expected[k]}" for k in expected if k in tensors
+              and tuple(tensors[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        raise PeftError(f"peft.init_from: {directory} does not fit this model (another base, other targets or other "
+                        f"modules_to_save?). Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected: "
+                        f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; mis-shaped: {shapes[:8]}")
+    tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    for name, (_, adapter) in adapters(model).items():
+        adapter.from_peft(tensors, name)
+    names, flip = parameter_names(model), transposed(model)
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        if "adapter" not in path:
+            array = tensors[names[path]]
+            var.set_value(jax.numpy.asarray(array.T if flip[path] else array, var.get_value().dtype))
+    nnx.update(model, state)
+
+
+def _layer_paths(model: nnx.Module) -> list[tuple]:
+    paths = linear_layers(model)
+    return [paths[name] for name in adapters(model)]

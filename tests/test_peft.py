@@ -1,0 +1,251 @@
+"""PEFT (research/peft/) against PyTorch: `peft` itself for LoRA and IA3, a reference written here for the
+bottleneck adapters (which peft lacks); on small random BERT and GPT-2 models of every head, padded batches.
+
+- logits equal to 1e-5 (of their scale), the gradient of every trained tensor to 1e-4 (of its scale), the
+  adapters handed over through peft's own directory format (so `peft.init_from` is tested by every case);
+- merged equals unmerged, and the merged export loads in transformers with the same logits;
+- our export loads in `peft.PeftModel.from_pretrained` with the same logits;
+- bad input: a target matching nothing, a rank larger than a layer, an adapter of another method or base.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft as torch_peft
+import pytest
+import torch
+import transformers
+from flax import nnx
+from helpers import GRAD_RTOL, randomize_, to_numpy
+
+from research import peft
+from research.config import PeftConfig
+from research.models import from_pretrained, save_pretrained
+
+LOGIT_RTOL = 1e-5
+
+BERT = dict(vocab_size=83, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+            num_labels=3, attn_implementation="eager")
+GPT2 = dict(vocab_size=83, n_embd=32, n_layer=2, n_head=4, n_positions=32, num_labels=3, pad_token_id=0,
+            bos_token_id=1, eos_token_id=1, attn_implementation="eager")
+MODELS = {  # name: (transformers class, config, our task, peft task_type)
+    "bert-seq": (transformers.BertForSequenceClassification, transformers.BertConfig(**BERT),
+                 "sequence_classification", "SEQ_CLS"),
+    "bert-token": (transformers.BertForTokenClassification, transformers.BertConfig(**BERT),
+                   "token_classification", "TOKEN_CLS"),
+    "gpt2-lm": (transformers.GPT2LMHeadModel, transformers.GPT2Config(**GPT2), "causal_lm", "CAUSAL_LM"),
+    "gpt2-seq": (transformers.GPT2ForSequenceClassification, transformers.GPT2Config(**GPT2),
+                 "sequence_classification", "SEQ_CLS"),
+}
+# peft's own way of naming what our family defaults choose (research/models/{bert,gpt2}.py: peft_targets).
+PEFT_CONFIGS = {
+    ("bert", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8, target_modules=["query", "value"]),
+    ("gpt2", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8, target_modules=["c_attn"]),
+    ("bert", "ia3"): lambda t: torch_peft.IA3Config(
+        task_type=t, target_modules=r".*\.(key|value|layer\.\d+\.output\.dense)",
+        feedforward_modules=r".*layer\.\d+\.output\.dense"),
+    ("gpt2", "ia3"): lambda t: torch_peft.IA3Config(task_type=t, target_modules=["c_attn", "mlp.c_proj"],
+                                                   feedforward_modules=["mlp.c_proj"]),
+}
+OURS = {"lora": PeftConfig(method="lora", rank=4, alpha=8.0), "ia3": PeftConfig(method="ia3")}
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory):
+    """Each model's random base weights, saved as transformers saves them."""
+    out = {}
+    for name, (cls, cfg, _, _) in MODELS.items():
+        out[name] = tmp_path_factory.mktemp(name)
+        randomize_(cls(cfg), seed=5).save_pretrained(out[name])
+    return out
+
+
+def torch_base(name, base_dirs):
+    return MODELS[name][0].from_pretrained(base_dirs[name]).eval()
+
+
+def batch(name):
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, 83, (3, 9))
+    mask = np.ones((3, 9), np.int64)
+    mask[1, 6:] = 0  # right padding, as our batches have
+    mask[2, 4:] = 0
+    ids[mask == 0] = 0
+    out_shape = (3, 3) if name.endswith("seq") else (3, 9, 83 if name == "gpt2-lm" else 3)
+    weights = rng.normal(size=out_shape).astype(np.float32)  # the loss: a fixed random projection of the logits
+    if len(out_shape) == 3:
+        weights *= mask[..., None]  # padded positions' logits are not compared
+    return ids, mask, weights
+
+
+def torch_logits(model, ids, mask):
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+
+
+def our_logits(model, ids, mask):
+    return model(jnp.asarray(ids), jnp.asarray(mask))
+
+
+def our_loss_and_grads(model, ids, mask, weights):
+    """The loss and its gradient for every trained tensor, under peft's names (our export's naming)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of(p):
+        return jnp.sum(our_logits(nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest)), ids, mask) * weights)
+
+    loss, grads = jax.value_and_grad(loss_of)(params)
+    return float(loss), peft.trained_tensors(nnx.merge(graphdef, grads, rest))
+
+
+def torch_loss_and_grads(model, ids, mask, weights):
+    loss = (torch_logits(model, ids, mask) * torch.tensor(weights)).sum()
+    loss.backward()
+    # peft's in-memory names carry the adapter name ("default") and the modules_to_save wrapper; saved ones do not.
+    return float(loss), {n.replace(".modules_to_save", "").replace(".default", ""): to_numpy(p.grad)
+                         for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close(ours, theirs, rtol, what):
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=rtol * max(scale, 1e-6), err_msg=what)
+
+
+def assert_grads_equal(ours, theirs):
+    assert set(ours) == set(theirs), set(ours) ^ set(theirs)
+    for name, g in theirs.items():
+        assert np.abs(g).max() > 0, f"{name}: zero gradient in torch; the test would prove nothing"
+        assert_close(ours[name], g, GRAD_RTOL, name)
+
+
+def torch_peft_model(name, method, base_dirs, seed=0):
+    """peft's model with every trained tensor random (B of LoRA is zero at the start, IA3's ones: random values
+    make a wrong scaling, transposition or placement visible)."""
+    family = name.split("-")[0]
+    model = torch_peft.get_peft_model(torch_base(name, base_dirs), PEFT_CONFIGS[family, method](MODELS[name][3]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_((1.0 if "ia3" in n else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_equals_peft_and_loads_its_adapters(name, method, base_dirs, tmp_path):
+    theirs = torch_peft_model(name, method, base_dirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = from_pretrained(base_dirs[name], MODELS[name][2])
+    peft.prepare(ours, dataclasses.replace(OURS[method], init_from=str(tmp_path / "theirs")), seed=0)
+    ids, mask, weights = batch(name)
+    expected = to_numpy(torch_logits(theirs, ids, mask)) * (weights != 0)
+    assert_close(np.asarray(our_logits(ours, ids, mask)) * (weights != 0), expected, LOGIT_RTOL, "logits")
+    loss, grads = our_loss_and_grads(ours, ids, mask, weights)
+    their_loss, their_grads = torch_loss_and_grads(theirs, ids, mask, weights)
+    np.testing.assert_allclose(loss, their_loss, rtol=1e-5)
+    assert_grads_equal(grads, their_grads)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("name", ["bert-seq", "gpt2-lm"])
+def test_merged_equals_unmerged_and_exports_both_ways(name, method, base_dirs, tmp_path):
+    ours = from_pretrained(base_dirs[name], MODELS[name][2])
+    peft.prepare(ours, OURS[method], seed=0)
+    _randomize_trained(ours, seed=1)
+    ids, mask, weights = batch(name)
+    keep = weights != 0
+    unmerged = np.asarray(our_logits(ours, ids, mask)) * keep
+
+    plain = peft.merged_model(ours)  # a new model, every weight a parameter, no adapters
+    assert_close(np.asarray(our_logits(plain, ids, mask)) * keep, unmerged, LOGIT_RTOL, "merged_model")
+    peft.merge(ours)  # in place, and back
+    assert_close(np.asarray(our_logits(ours, ids, mask)) * keep, unmerged, LOGIT_RTOL, "merge")
+    peft.unmerge(ours)
+    assert_close(np.asarray(our_logits(ours, ids, mask)) * keep, unmerged, LOGIT_RTOL, "unmerge")
+
+    save_pretrained(plain, tmp_path / "merged")  # transformers alone, no peft
+    merged = MODELS[name][0].from_pretrained(tmp_path / "merged").eval()
+    assert_close(to_numpy(torch_logits(merged, ids, mask)) * keep, unmerged, LOGIT_RTOL, "merged export")
+
+    peft.save_adapter(ours, OURS[method], tmp_path / "adapter", base_name_or_path=str(base_dirs[name]))
+    loaded = torch_peft.PeftModel.from_pretrained(torch_base(name, base_dirs), tmp_path / "adapter").eval()
+    assert_close(to_numpy(torch_logits(loaded, ids, mask)) * keep, unmerged, LOGIT_RTOL, "PeftModel")
+
+
+def _randomize_trained(model, seed):
+    state = nnx.state(model, nnx.Param)
+    leaves = nnx.to_flat_state(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    for k, (path, var) in zip(keys, leaves, strict=True):
+        base = 1.0 if path[-1] == "scale" and "adapter" in path else 0.0  # IA3's scales sit around 1
+        var.set_value(base + 0.2 * jax.random.normal(k, var.get_value().shape))
+    nnx.update(model, state)
+
+
+# ------------------------------------------------------------------------------------------ bottleneck adapters
+
+ACT = {"houlsby": torch.nn.functional.silu, "pfeiffer": torch.nn.functional.relu}
+# Where the adapters sit, in transformers' module names: after the attention's output projection (Houlsby) and
+# after the MLP's (both), before the dropout and the residual connection.
+SITES = {("bert", "houlsby"): r".*(attention\.output|layer\.\d+\.output)\.dense", ("bert", "pfeiffer"):
+         r".*layer\.\d+\.output\.dense", ("gpt2", "houlsby"): r".*(attn|mlp)\.c_proj", ("gpt2", "pfeiffer"):
+         r".*mlp\.c_proj"}
+
+
+class TorchBottleneck(torch.nn.Module):
+    """The reference: h + up(act(down(h))) on the output h of the layer it hooks."""
+
+    def __init__(self, tensors, name, activation):
+        super().__init__()
+        w = {k: torch.tensor(tensors[f"base_model.model.{name}.adapter.{k}"]) for k in
+             ("down.weight", "down.bias", "up.weight", "up.bias")}
+        self.down = torch.nn.Linear(w["down.weight"].shape[1], w["down.weight"].shape[0])
+        self.up = torch.nn.Linear(w["up.weight"].shape[1], w["up.weight"].shape[0])
+        with torch.no_grad():
+            for k, v in w.items():
+                getattr(getattr(self, k.split(".")[0]), k.split(".")[1]).copy_(v)
+        self.activation = activation
+
+    def forward(self, h):
+        return h + self.up(self.activation(self.down(h)))
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+@pytest.mark.parametrize("name", ["bert-seq", "gpt2-lm"])
+def test_bottleneck_adapters_equal_the_reference(name, placement, base_dirs):
+    import re
+
+    ours = from_pretrained(base_dirs[name], MODELS[name][2])
+    peft.prepare(ours, PeftConfig(method="bottleneck", adapter_placement=placement, adapter_size=5), seed=0)
+    _randomize_trained(ours, seed=2)
+    tensors = peft.trained_tensors(ours)
+
+    theirs = torch_base(name, base_dirs)
+    for p in theirs.parameters():
+        p.requires_grad_(False)
+    hooked = []
+    for module_name, module in theirs.named_modules():
+        if re.fullmatch(SITES[name.split("-")[0], placement], module_name):
+            adapter = TorchBottleneck(tensors, module_name, ACT[placement])
+            module.add_module("bottleneck", adapter)  # named like our tensors: <module>.adapter.<part>
+            module.register_forward_hook(lambda mod, args, out: mod.bottleneck(out))
+            hooked.append(module_name)
+    assert hooked == list(peft.describe(ours)["layers"]) and len(hooked) == (4 if placement == "houlsby" else 2)
+    head = [n for n, p in theirs.named_parameters() if n.split(".")[0] in ("classifier", "score")]
+    for n, p in theirs.named_parameters():
+        p.requires_grad_(".bottleneck." in n or n in head)
+        if n in head:  # our head was randomized too
+            with torch.no_grad():
+                p.copy_(torch.tensor(tensors[f"base_model.model.{n}"]))
+
+    ids, mask, weights = batch(name)
+    keep = weights != 0
+    assert_close(np.asarray(our_logits(ours, ids, mask)) * keep, to_numpy(torch_logits(theirs, ids, mask)) * keep,
+                 LOGIT_RTOL, "logits")
+    loss, grads = our_loss_and_grads(ours, ids, mask, weights)
+    their_loss, their_grads = torch_loss_and_grads(theirs, ids, mask, weights)
+    np.testing.assert_allclose(loss, their_loss, rtol=1e-5)
+    their_grads = {f"base_model.model.{n.replace('.bottleneck.', '.adapter.')}": g for n, g in their_grads.items()}
+    assert_grads_equal(grads, their_grads)
