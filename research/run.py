@@ -242,9 +242,11 @@ def export_run(workdir: Path, out_dir: Path, which: str = "best", merged: bool =
     cfg = read_run_config(workdir)
     if cfg.peft.method == "none" or merged:
         save_pretrained(peft.merged_model(model) if cfg.peft.method != "none" else model, out_dir)
-        what = "Hugging Face format" + (f", the {cfg.peft.method} update folded in" if cfg.peft.method != "none" else "")
+        folded = f", the {cfg.peft.method} update folded in" if cfg.peft.method != "none" else ""
+        what = "Hugging Face format" + folded
     else:
-        peft.save_adapter(model, cfg.peft, out_dir, base_name_or_path=getattr(model, "hf_source", cfg.model.name_or_path))
+        base = getattr(model, "hf_source", cfg.model.name_or_path)
+        peft.save_adapter(model, cfg.peft, out_dir, base_name_or_path=base)
         what = f"a {cfg.peft.method} adapter in peft's format; its base: {getattr(model, 'hf_source', '?')}"
     return f"exported the {which} checkpoint (step {step}) of {workdir} to {out_dir} ({what})"
 

@@ -204,8 +204,8 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
         state, meta = ckpts.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                                  state), latest)
         if meta.get("base_fingerprint") != fresh.get("base_fingerprint"):
-            raise run_dir.RunError(f"--resume: checkpoint step {latest} was trained on another frozen base (fingerprint "
-                                   f"{str(meta.get('base_fingerprint'))[:12]}..., this base's "
+            raise run_dir.RunError(f"--resume: checkpoint step {latest} was trained on another frozen base "
+                                   f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}..., this base's "
                                    f"{str(fresh.get('base_fingerprint'))[:12]}...): restore that base checkpoint")
         print(f"resumed from {workdir}/checkpoints/{latest} (epoch {meta['epoch']}, batch {meta['batch']})")
     start = int(state["step"])

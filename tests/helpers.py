@@ -165,7 +165,8 @@ placed = {}
 state_shardings = sharding.state_shardings
 def recording(state, mesh, fsdp):  # what the run placed its state with
     out = state_shardings(state, mesh, fsdp)
-    placed["embedding"] = str(out["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"].spec)
+    embeddings = out["params"].get("bert", {}).get("embeddings")  # absent under PEFT: frozen, not a parameter
+    placed["embedding"] = str(embeddings["word_embeddings"]["embedding"].spec) if embeddings else None
     return out
 train_module.state_shardings = recording
 runs = ((1, False), (8, False), (8, True)) if sys.argv[3] == "fsdp" else ((1, False), (8, False))

@@ -122,7 +122,8 @@ def test_packing_is_checked_against_the_config_and_the_model(data_dir, monkeypat
     from research.models.gpt2 import GPT2Config
 
     tiny = GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=1, n_head=2, pad_token_id=0)
-    monkeypatch.setattr(experiment, "build_model", lambda cfg, labels: from_config(tiny, "sequence_classification"))
+    monkeypatch.setattr(experiment, "build_model",
+                        lambda cfg, labels, init_adapter=True: from_config(tiny, "sequence_classification"))
     with pytest.raises(ConfigError, match="GPT2ForSequenceClassification does not take packed rows"):
         prepare(smoke("data.pack_length=32", "data.max_train_examples=32", "data.max_dev_examples=8"))
 
@@ -135,7 +136,8 @@ def test_gpt2_batches_carry_no_token_types(data_dir, monkeypatch):
     from research.models.gpt2 import GPT2Config
 
     tiny = GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=1, n_head=2, pad_token_id=0)
-    monkeypatch.setattr(experiment, "build_model", lambda cfg, labels: from_config(tiny, "sequence_classification"))
+    monkeypatch.setattr(experiment, "build_model",
+                        lambda cfg, labels, init_adapter=True: from_config(tiny, "sequence_classification"))
     pieces = prepare(smoke("data.max_train_examples=32", "data.max_dev_examples=8"))
     assert pieces.train.token_type_ids is None and pieces.dev.token_type_ids is None
     batch = collate(pieces.dev, np.arange(4), np.ones(4), 32, pieces.pad_id)

@@ -41,7 +41,8 @@ MODELS = {  # name: (transformers class, config, our task, peft task_type)
 }
 # peft's own way of naming what our family defaults choose (research/models/{bert,gpt2}.py: peft_targets).
 PEFT_CONFIGS = {
-    ("bert", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8, target_modules=["query", "value"]),
+    ("bert", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8,
+                                                     target_modules=["query", "value"]),
     ("gpt2", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8, target_modules=["c_attn"]),
     ("bert", "ia3"): lambda t: torch_peft.IA3Config(
         task_type=t, target_modules=r".*\.(key|value|layer\.\d+\.output\.dense)",
@@ -249,3 +250,60 @@ def test_bottleneck_adapters_equal_the_reference(name, placement, base_dirs):
     np.testing.assert_allclose(loss, their_loss, rtol=1e-5)
     their_grads = {f"base_model.model.{n.replace('.bottleneck.', '.adapter.')}": g for n, g in their_grads.items()}
     assert_grads_equal(grads, their_grads)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_refused_naming_the_culprit(base_dirs, tmp_path):
+    def bert():
+        return from_pretrained(base_dirs["bert-seq"], "sequence_classification")
+
+    # A pattern that matches nothing fails (peft would pass it silently) and lists the names it could match.
+    names = r"bert.encoder.layer.\{i\}.attention.self.key, .*attention.self.query, .*classifier"
+    with pytest.raises(peft.PeftError, match=r"peft.targets: 'qurey' matches no layer .* Names: " + names):
+        peft.prepare(bert(), PeftConfig(method="lora", targets=("query", "qurey")), seed=0)
+    with pytest.raises(peft.PeftError, match=r"peft.modules_to_save: 'clasifier' matches no layer"):
+        peft.prepare(bert(), PeftConfig(method="lora", modules_to_save=("clasifier",)), seed=0)
+    with pytest.raises(peft.PeftError, match=r"peft.rank=33 exceeds bert.encoder.layer.0.attention.self.query "
+                                             r"\(32 -> 32\)"):
+        peft.prepare(bert(), PeftConfig(method="lora", rank=33), seed=0)
+
+    # Adapters of another method, another scaling, another model, or no adapter at all.
+    torch_peft_model("bert-seq", "ia3", base_dirs).save_pretrained(tmp_path / "ia3")
+    with pytest.raises(peft.PeftError, match="holds a IA3 adapter, but this run trains LORA"):
+        peft.prepare(bert(), PeftConfig(method="lora", init_from=str(tmp_path / "ia3")), seed=0)
+    torch_peft_model("bert-seq", "lora", base_dirs).save_pretrained(tmp_path / "lora")  # r=4, alpha=8
+    with pytest.raises(peft.PeftError, match=r"trained with r=4, lora_alpha=8, use_rslora=False \(scaling 2\), this "
+                                             r"run scales by 1"):
+        peft.prepare(bert(), PeftConfig(method="lora", rank=4, alpha=4.0, init_from=str(tmp_path / "lora")), seed=0)
+    torch_peft_model("gpt2-seq", "lora", base_dirs).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(peft.PeftError, match=r"does not fit this model .* Missing: \['base_model.model.bert.encoder"):
+        peft.prepare(bert(), PeftConfig(method="lora", rank=4, init_from=str(tmp_path / "gpt2")), seed=0)
+    with pytest.raises(peft.PeftError, match="adapter_config.json does not exist"):
+        peft.prepare(bert(), PeftConfig(method="lora", init_from=str(tmp_path / "nowhere")), seed=0)
+
+    # Our exports carry the base's fingerprint: loading one onto another base is refused even when it fits.
+    ours = bert()
+    peft.prepare(ours, OURS["lora"], seed=0)
+    peft.save_adapter(ours, OURS["lora"], tmp_path / "ours", base_name_or_path=str(base_dirs["bert-seq"]))
+    other = bert()
+    kernel = other.bert.layers[0].mlp.output.kernel
+    kernel.set_value(kernel.get_value() * 1.01)
+    with pytest.raises(peft.PeftError, match="was trained on another base model"):
+        peft.prepare(other, dataclasses.replace(OURS["lora"], init_from=str(tmp_path / "ours")), seed=0)
+
+
+def test_peft_settings_are_checked_with_the_config(data_dir):
+    from helpers import smoke
+
+    from research.config import ConfigError
+
+    with pytest.raises(ConfigError, match="peft.\\* options are set but peft.method is 'none'"):
+        smoke("peft.rank=4")
+    with pytest.raises(ConfigError, match="optim.freeze and peft.method both choose what trains"):
+        smoke("peft.method=lora", 'optim.freeze=["bert/embeddings/.*"]')
+    with pytest.raises(ConfigError, match="peft.feedforward is IA3's"):
+        smoke("peft.method=lora", 'peft.feedforward=["output.dense"]')
+    with pytest.raises(ConfigError, match="peft.method='prefx' is not allowed"):
+        smoke("peft.method=prefx")

@@ -2,7 +2,8 @@
 `gpt2.FAMILY`), registered in `research/models/families.py`.
 
 Everything outside the model file learns about a family from this record and nothing else: checkpoint import
-and export (`hf.py`) read the key tables, the optimizer (`optim.py`) the layer container, PEFT (`research/peft/`) its default targets, the experiment
+and export (`hf.py`) read the key tables, the optimizer (`optim.py`) the layer container, PEFT
+(`research/peft/`) its default targets, the experiment
 (`experiment.py`) and the attacks the capabilities. Adding a family (say RoBERTa) means one model file that
 ends with its record, and one line in `families.py`.
 """

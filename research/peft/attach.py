@@ -134,7 +134,8 @@ def merged_model(model: nnx.Module) -> nnx.Module:
     """A plain model of the same family and task (every weight an `nnx.Param`, no adapters) with the updates
     folded in: what `research export --merged` writes, and what transformers loads without peft."""
     family, task = task_of(model)
-    values = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, Frozen))) if "adapter" not in p}
+    weights = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, Frozen)))
+    values = {p: v.get_value() for p, v in weights if "adapter" not in p}
     for name, (layer, adapter) in adapters(model).items():
         folded = adapter.folded(layer)
         if folded is None:

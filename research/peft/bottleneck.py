@@ -41,14 +41,18 @@ class Bottleneck(nnx.Module):
 
     def to_peft(self, module_name: str) -> dict[str, np.ndarray]:
         """Our own layout (peft has no such method), torch nn.Linear style: weight (out, in), bias (out,)."""
-        return {f"{module_name}.adapter.{part}.{kind}": np.asarray(
-                    getattr(self, part).kernel[...]).T if kind == "weight" else np.asarray(getattr(self, part).bias[...])
-                for part in ("down", "up") for kind in ("weight", "bias")}
+        out = {}
+        for part in ("down", "up"):
+            linear = getattr(self, part)
+            out[f"{module_name}.adapter.{part}.weight"] = np.asarray(linear.kernel[...]).T  # (in, out) -> (out, in)
+            out[f"{module_name}.adapter.{part}.bias"] = np.asarray(linear.bias[...])
+        return out
 
     def from_peft(self, tensors: dict[str, np.ndarray], module_name: str) -> None:
         for part in ("down", "up"):
-            getattr(self, part).kernel[...] = jnp.asarray(tensors[f"{module_name}.adapter.{part}.weight"].T, jnp.float32)
-            getattr(self, part).bias[...] = jnp.asarray(tensors[f"{module_name}.adapter.{part}.bias"], jnp.float32)
+            linear, key = getattr(self, part), f"{module_name}.adapter.{part}"
+            linear.kernel[...] = jnp.asarray(tensors[f"{key}.weight"].T, jnp.float32)
+            linear.bias[...] = jnp.asarray(tensors[f"{key}.bias"], jnp.float32)
 
     def peft_shapes(self, module_name: str) -> dict[str, tuple[int, ...]]:
         m, f = self.down.out_features, self.down.in_features

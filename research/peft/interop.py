@@ -101,8 +101,8 @@ def load_adapter(model: nnx.Module, directory: str | Path) -> None:
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise PeftError(f"peft.init_from: {path} does not exist; a peft adapter directory holds adapter_config.json "
-                            "and adapter_model.safetensors (PeftModel.save_pretrained writes them)")
+            raise PeftError(f"peft.init_from: {path} does not exist; a peft adapter directory holds "
+                            "adapter_config.json and adapter_model.safetensors (PeftModel.save_pretrained writes them)")
     config = json.loads(config_path.read_text())
     method = method_of(model)
     if config.get("peft_type") != PEFT_TYPES[method]:
@@ -114,8 +114,8 @@ def load_adapter(model: nnx.Module, directory: str | Path) -> None:
         theirs = alpha / (r ** 0.5 if config.get("use_rslora", False) else r)
         if abs(theirs - scaling) > 1e-9 * max(abs(scaling), 1.0):
             raise PeftError(f"peft.init_from: {directory} was trained with r={r}, lora_alpha={alpha}, use_rslora="
-                            f"{config.get('use_rslora', False)} (scaling {theirs:g}), this run scales by {scaling:g}: set "
-                            "peft.rank, peft.alpha and peft.rslora to the adapter's")
+                            f"{config.get('use_rslora', False)} (scaling {theirs:g}), this run scales by {scaling:g}: "
+                            "set peft.rank, peft.alpha and peft.rslora to the adapter's")
     with open(weights_path, "rb") as f:  # the metadata: safetensors' header, read without loading the tensors
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     theirs = header.get("__metadata__", {}).get(FINGERPRINT_KEY)

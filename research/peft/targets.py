@@ -85,7 +85,8 @@ def select(patterns: Iterable[str], names: Iterable[str], what: str) -> list[str
         except re.error as e:
             raise PeftError(f"{what}: {pattern!r} is not a valid regex ({e})") from None
         if not any(matches(pattern, n) for n in names):
-            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            # Layer indices folded ({i}): the list stays short however deep the model is.
+            shown = ", ".join(dict.fromkeys(re.sub(r"\.\d+\.", ".{i}.", n) for n in names))
             raise PeftError(f"{what}: {pattern!r} matches no layer of the model. A plain name matches a module named "
                             f"it or ending in '.' + it; anything else is a regex on the whole name. Names: {shown}")
     return [n for n in names if any(matches(p, n) for p in patterns)]
