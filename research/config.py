@@ -155,7 +155,7 @@ class PeftConfig:
     trained; every other weight is frozen (no gradient computed, no optimizer state, not in the checkpoints,
     which carry a fingerprint of it instead)."""
 
-    method: Literal["none", "lora", "ia3", "bottleneck"] = "none"
+    method: Literal["none", "lora", "ia3", "bottleneck", "prefix", "prompt"] = "none"
     # The layers the method attaches to, as Hugging Face module names: a plain name matches every module whose
     # name is it or ends with "." + it, as in peft ("query" matches bert.encoder.layer.3.attention.self.query);
     # anything else is a regex matched against the whole name. Every pattern must match a linear layer.
@@ -178,6 +178,16 @@ class PeftConfig:
     adapter_placement: Literal["houlsby", "pfeiffer"] = "houlsby"
     adapter_size: int = 64
     adapter_activation: str | None = None
+    # Prefix tuning (Li & Liang 2021) and prompt tuning (Lester et al. 2021): virtual tokens, keys and values
+    # before every layer's own (prefix) or embeddings before the input (prompt).
+    num_virtual_tokens: int = 20
+    # Prefix: train through the reparameterization MLP (width `prefix_hidden_size`, None: the model's width, as
+    # peft), keeping only its output at the end; false: train the keys and values directly.
+    prefix_projection: bool = True
+    prefix_hidden_size: int | None = None
+    # Prompt: "vocab" (embeddings of random vocabulary tokens), "text" (of prompt_init_text's tokens), "random".
+    prompt_init: Literal["vocab", "text", "random"] = "vocab"
+    prompt_init_text: str | None = None
     # Start from an adapter trained elsewhere: a directory that `peft.PeftModel.save_pretrained` wrote (LoRA,
     # IA3), or that `research export` of a bottleneck run wrote. Its method and base must match this run's.
     init_from: str | None = None
@@ -395,6 +405,16 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"peft.dropout={p.dropout} must be in [0, 1)")
         if p.feedforward and p.method != "ia3":
             raise ConfigError("peft.feedforward is IA3's: set peft.method='ia3' or unset it")
+        if p.targets and p.method in ("prefix", "prompt"):
+            raise ConfigError(f"peft.targets: {p.method} tuning attaches to no layer (it adds virtual tokens): "
+                              "unset it")
+        if p.num_virtual_tokens < 1:
+            raise ConfigError(f"peft.num_virtual_tokens={p.num_virtual_tokens} must be at least 1")
+        if (p.prompt_init == "text") != (p.prompt_init_text is not None):
+            raise ConfigError("peft.prompt_init='text' and peft.prompt_init_text go together: set both or neither")
+        if p.method == "prompt" and d.pack_length is not None:
+            raise ConfigError("peft.method='prompt' puts virtual tokens before each row's one example: set "
+                              "data.pack_length=null (prefix tuning packs: its prefix is shared by every example)")
         if o.freeze:
             raise ConfigError("optim.freeze and peft.method both choose what trains: with PEFT, name what trains "
                               "in full in peft.modules_to_save")

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from research.batch import Batch
 from research.data.batches import eval_batches
 from research.data.split import Split
-from research.sharding import put_batch, replicated
+from research.sharding import place_rest, put_batch, replicated
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, token_sums: bool = False) -> Callable:
@@ -42,7 +42,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, token_su
         return {"nll": (nll * w).sum(), "targets": w.sum(), "correct": (correct * w).sum()}
 
     jitted = jax.jit(step, out_shardings=replicated(mesh))
-    rest = jax.device_put(rest, replicated(mesh))  # once: under PEFT it holds the frozen weights
+    rest = place_rest(rest, mesh)
     return lambda params, batch: jitted(params, rest, batch)
 
 

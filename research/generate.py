@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.models.gpt2 import GPT2LMHeadModel, KVCache, positions_from_mask
+from research.models.gpt2 import GPT2LMHeadModel, GPT2Model, KVCache, positions_from_mask
 
 
 def _filter_top_k(logits_bv: jax.Array, k: int) -> jax.Array:
@@ -35,6 +35,26 @@ def _filter_top_p(logits_bv: jax.Array, p: jax.Array) -> jax.Array:
     return jnp.where(remove_bv, -jnp.inf, logits_bv)
 
 
+def start_cache(base: GPT2Model, batch: int, length: int) -> KVCache:
+    """An empty cache for `length` tokens, after the model's virtual tokens when PEFT gave it some: prefix
+    tuning's keys and values fill the first P slots as they are; prompt tuning's virtual tokens run through the
+    model first. Either way the input's positions then start at P, as in training."""
+    V = base.virtual_tokens
+    cache = KVCache.create(base.config, batch, V + length)
+    if base.prefix is not None:
+        kv = base.prefix.keys_values(batch, cache.keys[0].dtype)  # per layer (B, nh, V, hs)
+        keys = tuple(jax.lax.dynamic_update_slice(c, k, (0, 0, 0, 0)) for c, (k, _) in zip(cache.keys, kv, strict=True))
+        values = tuple(jax.lax.dynamic_update_slice(c, v, (0, 0, 0, 0)) for c, (_, v) in zip(cache.values, kv,
+                                                                                                 strict=True))
+        return KVCache(keys, values, cache.valid.at[:, :V].set(True), jnp.asarray(V, jnp.int32))
+    if base.prompt is not None:
+        prompt_bvd = jnp.broadcast_to(base.prompt.embedding[...], (batch, V, base.config.n_embd))
+        positions_bv = jnp.broadcast_to(jnp.arange(V), (batch, V))
+        _, cache = base(inputs_embeds=prompt_bvd, attention_mask=jnp.ones((batch, V), jnp.int32),
+                        position_ids=positions_bv, cache=cache)
+    return cache
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "do_sample", "top_k", "eos_token_id", "pad_token_id"),
@@ -43,9 +63,10 @@ def _generate(graphdef, state, input_ids_bp, attention_mask_bp, rng, temperature
               max_new_tokens, do_sample, top_k, eos_token_id, pad_token_id):
     model = nnx.merge(graphdef, state)
     B, P = input_ids_bp.shape
-    cache = KVCache.create(model.config, B, P + max_new_tokens)
-    logits_bpv, cache = model(input_ids_bp, attention_mask_bp, position_ids=positions_from_mask(attention_mask_bp),
-                              cache=cache)
+    V = model.transformer.virtual_tokens  # PEFT's prefix or prompt: positions start after it
+    cache = start_cache(model.transformer, B, P + max_new_tokens)
+    logits_bpv, cache = model(input_ids_bp, attention_mask_bp,
+                              position_ids=positions_from_mask(attention_mask_bp) + V, cache=cache)
     n_real_b = attention_mask_bp.astype(jnp.int32).sum(-1)  # next position of each row
     tokens_bs = jnp.concatenate([input_ids_bp, jnp.full((B, max_new_tokens), pad_token_id, input_ids_bp.dtype)], 1)
 
@@ -70,7 +91,7 @@ def _generate(graphdef, state, input_ids_bp, attention_mask_bp, rng, temperature
             done_b = done_b | (next_b == eos_token_id)
         # Feed the chosen token; on the last step this forward is wasted, which keeps the loop branch-free.
         logits_b1v, cache = model(next_b[:, None], jnp.ones((B, 1), jnp.int32),
-                                  position_ids=(n_real_b + t)[:, None], cache=cache)
+                                  position_ids=(n_real_b + t + V)[:, None], cache=cache)
         return t + 1, tokens_bs, cache, logits_b1v[:, -1], done_b
 
     carry = (jnp.int32(0), tokens_bs, cache, logits_bpv[:, -1], jnp.zeros((B,), bool))
@@ -106,9 +127,10 @@ def generate(
         raise ValueError("prompts must be left-padded: some attention_mask row has a 0 after a 1")
     if not mask[:, -1].all():
         raise ValueError("every prompt needs at least one real token at the end (left padding only)")
-    if input_ids.shape[1] + max_new_tokens > cfg.n_positions:
-        raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-                         f"n_positions={cfg.n_positions}")
+    V = model.transformer.virtual_tokens
+    if V + input_ids.shape[1] + max_new_tokens > cfg.n_positions:
+        raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens}"
+                         + (f" + {V} virtual tokens (PEFT)" if V else "") + f" exceeds n_positions={cfg.n_positions}")
     if do_sample and temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
     if not 0 <= top_k <= cfg.vocab_size:

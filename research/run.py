@@ -165,9 +165,11 @@ def record_run(workdir: Path, cfg: ExperimentConfig, pieces: Pieces, resuming: b
         described = peft.describe(pieces.model)
         if resuming and (workdir / "peft.json").exists():
             check_base(workdir, pieces.model, "--resume")
-        print(f"peft: {described['method']} on {len(described['layers'])} layers ({', '.join(described['layers'])}); "
-              f"trained in full: {described['modules_to_save']}; {described['trained_parameters']:,} trained "
-              f"parameters ({described['trained_percent']:.3g}% of the model)")
+        where = (f"{described['virtual_tokens']} virtual tokens" if described["virtual_tokens"] else
+                 f"{len(described['layers'])} layers ({', '.join(described['layers'])})")
+        print(f"peft: {described['method']} on {where}; trained in full: {described['modules_to_save']}; "
+              f"{described['trained_parameters']:,} trained parameters ({described['trained_percent']:.3g}% of the "
+              "model)")
     if jax.process_index() != 0:
         return
     if not resuming:

@@ -65,6 +65,13 @@ def state_shardings(state, mesh: Mesh, fsdp: bool):
     return jax.tree.map(choose, state)
 
 
+def place_rest(rest, mesh: Mesh):
+    """A model's non-parameter state (dropout streams; under PEFT the frozen weights) replicated over the mesh
+    once, rather than copied to every device at every step. With several processes jit places it as before:
+    `device_put` cannot reach other hosts' devices from a process-local array."""
+    return jax.device_put(rest, replicated(mesh)) if jax.process_count() == 1 else rest
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches are laid out (micro-batches, rows, ...): the rows axis is split over the data axis, so every
     micro-batch of gradient accumulation is spread over all devices."""

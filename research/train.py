@@ -52,6 +52,7 @@ from research.sharding import (
     check_divisible,
     init_distributed,
     make_mesh,
+    place_rest,
     put_batch,
     replicated,
     state_shardings,
@@ -142,7 +143,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
         return new, metrics
 
     state_sharding = replicated(mesh) if state_sharding is None else state_sharding
-    rest = jax.device_put(rest, replicated(mesh))  # once: under PEFT it holds the frozen weights
+    rest = place_rest(rest, mesh)
     jitted = jax.jit(step, in_shardings=(state_sharding, replicated(mesh), batch_sharding(mesh)),
                      out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
     wrapper = TrainStep(jitted, rest)

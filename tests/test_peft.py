@@ -23,6 +23,7 @@ from helpers import GRAD_RTOL, randomize_, to_numpy
 from research import peft
 from research.config import PeftConfig
 from research.models import from_pretrained, save_pretrained
+from research.peft.attach import virtual
 
 LOGIT_RTOL = 1e-5
 
@@ -307,3 +308,141 @@ def test_peft_settings_are_checked_with_the_config(data_dir):
         smoke("peft.method=lora", 'peft.feedforward=["output.dense"]')
     with pytest.raises(ConfigError, match="peft.method='prefx' is not allowed"):
         smoke("peft.method=prefx")
+
+
+# ------------------------------------------------------------------------------------- prefix and prompt tuning
+
+VIRTUAL = 4
+
+
+def torch_prompt_learning(name, method, base_dirs, projection=False):
+    task_type = MODELS[name][3]
+    config = (torch_peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=VIRTUAL,
+                                            prefix_projection=projection, encoder_hidden_size=16)
+              if method == "prefix" else torch_peft.PromptTuningConfig(task_type=task_type,
+                                                                        num_virtual_tokens=VIRTUAL))
+    model = torch_peft.get_peft_model(torch_base(name, base_dirs), config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def torch_prefix_logits(model, ids, mask):
+    """peft's prefix-tuning forward, spelled out with its own pieces (`get_prompt`, the mask extended by P ones)
+    for the classification models: transformers 5 renamed their `past_key_values` argument to `cache`, and peft
+    0.21's forward, looking for the old name in their signatures, raises. Its causal-LM path works as is."""
+    if isinstance(model.base_model, transformers.GPT2LMHeadModel):
+        return torch_logits(model, ids, mask)
+    cache = model.get_prompt(batch_size=ids.shape[0])
+    extended = torch.cat([torch.ones(ids.shape[0], VIRTUAL, dtype=torch.long), torch.tensor(mask)], dim=1)
+    return model.base_model(input_ids=torch.tensor(ids), attention_mask=extended, cache=cache).logits
+
+
+def virtual_outputs(name, method, logits):
+    """peft's outputs for the input's own positions: prompt tuning's token-level logits include the virtual ones."""
+    if method == "prompt" and logits.ndim == 3:
+        return logits[:, VIRTUAL:]
+    return logits
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prefix_and_prompt_tuning_equal_peft(name, method, base_dirs, tmp_path):
+    theirs = torch_prompt_learning(name, method, base_dirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = from_pretrained(base_dirs[name], MODELS[name][2])
+    peft.prepare(ours, PeftConfig(method=method, num_virtual_tokens=VIRTUAL, prefix_projection=False,
+                                  init_from=str(tmp_path / "theirs")), seed=0)
+    ids, mask, weights = batch(name)
+    if name == "gpt2-seq" and method == "prompt":
+        # Given embeddings, transformers' GPT-2 classifier reads the last position, padding or not (ours reads the
+        # last real token): compare on rows without padding.
+        mask[:] = 1
+    keep = weights != 0
+    forward = torch_prefix_logits if method == "prefix" else torch_logits
+    expected = virtual_outputs(name, method, to_numpy(forward(theirs, ids, mask))) * keep
+    assert_close(np.asarray(our_logits(ours, ids, mask)) * keep, expected, LOGIT_RTOL, "logits")
+    loss, grads = our_loss_and_grads(ours, ids, mask, weights)
+    logits = virtual_outputs(name, method, forward(theirs, ids, mask))
+    their_loss = (logits * torch.tensor(weights)).sum()
+    their_loss.backward()
+    their_grads = {n.replace(".modules_to_save", "").replace(".default", "").replace(
+        "prompt_encoder.embedding.weight", "prompt_embeddings"): to_numpy(p.grad)
+        for n, p in theirs.named_parameters() if p.requires_grad}
+    np.testing.assert_allclose(loss, float(their_loss), rtol=1e-5)
+    assert_grads_equal(grads, their_grads)
+
+    # And back: our export loads in peft with the same logits.
+    peft.save_adapter(ours, PeftConfig(method=method), tmp_path / "ours", base_name_or_path=str(base_dirs[name]))
+    loaded = torch_peft.PeftModel.from_pretrained(torch_base(name, base_dirs), tmp_path / "ours").eval()
+    assert_close(virtual_outputs(name, method, to_numpy(forward(loaded, ids, mask))) * keep, expected,
+                 LOGIT_RTOL, "our export in PeftModel")
+
+
+@pytest.mark.parametrize("name", ["bert-seq", "gpt2-lm"])
+def test_prefix_reparameterization_equals_peft_and_exports_its_output(name, base_dirs, tmp_path):
+    theirs = torch_prompt_learning(name, "prefix", base_dirs, projection=True)
+    ours = from_pretrained(base_dirs[name], MODELS[name][2])
+    peft.prepare(ours, PeftConfig(method="prefix", num_virtual_tokens=VIRTUAL, prefix_hidden_size=16), seed=0)
+    prefix = virtual(ours)
+    encoder = dict(theirs.named_parameters())
+    key = "prompt_encoder.default."
+    prefix.embedding.set_value(jnp.asarray(to_numpy(encoder[key + "embedding.weight"])))
+    for ours_name, torch_name in (("mlp_in", "transform.0"), ("mlp_out", "transform.2")):
+        getattr(prefix, ours_name).kernel.set_value(jnp.asarray(to_numpy(encoder[f"{key}{torch_name}.weight"]).T))
+        getattr(prefix, ours_name).bias.set_value(jnp.asarray(to_numpy(encoder[f"{key}{torch_name}.bias"])))
+    head = "classifier" if name == "bert-seq" else None
+    if head:  # the head is trained too: give ours peft's
+        ours.classifier.kernel.set_value(jnp.asarray(to_numpy(encoder[f"base_model.{head}.modules_to_save.default"
+                                                                       ".weight"]).T))
+        ours.classifier.bias.set_value(jnp.asarray(to_numpy(encoder[f"base_model.{head}.modules_to_save.default"
+                                                                     ".bias"])))
+    ids, mask, weights = batch(name)
+    keep = weights != 0
+    expected = to_numpy(torch_prefix_logits(theirs, ids, mask)) * keep
+    assert_close(np.asarray(our_logits(ours, ids, mask)) * keep, expected, LOGIT_RTOL, "logits")
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(our_logits(nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest)), ids, mask)
+                                       * weights))(params)
+    (torch_prefix_logits(theirs, ids, mask) * torch.tensor(weights)).sum().backward()
+    pairs = {("embedding",): "embedding.weight", ("mlp_in", "kernel"): "transform.0.weight",
+             ("mlp_in", "bias"): "transform.0.bias", ("mlp_out", "kernel"): "transform.2.weight",
+             ("mlp_out", "bias"): "transform.2.bias"}
+    base = grads["bert"] if name == "bert-seq" else grads["transformer"]
+    for path, torch_name in pairs.items():
+        g = base["prefix"]
+        for part in path:
+            g = g[part]
+        theirs_g = to_numpy(encoder[key + torch_name].grad)
+        assert_close(np.asarray(g.get_value()), theirs_g.T if path[-1] == "kernel" else theirs_g, GRAD_RTOL, torch_name)
+
+    # Only the MLP's output is kept: the export loads in peft (a plain table there) with the same logits.
+    peft.save_adapter(ours, PeftConfig(method="prefix"), tmp_path / "ours", base_name_or_path=str(base_dirs[name]))
+    loaded = torch_peft.PeftModel.from_pretrained(torch_base(name, base_dirs), tmp_path / "ours").eval()
+    assert_close(to_numpy(torch_prefix_logits(loaded, ids, mask)) * keep, expected, LOGIT_RTOL,
+                 "our export in PeftModel")
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_generation_with_the_kv_cache_equals_the_full_forward(method, base_dirs):
+    from research.generate import generate
+
+    model = from_pretrained(base_dirs["gpt2-lm"], "causal_lm")
+    peft.prepare(model, PeftConfig(method=method, num_virtual_tokens=VIRTUAL), seed=0)
+    _randomize_trained(model, seed=4)
+    prompts = np.array([[0, 0, 5, 9, 13], [7, 3, 8, 2, 11]])  # left-padded, as generate takes them
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = np.asarray(generate(model, prompts, mask, max_new_tokens=6, eos_token_id=None))
+    # The same greedy tokens from full forwards without a cache (the path the parity tests check against peft).
+    ids, m = prompts, mask
+    for _ in range(6):
+        logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(m)))
+        ids = np.concatenate([ids, logits[:, -1].argmax(-1)[:, None]], axis=1)
+        m = np.concatenate([m, np.ones((2, 1), m.dtype)], axis=1)
+    np.testing.assert_array_equal(out, ids)
+    with pytest.raises(ValueError, match=r"\+ 4 virtual tokens \(PEFT\) exceeds n_positions=32"):
+        generate(model, prompts, mask, max_new_tokens=24)

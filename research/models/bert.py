@@ -170,7 +170,9 @@ class BertAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
         self.output_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b1ts):
+    def __call__(self, x_btd, mask_b1ts, prefix_kv=None):
+        """`prefix_kv`: prefix tuning's (keys, values) for this layer, each (B, nh, P, hs), placed before the
+        tokens' own; `mask_b1ts` then covers the P + T keys."""
         B, T, D = x_btd.shape
 
         def split_heads(y_btd):  # (B, T, D) -> (B, T, nh, hs) -> (B, nh, T, hs)
@@ -180,6 +182,9 @@ class BertAttention(nnx.Module):
         q_bnth = split_heads(self.query(x_btd))
         k_bnsh = split_heads(self.key(x_btd))
         v_bnsh = split_heads(self.value(x_btd))
+        if prefix_kv is not None:  # (B, nh, P, hs) ++ (B, nh, T, hs) -> (B, nh, P + T, hs)
+            k_bnsh = jnp.concatenate([prefix_kv[0], k_bnsh], axis=2)
+            v_bnsh = jnp.concatenate([prefix_kv[1], v_bnsh], axis=2)
         scores_bnts = jnp.einsum("bnth,bnsh->bnts", q_bnth, k_bnsh) / math.sqrt(self.head_dim)
         # Masked keys get the dtype's minimum, as transformers does: a fully padded row then becomes a
         # uniform distribution over its keys instead of NaN.
@@ -212,8 +217,8 @@ class BertLayer(nnx.Module):
         self.attention = BertAttention(cfg, rngs=rngs)
         self.mlp = BertMLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b1ts):
-        return self.mlp(self.attention(x_btd, mask_b1ts))
+    def __call__(self, x_btd, mask_b1ts, prefix_kv=None):
+        return self.mlp(self.attention(x_btd, mask_b1ts, prefix_kv))
 
 
 # --------------------------------------------------------------------------------------------- encoder
@@ -228,6 +233,15 @@ class BertModel(nnx.Module):
         self.embeddings = BertEmbeddings(cfg, rngs=rngs)
         self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs) if add_pooling_layer else None
+        # Slots research/peft/ fills: prompt tuning's virtual tokens, prefix tuning's keys and values.
+        self.prompt = nnx.data(None)
+        self.prefix = nnx.data(None)
+
+    @property
+    def prompt_length(self) -> int:
+        """Virtual tokens prompt tuning puts before the input (0 without): heads that read every position drop
+        them, so their output lines up with the input."""
+        return 0 if self.prompt is None else self.prompt.tokens
 
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
         """Word embeddings only (B, T, D): what `inputs_embeds` replaces, and what objectives perturb."""
@@ -253,11 +267,6 @@ class BertModel(nnx.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
         B, T = x_btd.shape[:2]
-        if T > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
-                "truncate or window the input"
-            )
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         if token_type_ids is None:
@@ -266,6 +275,18 @@ class BertModel(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(T), (B, T))
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must have shape (batch, length)={(B, T)}, got {attention_mask.shape}")
+        if self.prompt is not None:  # prompt tuning (research/peft/prompt.py): virtual tokens before the input
+            if segment_ids is not None:
+                raise ValueError("prompt tuning puts its virtual tokens before a row's one example: no packed rows")
+            x_btd, attention_mask, token_type_ids, position_ids = self.prompt.prepend(
+                x_btd, attention_mask, token_type_ids, position_ids)
+            B, T = x_btd.shape[:2]
+        prefix = 0 if self.prefix is None else self.prefix.tokens
+        if prefix + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {T} (virtual tokens included) + prefix {prefix} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; truncate or window the input"
+            )
         if segment_ids is None:
             mask_b1ts = attention_mask.astype(bool)[:, None, None, :]  # (B, S) -> (B, 1, 1, S): padding keys
         else:
@@ -275,10 +296,17 @@ class BertModel(nnx.Module):
             # (B, T, 1) == (B, 1, S) -> (B, 1, T, S): same example, and the key is not padding
             mask_b1ts = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0))[:, None]
 
+        prefix_kv = [None] * len(self.layers)
+        if self.prefix is not None:  # prefix tuning (research/peft/prefix.py): P more keys at every layer
+            prefix_kv = self.prefix.keys_values(B, x_btd.dtype)
+            # Every query sees the prefix: (B, 1, T or 1, P) ++ (B, 1, T or 1, S) -> (B, 1, T or 1, P + S)
+            mask_b1ts = jnp.concatenate([jnp.ones((*mask_b1ts.shape[:3], prefix), bool), mask_b1ts], axis=-1)
+            position_ids = position_ids + prefix  # transformers numbers the tokens after a cache of P entries
+
         x_btd = self.embeddings(x_btd, token_type_ids, position_ids)
         hidden = [x_btd]
-        for layer in self.layers:
-            x_btd = layer(x_btd, mask_b1ts)
+        for layer, kv in zip(self.layers, prefix_kv, strict=True):
+            x_btd = layer(x_btd, mask_b1ts, kv)
             hidden.append(x_btd)
         return (x_btd, hidden) if output_hidden_states else x_btd
 
@@ -348,7 +376,7 @@ class BertForTokenClassification(nnx.Module):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, *, segment_ids=None):
         h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                          segment_ids=segment_ids)
+                          segment_ids=segment_ids)[:, self.bert.prompt_length:]  # the input's own positions
         return self.classifier(self.dropout(h_btd)).astype(jnp.float32)
 
 
@@ -369,7 +397,7 @@ class BertForMaskedLM(nnx.Module):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, *, segment_ids=None):
         h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                          segment_ids=segment_ids)
+                          segment_ids=segment_ids)[:, self.bert.prompt_length:]  # the input's own positions
         h_btd = self.transform_layer_norm(self.act(self.transform(h_btd)))
         # Tied decoder: (B, T, D) @ (V, D)^T -> (B, T, V).
         logits_btv = self.bert.embeddings.word_embeddings.attend(h_btd) + self.decoder_bias[...]
@@ -469,6 +497,8 @@ FAMILY = Family(
     tasks=TASKS,
     hf_architectures=HF_ARCHITECTURES,
     num_layers=lambda cfg: cfg.num_hidden_layers,
+    num_heads=lambda cfg: cfg.num_attention_heads,
+    width=lambda cfg: cfg.hidden_size,
     base_attr="bert",  # attribute holding the base model in the task classes; HF's key prefix is "bert."
     base_keys=BASE_KEYS,
     head_keys=HEAD_KEYS,

@@ -30,6 +30,8 @@ class Family:
     tasks: dict[str, type[nnx.Module]]
     hf_architectures: dict[str, str]  # task -> transformers class name, written to an exported config.json
     num_layers: Callable[[Any], int]  # config -> number of transformer layers
+    num_heads: Callable[[Any], int]  # config -> attention heads per layer
+    width: Callable[[Any], int]  # config -> hidden size (the residual stream's width)
 
     # ---- the HF key tables (research/models/hf.py)
     base_attr: str  # attribute of the task classes that holds the base model; also HF's key prefix

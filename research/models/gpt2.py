@@ -173,10 +173,11 @@ class GPT2Attention(nnx.Module):
             scale /= layer_idx + 1
         self.scale = scale
 
-    def __call__(self, x_btd, mask_b1ts, kv=None, index=None):
+    def __call__(self, x_btd, mask_b1ts, kv=None, index=None, prefix_kv=None):
         """`mask_b1ts[b, 0, t, s]` says whether query t may attend to key s. With `kv=(k, v)` of shape
         (B, nh, S, hs), the new keys and values are written at slot `index` and attention runs over all S
-        slots; the updated (k, v) is returned alongside the output."""
+        slots; the updated (k, v) is returned alongside the output. `prefix_kv`: prefix tuning's (keys, values)
+        for this layer, each (B, nh, P, hs), placed before the tokens' own (without a cache)."""
         B, T, D = x_btd.shape
 
         def split_heads(y_btd):  # (B, T, D) -> (B, T, nh, hs) -> (B, nh, T, hs)
@@ -185,6 +186,9 @@ class GPT2Attention(nnx.Module):
 
         q_btd, k_btd, v_btd = jnp.split(self.c_attn(x_btd), 3, axis=-1)  # (B, T, 3D) -> 3 x (B, T, D)
         q_bnth, k_bnsh, v_bnsh = split_heads(q_btd), split_heads(k_btd), split_heads(v_btd)
+        if prefix_kv is not None:  # (B, nh, P, hs) ++ (B, nh, T, hs) -> (B, nh, P + T, hs)
+            k_bnsh = jnp.concatenate([prefix_kv[0], k_bnsh], axis=2)
+            v_bnsh = jnp.concatenate([prefix_kv[1], v_bnsh], axis=2)
         if kv is not None:
             k_bnsh = jax.lax.dynamic_update_slice(kv[0], k_bnsh.astype(kv[0].dtype), (0, 0, index, 0))
             v_bnsh = jax.lax.dynamic_update_slice(kv[1], v_bnsh.astype(kv[1].dtype), (0, 0, index, 0))
@@ -222,8 +226,8 @@ class GPT2Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = GPT2MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b1ts, kv=None, index=None):
-        a_btd, kv = self.attn(self.ln_1(x_btd), mask_b1ts, kv, index)
+    def __call__(self, x_btd, mask_b1ts, kv=None, index=None, prefix_kv=None):
+        a_btd, kv = self.attn(self.ln_1(x_btd), mask_b1ts, kv, index, prefix_kv)
         x_btd = x_btd + a_btd
         return x_btd + self.mlp(self.ln_2(x_btd)), kv
 
@@ -255,6 +259,20 @@ class GPT2Model(nnx.Module):
         self.drop = nnx.Dropout(cfg.embd_pdrop, rngs=rngs)
         self.h = nnx.List([GPT2Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
+        # Slots research/peft/ fills: prompt tuning's virtual tokens, prefix tuning's keys and values. Without a
+        # cache the model puts them in; with one, the caller does (research/generate.py: `virtual_tokens`).
+        self.prompt = nnx.data(None)
+        self.prefix = nnx.data(None)
+
+    @property
+    def prompt_length(self) -> int:
+        """Virtual tokens prompt tuning puts before the input (0 without): heads drop them again."""
+        return 0 if self.prompt is None else self.prompt.tokens
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions before the input's first token: prompt tuning's virtual tokens or prefix tuning's slots."""
+        return self.prompt_length + (0 if self.prefix is None else self.prefix.tokens)
 
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
         """Token embeddings only (B, T, D): what `inputs_embeds` replaces, and what objectives perturb."""
@@ -279,12 +297,19 @@ class GPT2Model(nnx.Module):
             attention_mask = jnp.ones((B, T), jnp.int32)
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must have shape (batch, length)={(B, T)}, got {attention_mask.shape}")
+        if cache is None and self.prompt is not None:  # prompt tuning (research/peft/prompt.py)
+            x_btd, attention_mask, token_type_ids, position_ids = self.prompt.prepend(
+                x_btd, attention_mask, token_type_ids, position_ids)
+            B, T = x_btd.shape[:2]
         if position_ids is None:
             if cache is not None:
                 raise ValueError("pass position_ids when decoding with a cache (see research.generate)")
             position_ids = positions_from_mask(attention_mask)
-        if cache is None and T > self.config.n_positions:
-            raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
+        prefix = 0 if cache is not None or self.prefix is None else self.prefix.tokens
+        position_ids = position_ids + prefix  # transformers numbers the tokens after a cache of P entries
+        if cache is None and prefix + T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} (virtual tokens included) + prefix {prefix} exceeds n_positions="
+                             f"{self.config.n_positions}")
 
         x_btd = x_btd + self.wpe(position_ids)
         if token_type_ids is not None:  # transformers embeds token types with wte too
@@ -301,11 +326,15 @@ class GPT2Model(nnx.Module):
             S = valid_bs.shape[1]
             causal_ts = jnp.arange(S)[None, :] <= (index + jnp.arange(T))[:, None]  # (T, S)
         mask_b1ts = causal_ts[None, None] & valid_bs[:, None, None, :]  # (B, 1, T, S)
+        prefix_kv = [None] * len(self.h)
+        if prefix:  # prefix tuning (research/peft/prefix.py): P more keys at every layer, seen by every query
+            prefix_kv = self.prefix.keys_values(B, x_btd.dtype)
+            mask_b1ts = jnp.concatenate([jnp.ones((B, 1, T, prefix), bool), mask_b1ts], axis=-1)  # (B, 1, T, P + S)
 
         hidden, new_keys, new_values = [x_btd], [], []
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x_btd, kv = block(x_btd, mask_b1ts, kv, None if cache is None else cache.index)
+            x_btd, kv = block(x_btd, mask_b1ts, kv, None if cache is None else cache.index, prefix_kv[i])
             hidden.append(x_btd)
             if kv is not None:
                 new_keys.append(kv[0])
@@ -337,6 +366,8 @@ class GPT2LMHeadModel(nnx.Module):
         out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                cache=cache)
         h_btd, cache = out if cache is not None else (out, None)
+        if cache is None:
+            h_btd = h_btd[:, self.transformer.prompt_length:]  # the input's own positions
         logits_btv = self.transformer.wte.attend(h_btd).astype(jnp.float32)  # (B, T, D) @ (V, D)^T
         return logits_btv if cache is None else (logits_btv, cache)
 
@@ -365,6 +396,7 @@ class GPT2ForSequenceClassification(nnx.Module):
                  inputs_embeds=None) -> jax.Array:
         """What the head reads: the final hidden state at each row's last real token (B, D)."""
         h_btd = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        h_btd = h_btd[:, self.transformer.prompt_length:]  # the input's own positions
         B, T = h_btd.shape[:2]
         if attention_mask is not None:
             real_bt = attention_mask.astype(bool)
@@ -443,6 +475,8 @@ FAMILY = Family(
     tasks=TASKS,
     hf_architectures=HF_ARCHITECTURES,
     num_layers=lambda cfg: cfg.n_layer,
+    num_heads=lambda cfg: cfg.n_head,
+    width=lambda cfg: cfg.n_embd,
     base_attr="transformer",
     base_keys=BASE_KEYS,
     head_keys=HEAD_KEYS,

@@ -13,15 +13,18 @@ from __future__ import annotations
 import hashlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from research.config import PeftConfig
-from research.models.hf import from_config
+from research.models.hf import from_config, load_tokenizer
 from research.models.hf_config import ACTIVATIONS
 from research.peft.bottleneck import Bottleneck
 from research.peft.ia3 import IA3
 from research.peft.lora import LoRA
+from research.peft.prefix import Prefix
+from research.peft.prompt import Prompt
 from research.peft.targets import PeftError, linear_layers, module_at, parameter_names, select, task_of
 
 
@@ -29,12 +32,65 @@ class Frozen(nnx.Variable):
     """A pretrained weight that PEFT does not train (see the module docstring)."""
 
 
-METHODS = {"lora": LoRA, "ia3": IA3, "bottleneck": Bottleneck}
+METHODS = {"lora": LoRA, "ia3": IA3, "bottleneck": Bottleneck, "prefix": Prefix, "prompt": Prompt}
+SLOTS = ("adapter", "prompt", "prefix")  # where the methods' modules hang: a parameter under one is the method's
+
+
+def base_of(model: nnx.Module) -> nnx.Module:
+    """The base model (BertModel, GPT2Model) inside a task model: where prompts and prefixes go."""
+    family, task = task_of(model)
+    return model if task == "base" else getattr(model, family.base_attr)
+
+
+def virtual(model: nnx.Module) -> Prompt | Prefix | None:
+    """The model's prompt (prompt tuning) or prefix (prefix tuning), if it has one."""
+    base = base_of(model)
+    return base.prompt if base.prompt is not None else base.prefix
+
+
+def is_method_parameter(path: tuple) -> bool:
+    return any(slot in path for slot in SLOTS)
 
 
 def attach(model: nnx.Module, cfg: PeftConfig, seed: int) -> None:
     """Attach `cfg.method` to `model` (in place) and freeze everything else but `cfg.modules_to_save`."""
     family, task = task_of(model)
+    rngs = nnx.Rngs(seed)  # one stream, as the models' own: `nnx.reseed(default=...)` reseeds the dropout
+    if cfg.method in ("prefix", "prompt"):
+        _attach_virtual(model, cfg, rngs)
+    else:
+        _attach_to_layers(model, cfg, rngs)
+    _freeze(model, cfg)
+    model.eval()  # the new dropout layers too (the runner switches to train mode itself)
+
+
+def _attach_virtual(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
+    family, _ = task_of(model)
+    base, c = base_of(model), model.config
+    heads, width = family.num_heads(c), family.width(c)
+    if cfg.method == "prefix":
+        base.prefix = Prefix(cfg.num_virtual_tokens, family.num_layers(c), heads, width // heads, cfg.prefix_projection,
+                             cfg.prefix_hidden_size or width, rngs=rngs)
+        return
+    P = cfg.num_virtual_tokens
+    if cfg.prompt_init == "random":  # Lester et al.'s random init
+        init_pd = jax.random.uniform(rngs.params(), (P, width), minval=-0.5, maxval=0.5)
+    else:
+        if cfg.prompt_init == "vocab":  # the embeddings of P random vocabulary entries
+            ids = jax.random.randint(rngs.params(), (P,), 0, c.vocab_size)
+        else:  # the init text's tokens, repeated or cut to P (peft's TEXT init, without special tokens)
+            if not getattr(model, "hf_source", None):
+                raise PeftError("peft.prompt_init='text' needs the model's tokenizer: load the model from a directory")
+            tokens = load_tokenizer(model.hf_source).encode(cfg.prompt_init_text, add_special_tokens=False).ids
+            if not tokens:
+                raise PeftError(f"peft.prompt_init_text={cfg.prompt_init_text!r} has no tokens")
+            ids = jnp.asarray((tokens * (P // len(tokens) + 1))[:P])
+        init_pd = base.embed(ids[None])[0].astype(jnp.float32)  # (1, P) -> (1, P, D) -> (P, D)
+    base.prompt = Prompt(init_pd)
+
+
+def _attach_to_layers(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
+    family, _ = task_of(model)
     layers = linear_layers(model)
     key = cfg.adapter_placement if cfg.method == "bottleneck" else cfg.method
     chosen = select(cfg.targets or family.peft_targets[key], layers, "peft.targets")
@@ -45,7 +101,6 @@ def attach(model: nnx.Module, cfg: PeftConfig, seed: int) -> None:
     activation = cfg.adapter_activation or {"houlsby": "swish", "pfeiffer": "relu"}[cfg.adapter_placement]
     if activation not in ACTIVATIONS:
         raise PeftError(f"peft.adapter_activation={activation!r} is not supported; choose from {sorted(ACTIVATIONS)}")
-    rngs = nnx.Rngs(seed)  # one stream, as the models' own: `nnx.reseed(default=...)` reseeds the dropout
     for name in chosen:
         layer = module_at(model, layers[name])
         if cfg.method == "lora":
@@ -58,18 +113,21 @@ def attach(model: nnx.Module, cfg: PeftConfig, seed: int) -> None:
         else:
             layer.adapter = Bottleneck(layer, cfg.adapter_size, activation, rngs=rngs)
 
+
+def _freeze(model: nnx.Module, cfg: PeftConfig) -> None:
+    """Every weight but the method's and `modules_to_save`'s becomes `Frozen`."""
+    family, task = task_of(model)
     names = parameter_names(model)
     modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names.values()))
     head = list(dict.fromkeys(k.rsplit(".", 1)[0] for k, _, _ in family.head_keys[task]))
     save = select(cfg.modules_to_save if cfg.modules_to_save is not None else head, modules, "peft.modules_to_save")
     trained = {path for path, n in names.items() if n.rsplit(".", 1)[0] in save}
     for path, node in list(nnx.iter_graph(model)):
-        if not isinstance(node, nnx.Module) or "adapter" in path:
+        if not isinstance(node, nnx.Module) or is_method_parameter(path):
             continue
         for attr, value in list(vars(node).items()):
             if type(value) is nnx.Param and (*path, attr) not in trained:
                 setattr(node, attr, Frozen(value.get_value()))
-    model.eval()  # the new dropout layers too (the runner switches to train mode itself)
 
 
 def adapters(model: nnx.Module) -> dict[str, tuple[nnx.Module, nnx.Module]]:
@@ -83,7 +141,7 @@ def adapters(model: nnx.Module) -> dict[str, tuple[nnx.Module, nnx.Module]]:
 
 
 def method_of(model: nnx.Module) -> str:
-    kinds = {type(a) for _, a in adapters(model).values()}
+    kinds = {type(a) for _, a in adapters(model).values()} or ({type(virtual(model))} if virtual(model) else set())
     return next((m for m, cls in METHODS.items() if kinds == {cls}), "none")
 
 
@@ -91,7 +149,7 @@ def trained_modules(model: nnx.Module) -> list[str]:
     """HF module names of the parameters trained in full (outside the adapters)."""
     names = parameter_names(model)
     params = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return list(dict.fromkeys(names[p].rsplit(".", 1)[0] for p, _ in params if "adapter" not in p and p in names))
+    return list(dict.fromkeys(names[p].rsplit(".", 1)[0] for p, _ in params if not is_method_parameter(p)))
 
 
 def fingerprint(model: nnx.Module) -> str:
@@ -110,7 +168,9 @@ def describe(model: nnx.Module) -> dict:
     and the base's fingerprint (written to the run directory as peft.json)."""
     count = lambda f: sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, f)))  # noqa: E731
     trained, frozen = count(nnx.Param), count(Frozen)
-    return {"method": method_of(model), "layers": list(adapters(model)), "modules_to_save": trained_modules(model),
+    v = virtual(model)
+    return {"method": method_of(model), "layers": list(adapters(model)), "virtual_tokens": v.tokens if v else 0,
+            "modules_to_save": trained_modules(model),
             "trained_parameters": trained, "frozen_parameters": frozen,
             "trained_percent": round(100.0 * trained / max(trained + frozen, 1), 4),
             "base_fingerprint": fingerprint(model)}
@@ -118,11 +178,18 @@ def describe(model: nnx.Module) -> dict:
 
 def merge(model: nnx.Module) -> None:
     """Fold every adapter into its layer's weights (in place; the model computes the same function)."""
+    _check_foldable(model)
     for layer, adapter in adapters(model).values():
-        if isinstance(adapter, Bottleneck):
-            raise PeftError("bottleneck adapters put a non-linearity between their projections and cannot be folded "
-                            "into the weights; use the model as it is, or export without --merged")
         adapter.merge(layer)
+
+
+def _check_foldable(model: nnx.Module) -> None:
+    method = method_of(model)
+    if method in ("bottleneck", "prefix", "prompt"):
+        why = ("puts a non-linearity between its projections" if method == "bottleneck" else
+               "adds virtual tokens, which no weight of the model can hold")
+        raise PeftError(f"{method}: the method {why} and cannot be folded into the weights; use the model as it is, "
+                        "or export without --merged")
 
 
 def unmerge(model: nnx.Module) -> None:
@@ -134,15 +201,12 @@ def merged_model(model: nnx.Module) -> nnx.Module:
     """A plain model of the same family and task (every weight an `nnx.Param`, no adapters) with the updates
     folded in: what `research export --merged` writes, and what transformers loads without peft."""
     family, task = task_of(model)
+    _check_foldable(model)
     weights = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, Frozen)))
-    values = {p: v.get_value() for p, v in weights if "adapter" not in p}
+    values = {p: v.get_value() for p, v in weights if not is_method_parameter(p)}
     for name, (layer, adapter) in adapters(model).items():
-        folded = adapter.folded(layer)
-        if folded is None:
-            raise PeftError(f"{name}: bottleneck adapters put a non-linearity between their projections and cannot "
-                            "be folded into the weights; export without --merged")
         path = linear_layers(model)[name]
-        values.update({(*path, k): v for k, v in folded.items()})
+        values.update({(*path, k): v for k, v in adapter.folded(layer).items()})
     plain = from_config(model.config, task)
     state = nnx.state(plain, nnx.Param)
     for path, var in nnx.to_flat_state(state):

@@ -10,6 +10,9 @@ what `peft.init_from=DIR` starts a run from.
 whatever patterns chose them. Our exports also put the base's fingerprint in the safetensors metadata
 (`research.base_fingerprint`); an adapter with one is refused on any other base.
 
+Prefix and prompt tuning save `prompt_embeddings` (prefix: (P, L * 2 * D), the reparameterization's output;
+prompt: (P, D)) and the head under `base_model.<HF key>`, as peft does.
+
 Bottleneck adapters, which peft lacks, use the same layout under our own `peft_type`, "BOTTLENECK"
 (`<HF module>.adapter.down.weight` (m, F), `.down.bias`, `.up.weight` (F, m), `.up.bias`: torch nn.Linear
 layout) and load back only here.
@@ -26,26 +29,34 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from research.config import PeftConfig
-from research.peft.attach import adapters, fingerprint, method_of, trained_modules
+from research.peft.attach import adapters, fingerprint, is_method_parameter, method_of, trained_modules, virtual
 from research.peft.targets import PeftError, linear_layers, parameter_names, task_of, transposed
 
-PREFIX = "base_model.model."
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "bottleneck": "BOTTLENECK"}
+PREFIX = "base_model.model."  # peft's name of the wrapped transformers model ...
+PROMPT_LEARNING_PREFIX = "base_model."  # ... and, for prefix and prompt tuning, of the task head's module
+PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "bottleneck": "BOTTLENECK", "prefix": "PREFIX_TUNING",
+              "prompt": "PROMPT_TUNING"}
 TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM",
               "masked_lm": None, "base": "FEATURE_EXTRACTION"}
 FINGERPRINT_KEY = "research.base_fingerprint"
 
 
+def _head_prefix(model: nnx.Module) -> str:
+    return PROMPT_LEARNING_PREFIX if virtual(model) is not None else PREFIX
+
+
 def trained_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Every trained tensor under peft's names: the adapters', then the modules trained in full."""
+    """Every trained tensor under peft's names: the method's, then the modules trained in full."""
     out = {}
     for name, (_, adapter) in adapters(model).items():
         out.update({PREFIX + k: np.ascontiguousarray(v) for k, v in adapter.to_peft(name).items()})
-    names, flip = parameter_names(model), transposed(model)
+    if virtual(model) is not None:
+        out.update({k: np.ascontiguousarray(v) for k, v in virtual(model).to_peft().items()})
+    names, flip, head = parameter_names(model), transposed(model), _head_prefix(model)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if "adapter" not in path:
+        if not is_method_parameter(path):
             array = np.asarray(jax.device_get(var.get_value()))
-            out[PREFIX + names[path]] = np.ascontiguousarray(array.T if flip[path] else array)
+            out[head + names[path]] = np.ascontiguousarray(array.T if flip[path] else array)
     return out
 
 
@@ -53,24 +64,38 @@ def _expected_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     out = {}
     for name, (_, adapter) in adapters(model).items():
         out.update({PREFIX + k: s for k, s in adapter.peft_shapes(name).items()})
-    names, flip = parameter_names(model), transposed(model)
+    if virtual(model) is not None:
+        out.update(virtual(model).peft_shapes())
+    names, flip, head = parameter_names(model), transposed(model), _head_prefix(model)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if "adapter" not in path:
+        if not is_method_parameter(path):
             shape = tuple(var.get_value().shape)
-            out[PREFIX + names[path]] = shape[::-1] if flip[path] else shape
+            out[head + names[path]] = shape[::-1] if flip[path] else shape
     return out
 
 
 def adapter_config(model: nnx.Module, cfg: PeftConfig, base_name_or_path: str) -> dict:
     method = method_of(model)
-    _, task = task_of(model)
+    family, task = task_of(model)
+    common = {"peft_type": PEFT_TYPES[method], "task_type": TASK_TYPES[task], "base_model_name_or_path":
+              base_name_or_path, "modules_to_save": trained_modules(model) or None, "inference_mode": True,
+              "revision": None}
+    if method in ("prefix", "prompt"):
+        c = model.config
+        common |= {"num_virtual_tokens": virtual(model).tokens, "token_dim": family.width(c),
+                   "num_transformer_submodules": 1, "num_attention_heads": family.num_heads(c),
+                   "num_layers": family.num_layers(c)}
+        if method == "prompt":  # the init is done: peft must not redo it (RANDOM leaves the loaded table alone)
+            return common | {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+                             "tokenizer_name_or_path": None}
+        # inference_mode: peft builds a plain table for the saved output, whatever prefix_projection says
+        return common | {"prefix_projection": virtual(model).mlp_in is not None,
+                         "encoder_hidden_size": cfg.prefix_hidden_size or family.width(c)}
     layers = list(adapters(model))
     # GPT-2's Conv1D stores (in, out): peft must know, to merge the update the right way round.
     flip = transposed(model)
     fan_in_fan_out = any(not flip[(*layer_path, "kernel")] for layer_path in _layer_paths(model))
-    common = {"peft_type": PEFT_TYPES[method], "task_type": TASK_TYPES[task], "base_model_name_or_path":
-              base_name_or_path, "target_modules": layers, "modules_to_save": trained_modules(model) or None,
-              "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "revision": None}
+    common |= {"target_modules": layers, "fan_in_fan_out": fan_in_fan_out}
     if method == "lora":
         return common | {"r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
                          "use_rslora": cfg.rslora, "bias": "none", "init_lora_weights": True}
@@ -133,14 +158,19 @@ def load_adapter(model: nnx.Module, directory: str | Path) -> None:
         raise PeftError(f"peft.init_from: {directory} does not fit this model (another base, other targets or other "
                         f"modules_to_save?). Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected: "
                         f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; mis-shaped: {shapes[:8]}")
-    tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    head = _head_prefix(model)
+    if virtual(model) is not None:
+        if getattr(virtual(model), "mlp_in", None) is not None:
+            raise PeftError(f"peft.init_from: {directory} holds prefix tuning's keys and values (the "
+                            "reparameterization's output): train them directly with peft.prefix_projection=false")
+        virtual(model).from_peft(tensors)
     for name, (_, adapter) in adapters(model).items():
-        adapter.from_peft(tensors, name)
+        adapter.from_peft({k.removeprefix(PREFIX): v for k, v in tensors.items()}, name)
     names, flip = parameter_names(model), transposed(model)
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
-        if "adapter" not in path:
-            array = tensors[names[path]]
+        if not is_method_parameter(path):
+            array = tensors[head + names[path]]
             var.set_value(jax.numpy.asarray(array.T if flip[path] else array, var.get_value().dtype))
     nnx.update(model, state)
 
