@@ -155,7 +155,7 @@ class PeftConfig:
     trained; every other weight is frozen (no gradient computed, no optimizer state, not in the checkpoints,
     which carry a fingerprint of it instead)."""
 
-    method: Literal["none", "lora", "ia3", "bottleneck", "prefix", "prompt"] = "none"
+    method: Literal["none", "lora", "adalora", "ia3", "bottleneck", "prefix", "prompt"] = "none"
     # The layers the method attaches to, as Hugging Face module names: a plain name matches every module whose
     # name is it or ends with "." + it, as in peft ("query" matches bert.encoder.layer.3.attention.self.query);
     # anything else is a regex matched against the whole name. Every pattern must match a linear layer.
@@ -169,6 +169,17 @@ class PeftConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     rslora: bool = False  # scale by alpha / sqrt(rank) (Kalajdzievski 2023) instead of alpha / rank
+    # AdaLoRA (Zhang et al. 2023; research/peft/adalora.py): `init_rank` triplets per matrix at the start, `rank`
+    # per matrix on average at the end (peft's init_r, target_r); the budget falls on a cubic schedule from step
+    # `tinit` to `total - tfinal`, reallocated every `delta_t` steps; importance smoothed with beta1, beta2;
+    # the orthogonality regularizer weighs `orth_reg_weight`. The update is scaled by alpha / init_rank.
+    init_rank: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
     # IA3 (Liu et al. 2022): which of the targets scale their input (the MLP's intermediate activations) rather
     # than their output; (): the family's default.
     feedforward: tuple[str, ...] = ()
@@ -403,6 +414,11 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"peft.rank={p.rank} and peft.adapter_size={p.adapter_size} must be at least 1")
         if not 0.0 <= p.dropout < 1.0:
             raise ConfigError(f"peft.dropout={p.dropout} must be in [0, 1)")
+        if p.method == "adalora" and not (1 <= p.rank <= p.init_rank and p.delta_t >= 1 and p.tinit >= 0
+                                          and p.tfinal >= 0 and 0 < p.beta1 < 1 and 0 < p.beta2 < 1
+                                          and p.orth_reg_weight >= 0):
+            raise ConfigError(f"peft: AdaLoRA needs 1 <= rank ({p.rank}) <= init_rank ({p.init_rank}), delta_t >= 1, "
+                              "tinit and tfinal >= 0, beta1 and beta2 in (0, 1), orth_reg_weight >= 0")
         if p.feedforward and p.method != "ia3":
             raise ConfigError("peft.feedforward is IA3's: set peft.method='ia3' or unset it")
         if p.targets and p.method in ("prefix", "prompt"):

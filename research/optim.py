@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from research.config import ConfigError, OptimConfig
+from research import peft
+from research.config import ConfigError, OptimConfig, PeftConfig
 from research.models.families import family_of
 
 
@@ -93,9 +94,10 @@ def reset_at(inner: optax.GradientTransformation, step: int) -> optax.GradientTr
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax chain for `params` (the pure-dict `nnx.Param` state of `model`) and its lr schedule."""
+def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_steps: int,
+                   peft_cfg: PeftConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain for `params` (the pure-dict `nnx.Param` state of `model`) and its lr schedule. With AdaLoRA
+    attached, its rank allocator wraps everything after the clipping (research/peft/adalora.py)."""
     schedule = make_schedule(cfg, total_steps)
     norms = _layer_norm_paths(model)
 
@@ -103,9 +105,8 @@ def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_step
         name = path_name(path)
         return not (name.endswith("/bias") or name.rsplit("/", 1)[0] in norms)
 
+    clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm is not None else []
     chain = []
-    if cfg.clip_norm is not None:
-        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
     mask = lambda tree: jax.tree_util.tree_map_with_path(lambda p, _: decays(p), tree)  # noqa: E731
     if cfg.reset_at_step is None:
         chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -118,7 +119,10 @@ def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_step
         n = family.num_layers(model.config)
         chain.append(_scale_by_path(lambda name: cfg.layerwise_lr_decay ** (
             n + 1 - _depth(name, family.layer_container, family.embedding_modules, n))))
-    tx = optax.chain(*chain)
+    budget = peft.adalora_schedule(model, peft_cfg, total_steps) if peft_cfg is not None else None
+    if budget is not None:
+        chain = [peft.allocator(optax.chain(*chain), budget)]
+    tx = optax.chain(*clip, *chain)
 
     if not cfg.freeze:
         return tx, schedule

@@ -38,7 +38,7 @@ from research.checkpoint import Checkpoints
 from research.config import ExperimentConfig, from_dict
 from research.evaluate import evaluate_splits, make_eval_step
 from research.experiment import Pieces, build_model, prepare
-from research.metrics import MetricWriter
+from research.metrics import MetricWriter, read_records
 from research.models import save_pretrained
 from research.objectives import objective_options
 from research.sharding import make_mesh, replicated
@@ -248,7 +248,8 @@ def export_run(workdir: Path, out_dir: Path, which: str = "best", merged: bool =
         what = "Hugging Face format" + folded
     else:
         base = getattr(model, "hf_source", cfg.model.name_or_path)
-        peft.save_adapter(model, cfg.peft, out_dir, base_name_or_path=base)
+        trained = [r["step"] for r in read_records(workdir) if "train/loss" in r]  # AdaLoRA's total_step
+        peft.save_adapter(model, cfg.peft, out_dir, base_name_or_path=base, total_steps=max(trained, default=None))
         what = f"a {cfg.peft.method} adapter in peft's format; its base: {getattr(model, 'hf_source', '?')}"
     return f"exported the {which} checkpoint (step {step}) of {workdir} to {out_dir} ({what})"
 

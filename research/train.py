@@ -97,9 +97,12 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
             nnx.reseed(model, default=dropout_key)  # a fresh, distinct key for every dropout layer
             if stateful:
                 loss, aux, new_state = loss_fn.loss(model, micro_batch, objective_key, objective_state)
-                return loss, (aux, new_state)
-            loss, aux = loss_fn(model, micro_batch, objective_key)
-            return loss, (aux, None)
+            else:
+                (loss, aux), new_state = loss_fn(model, micro_batch, objective_key), None
+            penalty = peft.penalty(model)  # the PEFT method's own regularizer (AdaLoRA's); None for the others
+            if penalty is not None:
+                loss, aux = loss + penalty, {**aux, "peft_penalty": penalty}
+            return loss, (aux, new_state)
 
         (loss, (aux, new_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return loss, aux, grads, new_state
@@ -186,7 +189,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype, cfg)
     per_epoch = steps_per_epoch(pieces.train, t.batch_size, groups, cfg.data.environment_proportions)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
-    tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total)
+    tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total, cfg.peft)
     objective = make_objective(cfg.objective, pieces.train.environment_names)
     if cfg.objective.name in PAIR_OBJECTIVES and pieces.train.pair_ids is None:
         raise ConfigError(f"objective.name={cfg.objective.name!r} works on counterfactual pairs: set data.pair_column "
@@ -225,6 +228,8 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     run = Run(cfg, workdir, pieces, mesh, writer, ckpts, bar, stop, total, per_epoch, meta, state)
     evaluation = Evaluation(run, eval_step, lambda params: nnx.merge(eval_graphdef, params, eval_rest))
     hooks = [Logging(run, train_step), evaluation]
+    if cfg.peft.method == "adalora":
+        hooks.append(Ranks(run))
     if t.sample_prompts or t.sample_dev_examples:
         hooks.append(Samples(run, evaluation))
     hooks.append(Checkpointing(run))
@@ -366,6 +371,23 @@ class Logging:
         self.run.writer.write(s.step, logged)
         self.run.bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}")
         self.window, self.examples, self.tokens, self.seconds = [], 0.0, 0, 0.0
+
+
+class Ranks:
+    """AdaLoRA: with every train-metric record, the rank each matrix keeps (`peft/rank/<layer>`) and their sum
+    (`peft/rank_total`), from the optimizer state's latest allocation (research/peft/adalora.py)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def due(self, s: Step) -> bool:
+        return s.step % self.run.cfg.train.log_every == 0 or s.step == self.run.total
+
+    def __call__(self, s: Step) -> None:
+        kept = peft.ranks(self.run.state["opt_state"])
+        record = {f"peft/rank/{name.removesuffix('/adapter/lora_e')}": float(r) for name, r in kept.items()}
+        record["peft/rank_total"] = float(sum(kept.values()))
+        self.run.writer.write(s.step, record)
 
 
 class Evaluation:

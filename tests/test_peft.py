@@ -45,13 +45,18 @@ PEFT_CONFIGS = {
     ("bert", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8,
                                                      target_modules=["query", "value"]),
     ("gpt2", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8, target_modules=["c_attn"]),
+    ("bert", "adalora"): lambda t: torch_peft.AdaLoraConfig(task_type=t, init_r=6, target_r=2, total_step=10,
+                                                           lora_alpha=8, target_modules=["query", "value"]),
+    ("gpt2", "adalora"): lambda t: torch_peft.AdaLoraConfig(task_type=t, init_r=6, target_r=2, total_step=10,
+                                                           lora_alpha=8, target_modules=["c_attn"]),
     ("bert", "ia3"): lambda t: torch_peft.IA3Config(
         task_type=t, target_modules=r".*\.(key|value|layer\.\d+\.output\.dense)",
         feedforward_modules=r".*layer\.\d+\.output\.dense"),
     ("gpt2", "ia3"): lambda t: torch_peft.IA3Config(task_type=t, target_modules=["c_attn", "mlp.c_proj"],
                                                    feedforward_modules=["mlp.c_proj"]),
 }
-OURS = {"lora": PeftConfig(method="lora", rank=4, alpha=8.0), "ia3": PeftConfig(method="ia3")}
+OURS = {"lora": PeftConfig(method="lora", rank=4, alpha=8.0), "ia3": PeftConfig(method="ia3"),
+        "adalora": PeftConfig(method="adalora", init_rank=6, rank=2, alpha=8.0)}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +139,7 @@ def torch_peft_model(name, method, base_dirs, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_equals_peft_and_loads_its_adapters(name, method, base_dirs, tmp_path):
     theirs = torch_peft_model(name, method, base_dirs)
@@ -150,7 +155,7 @@ def test_equals_peft_and_loads_its_adapters(name, method, base_dirs, tmp_path):
     assert_grads_equal(grads, their_grads)
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3"])
 @pytest.mark.parametrize("name", ["bert-seq", "gpt2-lm"])
 def test_merged_equals_unmerged_and_exports_both_ways(name, method, base_dirs, tmp_path):
     ours = from_pretrained(base_dirs[name], MODELS[name][2])
@@ -184,6 +189,86 @@ def _randomize_trained(model, seed):
         base = 1.0 if path[-1] == "scale" and "adapter" in path else 0.0  # IA3's scales sit around 1
         var.set_value(base + 0.2 * jax.random.normal(k, var.get_value().shape))
     nnx.update(model, state)
+
+
+# -------------------------------------------------------------------------------------------------- AdaLoRA
+
+
+def test_adalora_orthogonality_penalty_equals_peft(base_dirs, tmp_path):
+    # peft adds the regularizer to the loss its forward returns when given labels; our train step adds
+    # peft.penalty(model) to the objective's loss. Same total, same gradients.
+    theirs = torch_peft_model("bert-seq", "adalora", base_dirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = from_pretrained(base_dirs["bert-seq"], "sequence_classification")
+    peft.prepare(ours, dataclasses.replace(OURS["adalora"], init_from=str(tmp_path / "theirs")), seed=0)
+    ids, mask, _ = batch("bert-seq")
+    labels = np.array([0, 2, 1])
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+
+    def loss_of(p):
+        model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))
+        log_probs = jax.nn.log_softmax(our_logits(model, ids, mask))
+        return -jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], 1).mean() + peft.penalty(model)
+
+    loss, grads = jax.value_and_grad(loss_of)(params)
+    their_loss = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                        labels=torch.tensor(labels)).loss
+    their_loss.backward()
+    assert float(peft.penalty(ours)) > 0.1 * float(their_loss)  # the penalty is a real part of the loss here
+    np.testing.assert_allclose(float(loss), float(their_loss), rtol=1e-5)
+    their_grads = {n.replace(".modules_to_save", "").replace(".default", ""): to_numpy(p.grad)
+                   for n, p in theirs.named_parameters() if p.requires_grad}
+    assert_grads_equal(peft.trained_tensors(nnx.merge(graphdef, grads, rest)), their_grads)
+
+
+def test_adalora_rank_allocation_equals_peft_rank_allocator(base_dirs, tmp_path):
+    """The same parameters and gradients at every step into peft's allocator (update_and_allocate) and ours (the
+    optax transformation, its inner optimizer a no-op): the same triplets masked at every step."""
+    import optax
+
+    from research.peft.adalora import Schedule, allocator, ranks
+
+    total, tinit, tfinal, delta_t = 12, 2, 3, 2
+    config = torch_peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=6, target_r=2, total_step=total, tinit=tinit,
+                                      tfinal=tfinal, deltaT=delta_t, target_modules=["query", "value"])
+    theirs = torch_peft.get_peft_model(torch_base("bert-seq", base_dirs), config)
+    named = {n.replace(".default", ""): p for n, p in theirs.named_parameters() if "lora_" in n}
+    assert len(named) == 12  # 4 matrices x (A, E, B)
+    ours_params = {n: np.zeros(tuple(p.shape), np.float32) for n, p in named.items()}  # peft's layout, flat names
+    # Our allocator finds AdaLoRA's tensors by path: .../adapter/lora_a (D, r), lora_e (r,), lora_b (r, F).
+    def our_path(n):
+        stem, kind = n.rsplit(".", 1)
+        return stem.replace(".", "/") + "/adapter/" + kind.lower()
+
+    def to_ours(n, x):
+        return x.reshape(-1) if n.endswith("lora_E") else x.T
+
+    schedule = Schedule(6, 2, 4, total, tinit, tfinal, delta_t, 0.85, 0.85)
+    tx = allocator(optax.set_to_zero(), schedule)
+    tree = {our_path(n): jnp.asarray(to_ours(n, v)) for n, v in ours_params.items()}
+    state = tx.init(tree)
+    rng = np.random.RandomState(0)
+    history = []
+    for step in range(total):
+        values = {n: rng.normal(size=p.shape).astype(np.float32) for n, p in named.items()}
+        grads = {n: rng.normal(size=p.shape).astype(np.float32) for n, p in named.items()}
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(torch.tensor(values[n]))
+                p.grad = torch.tensor(grads[n])
+        theirs.base_model.update_and_allocate(step)
+        updates, state = tx.update({our_path(n): jnp.asarray(to_ours(n, g)) for n, g in grads.items()}, state,
+                                   {our_path(n): jnp.asarray(to_ours(n, v)) for n, v in values.items()})
+        for n, p in named.items():
+            if n.endswith("lora_E"):
+                ours_e = np.asarray(jnp.asarray(to_ours(n, values[n])) + updates[our_path(n)])
+                theirs_e = to_numpy(p).reshape(-1)
+                np.testing.assert_array_equal(ours_e == 0, theirs_e == 0, err_msg=f"step {step}: {n}")
+                np.testing.assert_allclose(ours_e, theirs_e, rtol=1e-6, err_msg=f"step {step}: {n}")
+        history.append(sum(ranks(state).values()))
+    # The budget: 24 triplets until tinit, falling on the cubic, 8 (target 2 x 4 matrices) from total - tfinal on.
+    assert history[0] == 24 and history[-1] == 8 and history == sorted(history, reverse=True)
+    assert any(24 > h > 8 for h in history)
 
 
 # ------------------------------------------------------------------------------------------ bottleneck adapters

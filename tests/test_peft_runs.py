@@ -145,3 +145,31 @@ def test_lora_on_eight_simulated_devices_and_fsdp_matches_one(tmp_path, data_dir
         np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-5)
         for name in one["params"]:
             np.testing.assert_allclose(run["params"][name], one["params"][name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_adalora_run_logs_the_ranks_it_keeps_and_resumes_exactly(tmp_path, tiny_base, data_dir):
+    workdir = tmp_path / "adalora"
+    cfg = ["peft.method=adalora", "peft.init_rank=6", "peft.rank=2", "peft.tinit=2", "peft.tfinal=4",
+           "train.eval_every=null"]
+    train(lora(tiny_base, *cfg), workdir)
+    ranks = {r["step"]: r for r in records(workdir) if "peft/rank_total" in r}
+    assert ranks[2]["peft/rank_total"] == 24  # 4 matrices x init_rank 6, before tinit
+    assert ranks[16]["peft/rank_total"] == 8  # x target rank 2, fixed from step 12 (16 - tfinal) on
+    assert sum(v for k, v in ranks[16].items() if k.startswith("peft/rank/")) == 8
+    assert [r["peft/rank_total"] for r in ranks.values()] == sorted((r["peft/rank_total"] for r in ranks.values()),
+                                                                     reverse=True)
+    penalty = [r["train/peft_penalty"] for r in records(workdir) if "train/peft_penalty" in r]
+    assert len(penalty) == 8 and all(p > 0 for p in penalty)  # the orthogonality regularizer, logged
+    _, params = params_of(workdir)
+    for name, e in params.items():  # the pruned triplets' singular values are exactly zero, 2 kept on average
+        if name.endswith("lora_e"):
+            assert (e == 0).sum() >= 1
+    assert sum(int((e != 0).sum()) for n, e in params.items() if n.endswith("lora_e")) == 8
+
+    before = [r for r in records(workdir) if "train/loss" in r]
+    train(lora(tiny_base, *cfg), workdir, resume=True, resume_step=12)  # the allocator's state resumes too
+    after = [r for r in records(workdir) if "train/loss" in r]
+    assert [r["train/loss"] for r in after] == [r["train/loss"] for r in before]
+    _, resumed = params_of(workdir)
+    for name in params:
+        np.testing.assert_array_equal(resumed[name], params[name], err_msg=name)

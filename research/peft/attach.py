@@ -20,6 +20,7 @@ from flax import nnx
 from research.config import PeftConfig
 from research.models.hf import from_config, load_tokenizer
 from research.models.hf_config import ACTIVATIONS
+from research.peft.adalora import AdaLoRA, Schedule
 from research.peft.bottleneck import Bottleneck
 from research.peft.ia3 import IA3
 from research.peft.lora import LoRA
@@ -32,7 +33,7 @@ class Frozen(nnx.Variable):
     """A pretrained weight that PEFT does not train (see the module docstring)."""
 
 
-METHODS = {"lora": LoRA, "ia3": IA3, "bottleneck": Bottleneck, "prefix": Prefix, "prompt": Prompt}
+METHODS = {"lora": LoRA, "adalora": AdaLoRA, "ia3": IA3, "bottleneck": Bottleneck, "prefix": Prefix, "prompt": Prompt}
 SLOTS = ("adapter", "prompt", "prefix")  # where the methods' modules hang: a parameter under one is the method's
 
 
@@ -92,7 +93,7 @@ def _attach_virtual(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
 def _attach_to_layers(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
     family, _ = task_of(model)
     layers = linear_layers(model)
-    key = cfg.adapter_placement if cfg.method == "bottleneck" else cfg.method
+    key = {"bottleneck": cfg.adapter_placement, "adalora": "lora"}.get(cfg.method, cfg.method)
     chosen = select(cfg.targets or family.peft_targets[key], layers, "peft.targets")
     feedforward = set()
     if cfg.method == "ia3":
@@ -103,11 +104,15 @@ def _attach_to_layers(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> Non
         raise PeftError(f"peft.adapter_activation={activation!r} is not supported; choose from {sorted(ACTIVATIONS)}")
     for name in chosen:
         layer = module_at(model, layers[name])
+        rank = cfg.init_rank if cfg.method == "adalora" else cfg.rank
+        if cfg.method in ("lora", "adalora") and rank > min(layer.in_features, layer.out_features):
+            which = "init_rank" if cfg.method == "adalora" else "rank"
+            raise PeftError(f"peft.{which}={rank} exceeds {name} ({layer.in_features} -> {layer.out_features}): "
+                            "a rank above the smaller side adds parameters and no expressiveness; lower it")
         if cfg.method == "lora":
-            if cfg.rank > min(layer.in_features, layer.out_features):
-                raise PeftError(f"peft.rank={cfg.rank} exceeds {name} ({layer.in_features} -> {layer.out_features}): "
-                                "a rank above the smaller side adds parameters and no expressiveness; lower it")
             layer.adapter = LoRA(layer, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, rngs=rngs)
+        elif cfg.method == "adalora":
+            layer.adapter = AdaLoRA(layer, cfg.init_rank, cfg.alpha, cfg.dropout, cfg.orth_reg_weight, rngs=rngs)
         elif cfg.method == "ia3":
             layer.adapter = IA3(layer, feedforward=name in feedforward)
         else:
@@ -181,6 +186,27 @@ def merge(model: nnx.Module) -> None:
     _check_foldable(model)
     for layer, adapter in adapters(model).values():
         adapter.merge(layer)
+
+
+def penalty(model: nnx.Module) -> jax.Array | None:
+    """AdaLoRA's orthogonality regularizer, `orth_reg_weight` x the mean of ||A^T A - I||_F and ||B B^T - I||_F
+    over its matrices, as peft adds it to the loss; None for every other model."""
+    ada = [a for _, a in adapters(model).values() if isinstance(a, AdaLoRA)]
+    if not ada or ada[0].orth_reg_weight == 0:
+        return None
+    return ada[0].orth_reg_weight * sum(a.penalty() for a in ada) / (2 * len(ada))
+
+
+def adalora_schedule(model: nnx.Module, cfg: PeftConfig, total_steps: int) -> Schedule | None:
+    """The rank-budget schedule of a model with AdaLoRA attached (None otherwise), for a run of `total_steps`."""
+    matrices = sum(isinstance(a, AdaLoRA) for _, a in adapters(model).values())
+    if not matrices:
+        return None
+    if cfg.tinit + cfg.tfinal >= total_steps:
+        raise PeftError(f"peft.tinit={cfg.tinit} + peft.tfinal={cfg.tfinal} leave none of the {total_steps} training "
+                        "steps to reallocate the rank budget in; lower them")
+    return Schedule(cfg.init_rank, cfg.rank, matrices, total_steps, cfg.tinit, cfg.tfinal, cfg.delta_t, cfg.beta1,
+                    cfg.beta2)
 
 
 def _check_foldable(model: nnx.Module) -> None:

@@ -34,7 +34,7 @@ from research.peft.targets import PeftError, linear_layers, parameter_names, tas
 
 PREFIX = "base_model.model."  # peft's name of the wrapped transformers model ...
 PROMPT_LEARNING_PREFIX = "base_model."  # ... and, for prefix and prompt tuning, of the task head's module
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "bottleneck": "BOTTLENECK", "prefix": "PREFIX_TUNING",
+PEFT_TYPES = {"lora": "LORA", "adalora": "ADALORA", "ia3": "IA3", "bottleneck": "BOTTLENECK", "prefix": "PREFIX_TUNING",
               "prompt": "PROMPT_TUNING"}
 TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM",
               "masked_lm": None, "base": "FEATURE_EXTRACTION"}
@@ -74,7 +74,10 @@ def _expected_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def adapter_config(model: nnx.Module, cfg: PeftConfig, base_name_or_path: str) -> dict:
+def adapter_config(model: nnx.Module, cfg: PeftConfig, base_name_or_path: str, total_steps: int | None = None
+                   ) -> dict:
+    """peft's adapter_config.json for `model`. `total_steps` (AdaLoRA: the run's length, which peft wants even
+    for inference) defaults to the shortest schedule peft accepts."""
     method = method_of(model)
     family, task = task_of(model)
     common = {"peft_type": PEFT_TYPES[method], "task_type": TASK_TYPES[task], "base_model_name_or_path":
@@ -99,6 +102,14 @@ def adapter_config(model: nnx.Module, cfg: PeftConfig, base_name_or_path: str) -
     if method == "lora":
         return common | {"r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
                          "use_rslora": cfg.rslora, "bias": "none", "init_lora_weights": True}
+    if method == "adalora":
+        # No rank_pattern: the pruned triplets are exported as they are (their e entries exactly zero), so peft
+        # keeps every matrix at init_r and computes the same function (its loader would otherwise resize).
+        return common | {"r": cfg.rank, "init_r": cfg.init_rank, "target_r": cfg.rank, "lora_alpha": cfg.alpha,
+                         "lora_dropout": cfg.dropout, "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.delta_t,
+                         "beta1": cfg.beta1, "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,
+                         "bias": "none", "init_lora_weights": True, "rank_pattern": None,
+                         "total_step": total_steps or cfg.tinit + cfg.tfinal + 1}
     if method == "ia3":
         ff = [n for n, (_, a) in adapters(model).items() if a.feedforward]
         return common | {"feedforward_modules": ff, "init_ia3_weights": True}
@@ -106,7 +117,8 @@ def adapter_config(model: nnx.Module, cfg: PeftConfig, base_name_or_path: str) -
                      "adapter_activation": next(iter(adapters(model).values()))[1].activation}
 
 
-def save_adapter(model: nnx.Module, cfg: PeftConfig, out_dir: str | Path, base_name_or_path: str) -> Path:
+def save_adapter(model: nnx.Module, cfg: PeftConfig, out_dir: str | Path, base_name_or_path: str,
+                 total_steps: int | None = None) -> Path:
     """Write `model`'s trained tensors and config in peft's layout (see the module docstring)."""
     if any(a.merged for _, a in adapters(model).values()):
         raise PeftError("the adapters are merged into the weights: unmerge them before saving the adapter alone")
@@ -114,7 +126,7 @@ def save_adapter(model: nnx.Module, cfg: PeftConfig, out_dir: str | Path, base_n
     out.mkdir(parents=True, exist_ok=True)
     save_file(trained_tensors(model), out / "adapter_model.safetensors",
               metadata={"format": "pt", FINGERPRINT_KEY: fingerprint(model)})
-    config = adapter_config(model, cfg, base_name_or_path)
+    config = adapter_config(model, cfg, base_name_or_path, total_steps)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -133,10 +145,10 @@ def load_adapter(model: nnx.Module, directory: str | Path) -> None:
     if config.get("peft_type") != PEFT_TYPES[method]:
         raise PeftError(f"peft.init_from: {directory} holds a {config.get('peft_type')} adapter, but this run trains "
                         f"{PEFT_TYPES[method]}: set peft.method to match it")
-    if method == "lora":
+    if method in ("lora", "adalora"):
         scaling = next(iter(adapters(model).values()))[1].scaling
-        r, alpha = config["r"], config.get("lora_alpha", 8)
-        theirs = alpha / (r ** 0.5 if config.get("use_rslora", False) else r)
+        r, alpha = config.get("init_r" if method == "adalora" else "r"), config.get("lora_alpha", 8)
+        theirs = alpha / (r ** 0.5 if config.get("use_rslora", False) else r + (1e-5 if method == "adalora" else 0))
         if abs(theirs - scaling) > 1e-9 * max(abs(scaling), 1.0):
             raise PeftError(f"peft.init_from: {directory} was trained with r={r}, lora_alpha={alpha}, use_rslora="
                             f"{config.get('use_rslora', False)} (scaling {theirs:g}), this run scales by {scaling:g}: "
@@ -149,6 +161,19 @@ def load_adapter(model: nnx.Module, directory: str | Path) -> None:
                         f"{theirs[:12]}..., this model's {fingerprint(model)[:12]}...): load the base it was trained "
                         "on (model.name_or_path)")
     tensors = load_file(weights_path)
+    # AdaLoRA trained in peft saves only the triplets its rank pattern kept: put them back in their slots.
+    pattern = {k.removesuffix(".lora_E"): v for k, v in (config.get("rank_pattern") or {}).items()}
+    for name in pattern:
+        for part in "AEB":
+            key = f"{PREFIX}{name}.lora_{part}"
+            if key in tensors and sum(pattern[name]) != len(pattern[name]):
+                full = np.zeros(tensors[key].shape[:-1] + (len(pattern[name]),) if part == "B"
+                                else (len(pattern[name]),) + tensors[key].shape[1:], tensors[key].dtype)
+                if part == "B":
+                    full[:, np.flatnonzero(pattern[name])] = tensors[key]
+                else:
+                    full[np.flatnonzero(pattern[name])] = tensors[key]
+                tensors[key] = full
     expected = _expected_shapes(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
