@@ -9,6 +9,11 @@ gradient clipping at 1.0, 1 epoch, dev evaluation every 500 steps and at the end
 rather than `Trainer` (which needs `accelerate`), padding each batch to its own longest example (what
 `DataCollatorWithPadding` does, the fastest choice for eager PyTorch).
 
+`--lora` is experiments/peft_sst2.py's LoRA variant with peft (r, alpha and lr from its VARIANTS, query and
+value, the classifier trained in full), the side-by-side of the PEFT study:
+
+    python scripts/baseline_sst2_torch.py --lora --seed 0 --out runs/torch_sst2_lora_s0.json
+
 Prints progress, and writes (and prints as the last line) one JSON object: dev accuracy, wall time (whole
 script, imports included), train time, and the versions.
 """
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (for timing); default: 1 epoch")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--out", default=None, help="also write the JSON result here")
+    parser.add_argument("--lora", action="store_true", help="peft's LoRA, as experiments/peft_sst2.py's lora variant")
     args = parser.parse_args()
 
     if args.model is None:
@@ -80,17 +86,30 @@ def main() -> None:
     train_enc = tokenizer(train_text, truncation=True, max_length=64)
     dev_enc = tokenizer(dev_text, truncation=True, max_length=64)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    lr = 5e-5
+    if args.lora:
+        import peft
+
+        from research.config import load_experiment_module
+
+        variant = load_experiment_module(Path(__file__).resolve().parents[1] / "experiments" / "peft_sst2.py"
+                                         ).VARIANTS["lora"]
+        lr = variant["optim.lr"]
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=variant["peft.rank"],
+                                                           lora_alpha=variant["peft.alpha"],
+                                                           target_modules=["query", "value"]))
     model.train()
 
     batch_size = 32
     steps = math.ceil(len(train_y) / batch_size)
     total = min(steps, args.max_steps) if args.max_steps else steps
     no_decay = ("bias", "LayerNorm.weight")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # all, or LoRA's and the head's
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)], "weight_decay": 0.01},
-        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+        {"params": [p for n, p in trained if not any(k in n for k in no_decay)], "weight_decay": 0.01},
+        {"params": [p for n, p in trained if any(k in n for k in no_decay)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * steps), steps)
 
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -99,7 +118,7 @@ def main() -> None:
     for step, batch in enumerate(batches(train_enc, train_y, order, batch_size, tokenizer), start=1):
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -113,7 +132,8 @@ def main() -> None:
             break
     train_s = time.perf_counter() - t_train
     result = {
-        "framework": "pytorch", "seed": args.seed, "steps": total, "dev_accuracy": evals[-1]["dev/accuracy"],
+        "framework": "pytorch", "method": "lora" if args.lora else "full", "lr": lr, "seed": args.seed,
+        "steps": total, "dev_accuracy": evals[-1]["dev/accuracy"],
         "evals": evals, "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - T_START, 1),
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",

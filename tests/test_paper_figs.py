@@ -53,3 +53,18 @@ def test_spurious_accuracy_figure_from_run_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["spurious_accuracy.py", str(tmp_path), "--out", str(out)])
     fig.main()
     assert out.stat().st_size > 1000
+
+
+def test_peft_tradeoff_figure_from_the_record(tmp_path, monkeypatch):
+    for method, seed, accuracy, trained in [("full", 0, 0.90, 22_700_000), ("full", 1, 0.89, 22_700_000),
+                                            ("lora", 0, 0.88, 74_000), ("prompt", 0, 0.80, 8_400)]:
+        run = tmp_path / f"{method}_s{seed}"
+        run.mkdir()
+        (run / "result.json").write_text(json.dumps({"accuracy": accuracy, "trained_parameters": trained}))
+    fig = load("peft_tradeoff", monkeypatch)
+    found = fig.collect(tmp_path)
+    assert found["full"] == {"trained": 22_700_000, "accuracy": [0.90, 0.89]} and found["prompt"]["trained"] == 8_400
+    out = tmp_path / "fig.pdf"
+    monkeypatch.setattr(sys, "argv", ["peft_tradeoff.py", str(tmp_path), "--out", str(out)])
+    fig.main()
+    assert out.stat().st_size > 1000

