@@ -565,3 +565,20 @@ def test_generation_with_the_kv_cache_equals_the_full_forward(method, base_dirs)
     np.testing.assert_array_equal(out, ids)
     with pytest.raises(ValueError, match=r"\+ 4 virtual tokens \(PEFT\) exceeds n_positions=32"):
         generate(model, prompts, mask, max_new_tokens=24)
+
+
+def test_prefix_tuning_packs_two_examples_into_one_row_exactly(base_dirs):
+    # The prefix is every example's: two examples packed in one row (each attending to the prefix and itself,
+    # positions restarting) give the logits each gives alone in its own padded row.
+    model = from_pretrained(base_dirs["bert-seq"], "sequence_classification")
+    peft.prepare(model, PeftConfig(method="prefix", num_virtual_tokens=VIRTUAL), seed=0)
+    _randomize_trained(model, seed=5)
+    a, b = [5, 9, 13, 7], [8, 2, 11]
+    padded = np.array([a, b + [0]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]])
+    alone = np.asarray(model(jnp.asarray(padded), jnp.asarray(mask)))
+    packed = jnp.asarray([a + b])
+    together = np.asarray(model(packed, jnp.ones_like(packed), position_ids=jnp.asarray([[0, 1, 2, 3, 0, 1, 2]]),
+                                segment_ids=jnp.asarray([[1, 1, 1, 1, 2, 2, 2]]),
+                                pool_index=jnp.asarray([[0, 0], [0, 4]])))
+    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
