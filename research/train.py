@@ -292,8 +292,9 @@ def _model_views(model: nnx.Module, compute_dtype: str, cfg: ExperimentConfig) -
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if compute_dtype != "float32":  # same structure, layers computing in compute_dtype
         low = dataclasses.replace(model.config, dtype=compute_dtype)
-        abstract = nnx.eval_shape(lambda: peft.prepare(type(model)(low, rngs=nnx.Rngs(0)),
-                                                       dataclasses.replace(cfg.peft, init_from=None), 0))
+        # The same PEFT structure; its initial values do not matter (the parameters come from `model`).
+        structure = dataclasses.replace(cfg.peft, init_from=None, prompt_init="random", prompt_init_text=None)
+        abstract = nnx.eval_shape(lambda: peft.prepare(type(model)(low, rngs=nnx.Rngs(0)), structure, 0))
         abstract.train()
         graphdef = nnx.graphdef(abstract)
     return (eval_graphdef, eval_rest), (graphdef, nnx.to_pure_dict(params), rest)

@@ -45,16 +45,19 @@ MODELS = {  # name: (transformers class, config, our task, peft task_type)
 PEFT_CONFIGS = {
     ("bert", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8,
                                                      target_modules=["query", "value"]),
-    ("gpt2", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8, target_modules=["c_attn"]),
+    # GPT-2's Conv1D stores (in, out): fan_in_fan_out=True says so (peft would set it itself, with a warning).
+    ("gpt2", "lora"): lambda t: torch_peft.LoraConfig(task_type=t, r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                     fan_in_fan_out=True),
     ("bert", "adalora"): lambda t: torch_peft.AdaLoraConfig(task_type=t, init_r=6, target_r=2, total_step=10,
                                                            lora_alpha=8, target_modules=["query", "value"]),
     ("gpt2", "adalora"): lambda t: torch_peft.AdaLoraConfig(task_type=t, init_r=6, target_r=2, total_step=10,
-                                                           lora_alpha=8, target_modules=["c_attn"]),
+                                                           lora_alpha=8, target_modules=["c_attn"],
+                                                           fan_in_fan_out=True),
     ("bert", "ia3"): lambda t: torch_peft.IA3Config(
         task_type=t, target_modules=r".*\.(key|value|layer\.\d+\.output\.dense)",
         feedforward_modules=r".*layer\.\d+\.output\.dense"),
     ("gpt2", "ia3"): lambda t: torch_peft.IA3Config(task_type=t, target_modules=["c_attn", "mlp.c_proj"],
-                                                   feedforward_modules=["mlp.c_proj"]),
+                                                   feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
 }
 OURS = {"lora": PeftConfig(method="lora", rank=4, alpha=8.0), "ia3": PeftConfig(method="ia3"),
         "adalora": PeftConfig(method="adalora", init_rank=6, rank=2, alpha=8.0)}
@@ -111,7 +114,7 @@ def torch_loss_and_grads(model, ids, mask, weights):
     loss = (torch_logits(model, ids, mask) * torch.tensor(weights)).sum()
     loss.backward()
     # peft's in-memory names carry the adapter name ("default") and the modules_to_save wrapper; saved ones do not.
-    return float(loss), {n.replace(".modules_to_save", "").replace(".default", ""): to_numpy(p.grad)
+    return float(loss.detach()), {n.replace(".modules_to_save", "").replace(".default", ""): to_numpy(p.grad)
                          for n, p in model.named_parameters() if p.requires_grad}
 
 
