@@ -53,6 +53,23 @@ def data_dir() -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory, data_dir):
+    """A random GPT-2 (transformers) with GPT-2's real tokenizer files beside it (the LM runner tests)."""
+    import shutil
+
+    import transformers
+
+    out = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(out)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(data_dir / "tokenizers" / "gpt2" / name, out / name)
+    return out
+
+
 @pytest.fixture(scope="module")  # a fresh pair per module, as each module had before
 def tiny_bert_pair(tmp_path_factory):
     """A tiny BERT classifier in transformers with random weights (dropout off: eval mode) and ours loaded

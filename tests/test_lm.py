@@ -3,7 +3,6 @@ every token exactly once (or with a sliding context), perplexity equal to transf
 with transformers' own tokenizer, and a GPT-2 trained through the runner."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -40,19 +39,6 @@ def test_documents_end_with_end_of_text(data_dir):
     theirs = transformers.GPT2TokenizerFast.from_pretrained(files)
     assert stream.tolist() == [*theirs(docs[0])["input_ids"], 50256, *theirs(docs[1])["input_ids"], 50256]
     assert stream[:2].tolist() == [15496, 995]  # "Hello", " world"
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory, data_dir):
-    """A random GPT-2 (transformers) with GPT-2's real tokenizer files beside it."""
-    out = tmp_path_factory.mktemp("gpt2")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(out)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(data_dir / "tokenizers" / "gpt2" / name, out / name)
-    return out
 
 
 def lm_config(model_dir, text_file, *, init="pretrained", **data):

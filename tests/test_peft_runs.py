@@ -173,3 +173,37 @@ def test_adalora_run_logs_the_ranks_it_keeps_and_resumes_exactly(tmp_path, tiny_
     _, resumed = params_of(workdir)
     for name in params:
         np.testing.assert_array_equal(resumed[name], params[name], err_msg=name)
+
+
+def test_gpt2_prefix_run_samples_and_generates_through_the_cache(tiny_gpt2_dir, tmp_path, data_dir, capsys):
+    """A causal-LM run with prefix tuning: greedy samples at the evaluation (the prefix in the KV cache), and
+    `research generate` from the run directory continues the prompts the same way."""
+    import dataclasses
+
+    from research.cli import main
+    from research.config import DataConfig, ExperimentConfig, ModelConfig, PeftConfig, TrainConfig
+
+    path = tmp_path / "text.txt"
+    path.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:8000])
+    cfg = ExperimentConfig(
+        name="lm_prefix", model=ModelConfig(name_or_path=str(tiny_gpt2_dir), task="causal_lm"),
+        data=DataConfig(train=str(path), dev=str(path), holdout_fraction=0.25, max_length=32, buckets=(16, 32)),
+        peft=PeftConfig(method="prefix", num_virtual_tokens=4),
+        train=TrainConfig(batch_size=8, max_steps=2, log_every=1, eval_batch_size=16, sample_prompts=("ROMEO:",),
+                          sample_tokens=6))
+    train(cfg, tmp_path / "run")
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["ROMEO:"]
+    capsys.readouterr()
+    main(["generate", str(tmp_path / "run"), "--prompt", "ROMEO:", "--max-new-tokens", "6", "--checkpoint", "latest"])
+    assert f"ROMEO:{samples[0]['text']}" in capsys.readouterr().out
+
+    # Prompt tuning, computing in bfloat16 over float32 master weights, initialized from a text's tokens.
+    prompt = dataclasses.replace(cfg, peft=PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="text",
+                                                      prompt_init_text="Speak:"),
+                                 train=dataclasses.replace(cfg.train, compute_dtype="bfloat16"))
+    final = train(prompt, tmp_path / "prompt")
+    assert np.isfinite(final["dev/perplexity"])
+    _, params = params_of(tmp_path / "prompt")
+    assert set(params) == {"transformer/prompt/embedding"}  # causal LM: no head to train beside it
+    assert params["transformer/prompt/embedding"].dtype == np.float32
