@@ -585,3 +585,23 @@ def test_prefix_tuning_packs_two_examples_into_one_row_exactly(base_dirs):
                                 segment_ids=jnp.asarray([[1, 1, 1, 1, 2, 2, 2]]),
                                 pool_index=jnp.asarray([[0, 0], [0, 4]])))
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+
+
+def test_an_adalora_adapter_peft_saved_with_a_rank_pattern_loads_into_its_slots(base_dirs, tmp_path):
+    # After its budget phase peft saves only the kept triplets (a rank pattern per matrix, ranks differing).
+    theirs = torch_peft_model("bert-seq", "adalora", base_dirs)
+    pattern = {}
+    with torch.no_grad():
+        for i, (n, p) in enumerate((n, p) for n, p in theirs.named_parameters() if "lora_E" in n):
+            kept = [k % (i + 2) != 0 for k in range(6)]  # 3, 4, 4, 5 of 6 kept
+            p[~torch.tensor(kept)] = 0.0  # what the allocator's masking leaves
+            pattern[n.removeprefix("base_model.model.").replace(".default", "")] = kept
+    theirs.peft_config["default"].rank_pattern = pattern
+    theirs.save_pretrained(tmp_path / "theirs")
+    saved = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == pattern
+    ours = from_pretrained(base_dirs["bert-seq"], "sequence_classification")
+    peft.prepare(ours, dataclasses.replace(OURS["adalora"], init_from=str(tmp_path / "theirs")), seed=0)
+    ids, mask, _ = batch("bert-seq")
+    assert_close(np.asarray(our_logits(ours, ids, mask)), to_numpy(torch_logits(theirs, ids, mask)), LOGIT_RTOL,
+                 "logits")

@@ -133,57 +133,23 @@ def save_adapter(model: nnx.Module, cfg: PeftConfig, out_dir: str | Path, base_n
 
 def load_adapter(model: nnx.Module, directory: str | Path) -> None:
     """Set `model`'s trained tensors (adapters and modules trained in full) from a peft-format directory. The
-    method, the layers and every tensor's name and shape must match this model's."""
+    method, the scaling, the base (when the directory carries its fingerprint), and every tensor's name and
+    shape must match this model's; each mismatch is an error naming it."""
     directory = Path(directory)
-    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise PeftError(f"peft.init_from: {path} does not exist; a peft adapter directory holds "
-                            "adapter_config.json and adapter_model.safetensors (PeftModel.save_pretrained writes them)")
-    config = json.loads(config_path.read_text())
+    config, tensors, their_fingerprint = _read(directory)
     method = method_of(model)
     if config.get("peft_type") != PEFT_TYPES[method]:
         raise PeftError(f"peft.init_from: {directory} holds a {config.get('peft_type')} adapter, but this run trains "
                         f"{PEFT_TYPES[method]}: set peft.method to match it")
     if method in ("lora", "adalora"):
-        scaling = next(iter(adapters(model).values()))[1].scaling
-        r, alpha = config.get("init_r" if method == "adalora" else "r"), config.get("lora_alpha", 8)
-        theirs = alpha / (r ** 0.5 if config.get("use_rslora", False) else r + (1e-5 if method == "adalora" else 0))
-        if abs(theirs - scaling) > 1e-9 * max(abs(scaling), 1.0):
-            raise PeftError(f"peft.init_from: {directory} was trained with r={r}, lora_alpha={alpha}, use_rslora="
-                            f"{config.get('use_rslora', False)} (scaling {theirs:g}), this run scales by {scaling:g}: "
-                            "set peft.rank, peft.alpha and peft.rslora to the adapter's")
-    with open(weights_path, "rb") as f:  # the metadata: safetensors' header, read without loading the tensors
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    theirs = header.get("__metadata__", {}).get(FINGERPRINT_KEY)
-    if theirs is not None and theirs != fingerprint(model):
+        _check_scaling(model, method, config, directory)
+    if their_fingerprint is not None and their_fingerprint != fingerprint(model):
         raise PeftError(f"peft.init_from: {directory} was trained on another base model (frozen-weight fingerprint "
-                        f"{theirs[:12]}..., this model's {fingerprint(model)[:12]}...): load the base it was trained "
-                        "on (model.name_or_path)")
-    tensors = load_file(weights_path)
-    # AdaLoRA trained in peft saves only the triplets its rank pattern kept: put them back in their slots.
-    pattern = {k.removesuffix(".lora_E"): v for k, v in (config.get("rank_pattern") or {}).items()}
-    for name in pattern:
-        for part in "AEB":
-            key = f"{PREFIX}{name}.lora_{part}"
-            if key in tensors and sum(pattern[name]) != len(pattern[name]):
-                full = np.zeros(tensors[key].shape[:-1] + (len(pattern[name]),) if part == "B"
-                                else (len(pattern[name]),) + tensors[key].shape[1:], tensors[key].dtype)
-                if part == "B":
-                    full[:, np.flatnonzero(pattern[name])] = tensors[key]
-                else:
-                    full[np.flatnonzero(pattern[name])] = tensors[key]
-                tensors[key] = full
-    expected = _expected_shapes(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [f"{k}: {tensors[k].shape} != {expected[k]}" for k in expected if k in tensors
-              and tuple(tensors[k].shape) != expected[k]]
-    if missing or unexpected or shapes:
-        raise PeftError(f"peft.init_from: {directory} does not fit this model (another base, other targets or other "
-                        f"modules_to_save?). Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected: "
-                        f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; mis-shaped: {shapes[:8]}")
-    head = _head_prefix(model)
+                        f"{their_fingerprint[:12]}..., this model's {fingerprint(model)[:12]}...): load the base it "
+                        "was trained on (model.name_or_path)")
+    if config.get("rank_pattern"):
+        tensors = _unprune(tensors, config["rank_pattern"])
+    _check_fits(model, tensors, directory)
     if virtual(model) is not None:
         if getattr(virtual(model), "mlp_in", None) is not None:
             raise PeftError(f"peft.init_from: {directory} holds prefix tuning's keys and values (the "
@@ -191,13 +157,71 @@ def load_adapter(model: nnx.Module, directory: str | Path) -> None:
         virtual(model).from_peft(tensors)
     for name, (_, adapter) in adapters(model).items():
         adapter.from_peft({k.removeprefix(PREFIX): v for k, v in tensors.items()}, name)
-    names, flip = parameter_names(model), transposed(model)
+    names, flip, head = parameter_names(model), transposed(model), _head_prefix(model)
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         if not is_method_parameter(path):
             array = tensors[head + names[path]]
             var.set_value(jax.numpy.asarray(array.T if flip[path] else array, var.get_value().dtype))
     nnx.update(model, state)
+
+
+def _read(directory: Path) -> tuple[dict, dict[str, np.ndarray], str | None]:
+    """(adapter_config.json, the tensors, our base fingerprint from the safetensors metadata if there is one)."""
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise PeftError(f"peft.init_from: {path} does not exist; a peft adapter directory holds "
+                            "adapter_config.json and adapter_model.safetensors (PeftModel.save_pretrained writes them)")
+    with open(weights_path, "rb") as f:  # safetensors' header: 8 bytes of length, then JSON
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return (json.loads(config_path.read_text()), load_file(weights_path),
+            header.get("__metadata__", {}).get(FINGERPRINT_KEY))
+
+
+def _check_scaling(model: nnx.Module, method: str, config: dict, directory: Path) -> None:
+    """LoRA's alpha / r (rsLoRA: / sqrt(r)), AdaLoRA's alpha / (init_r + 1e-5): the adapter's must be ours."""
+    ours = next(iter(adapters(model).values()))[1].scaling
+    r, alpha, rs = config.get("init_r" if method == "adalora" else "r"), config.get("lora_alpha", 8), \
+        config.get("use_rslora", False)
+    theirs = alpha / (r ** 0.5 if rs else r + (1e-5 if method == "adalora" else 0))
+    if abs(theirs - ours) > 1e-9 * max(abs(ours), 1.0):
+        raise PeftError(f"peft.init_from: {directory} was trained with r={r}, lora_alpha={alpha}, use_rslora={rs} "
+                        f"(scaling {theirs:g}), this run scales by {ours:g}: set peft.rank (AdaLoRA: peft.init_rank), "
+                        "peft.alpha and peft.rslora to the adapter's")
+
+
+def _unprune(tensors: dict[str, np.ndarray], rank_pattern: dict[str, list[bool]]) -> dict[str, np.ndarray]:
+    """An AdaLoRA adapter that peft saved with a rank pattern holds only the kept triplets: put them back in
+    their slots of the init_r-wide matrices, the pruned ones at zero (the same function)."""
+    out = dict(tensors)
+    for key, kept in rank_pattern.items():  # "<HF module>.lora_E": [bool] * init_r
+        rows = np.flatnonzero(kept)
+        for part in "AEB":
+            name = f"{PREFIX}{key.removesuffix('.lora_E')}.lora_{part}"
+            if name not in tensors or len(rows) == len(kept):
+                continue
+            x = tensors[name]
+            if part == "B":  # (F, kept) -> (F, init_r)
+                full = np.zeros((x.shape[0], len(kept)), x.dtype)
+                full[:, rows] = x
+            else:  # (kept, D or 1) -> (init_r, D or 1)
+                full = np.zeros((len(kept), x.shape[1]), x.dtype)
+                full[rows] = x
+            out[name] = full
+    return out
+
+
+def _check_fits(model: nnx.Module, tensors: dict[str, np.ndarray], directory: Path) -> None:
+    expected = _expected_shapes(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: {tensors[k].shape} != {expected[k]}" for k in expected
+              if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        raise PeftError(f"peft.init_from: {directory} does not fit this model (another base, other targets or other "
+                        f"modules_to_save?). Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected: "
+                        f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; mis-shaped: {shapes[:8]}")
 
 
 def _layer_paths(model: nnx.Module) -> list[tuple]:
