@@ -11,8 +11,9 @@ paper's; the record: experiments/results/peft_lr/), and each method at the budge
 
     full        every weight, lr 5e-5 (sst2_minilm.py's)
     lora        r=8, alpha=8 on query and value (Hu et al.'s RoBERTa-base GLUE setting)
-    adalora     init rank 12 -> average 8 on query and value, budget falling from step 200 to 1,605, then fixed
-                for the last 500 (tinit/tfinal ~10%/25% of training, as Zhang et al.'s GLUE runs), every 10 steps
+    adalora     init rank 12 -> average 8 on query and value, alpha 16 and orthogonality weight 0.1 (Zhang et
+                al.'s GLUE scripts), budget falling from step 200 to 1,605, then fixed for the last 500 (tinit
+                and tfinal ~10% and ~25% of training, as their runs), reallocated every 10 steps
     ia3         keys, values and the MLP's intermediate activations (Liu et al.)
     houlsby     64-unit adapters after the attention and after the MLP (swish)
     pfeiffer    64-unit adapters after the MLP (relu)
@@ -63,8 +64,8 @@ def get_config() -> ExperimentConfig:
 METHODS = {
     "full": {},
     "lora": {"peft.method": "lora", "peft.rank": 8, "peft.alpha": 8.0},
-    "adalora": {"peft.method": "adalora", "peft.init_rank": 12, "peft.rank": 8, "peft.alpha": 8.0,
-                "peft.tinit": 200, "peft.tfinal": 500, "peft.delta_t": 10},
+    "adalora": {"peft.method": "adalora", "peft.init_rank": 12, "peft.rank": 8, "peft.alpha": 16.0,
+                "peft.orth_reg_weight": 0.1, "peft.tinit": 200, "peft.tfinal": 500, "peft.delta_t": 10},
     "ia3": {"peft.method": "ia3"},
     "houlsby": {"peft.method": "bottleneck", "peft.adapter_placement": "houlsby", "peft.adapter_size": 64},
     "pfeiffer": {"peft.method": "bottleneck", "peft.adapter_placement": "pfeiffer", "peft.adapter_size": 64},
