@@ -17,7 +17,7 @@ paper used another optimizer):
 AdaLoRA's budget schedule is scaled to the 500 steps (tinit 50, tfinal 120).
 
 Where the best rate sat at the edge of the three, the search went one step further (LoRA 2e-3, IA3 3e-2,
-Houlsby and Pfeiffer 3e-3). Prefix tuning first ran at P-tuning v2's rates (1e-3-1e-2) and stayed at chance
+Houlsby and Pfeiffer 3e-3, prompt 1e-1). Prefix tuning first ran at P-tuning v2's rates (1e-3-1e-2) and stayed at chance
 (the reparameterization MLP's output moves too fast for the classifier to follow); it now also runs at Li &
 Liang's (5e-5-3e-4), who train through the MLP. AdaLoRA first ran at 5e-4, 1e-3 and 2e-3 with alpha 8 and
 peft's orthogonality weight 0.5 and stayed near chance (51-79% at 500 steps: e starts at zero and A, B at
@@ -36,7 +36,7 @@ RESULTS = "peft_lr"  # experiments/results/peft_lr/
 STUDY = load_experiment_module(Path(__file__).with_name("peft_sst2.py"))
 CANDIDATES = {"lora": (2e-4, 5e-4, 1e-3, 2e-3), "adalora": (2e-3, 5e-3, 1e-2), "ia3": (1e-3, 3e-3, 1e-2, 3e-2),
               "houlsby": (1e-4, 3e-4, 1e-3, 3e-3), "pfeiffer": (1e-4, 3e-4, 1e-3, 3e-3),
-              "prefix": (5e-5, 1e-4, 3e-4, 1e-3, 5e-3, 1e-2), "prompt": (3e-3, 1e-2, 3e-2)}
+              "prefix": (5e-5, 1e-4, 3e-4, 1e-3, 5e-3, 1e-2), "prompt": (3e-3, 1e-2, 3e-2, 1e-1)}
 SHORT = {"train.max_steps": 500, "train.eval_every": None}
 
 
