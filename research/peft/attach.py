@@ -1,7 +1,8 @@
 """Attaching a PEFT method to a model, freezing the rest, and taking it apart again.
 
-`attach` puts the method's module on each target `Linear` (`layer.adapter`, research/models/linear.py), then
-turns every other weight into a `Frozen` variable except the modules trained in full (`modules_to_save`).
+`attach` puts the method's module on each target `Linear` (`layer.adapter`, research/models/linear.py: LoRA,
+AdaLoRA, IA3, bottleneck adapters) or in the base model's `prompt` / `prefix` slot (prompt and prefix tuning),
+then turns every other weight into a `Frozen` variable except the modules trained in full (`modules_to_save`).
 `Frozen` is not an `nnx.Param`, and everything in this codebase that trains, checkpoints or restores splits
 the model by `nnx.Param`: frozen weights thus ride with the model's non-parameter state (like the dropout
 RNG streams), so the train step computes no gradient for them, the optimizer keeps no state for them, and
@@ -55,7 +56,6 @@ def is_method_parameter(path: tuple) -> bool:
 
 def attach(model: nnx.Module, cfg: PeftConfig, seed: int) -> None:
     """Attach `cfg.method` to `model` (in place) and freeze everything else but `cfg.modules_to_save`."""
-    family, task = task_of(model)
     rngs = nnx.Rngs(seed)  # one stream, as the models' own: `nnx.reseed(default=...)` reseeds the dropout
     if cfg.method in ("prefix", "prompt"):
         _attach_virtual(model, cfg, rngs)
