@@ -196,6 +196,9 @@ class PeftConfig:
     # peft), keeping only its output at the end; false: train the keys and values directly.
     prefix_projection: bool = True
     prefix_hidden_size: int | None = None
+    # Prefix: "random" (peft's: an N(0, 1) table, through the MLP when there is one) or "vocab" (Li & Liang: the
+    # keys and values the frozen model computes for random vocabulary tokens; the MLP then starts at them).
+    prefix_init: Literal["random", "vocab"] = "random"
     # Prompt: "vocab" (embeddings of random vocabulary tokens), "text" (of prompt_init_text's tokens), "random".
     prompt_init: Literal["vocab", "text", "random"] = "vocab"
     prompt_init_text: str | None = None

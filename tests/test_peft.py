@@ -605,3 +605,32 @@ def test_an_adalora_adapter_peft_saved_with_a_rank_pattern_loads_into_its_slots(
     ids, mask, _ = batch("bert-seq")
     assert_close(np.asarray(our_logits(ours, ids, mask)), to_numpy(torch_logits(theirs, ids, mask)), LOGIT_RTOL,
                  "logits")
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_from_real_words_is_the_kv_cache_of_those_words(projection, base_dirs):
+    # Li & Liang's init: for GPT-2, a prefix holding the keys and values of some tokens is exactly having read
+    # them: the logits of the input after the prefix equal those after the tokens themselves. Through the MLP
+    # too (its output layer is solved to start there).
+    from research.peft.attach import real_words
+    from research.peft.prefix import Prefix
+
+    model = from_pretrained(base_dirs["gpt2-lm"], "causal_lm")
+    words = jnp.asarray([[17, 4, 60, 33]])
+    table = real_words(model.transformer, "h", words)
+    prefix = Prefix(4, 2, 4, 8, projection, 16, rngs=nnx.Rngs(0))
+    prefix.set_table(table)
+    np.testing.assert_allclose(np.asarray(prefix.table()), np.asarray(table), atol=1e-5)
+    ids = np.array([[5, 9, 13, 7, 21], [8, 2, 11, 3, 30]])
+    after_words = np.asarray(model(jnp.concatenate([jnp.repeat(words, 2, axis=0), jnp.asarray(ids)], axis=1)))[:, 4:]
+    model.transformer.prefix = prefix
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), after_words, rtol=0,
+                               atol=1e-5 * np.abs(after_words).max())
+    # Through the config: peft.prefix_init="vocab" builds such a prefix from random vocabulary tokens.
+    again = from_pretrained(base_dirs["gpt2-lm"], "causal_lm")
+    peft.prepare(again, PeftConfig(method="prefix", num_virtual_tokens=4, prefix_init="vocab",
+                                   prefix_projection=projection, prefix_hidden_size=16), seed=0)
+    assert np.abs(np.asarray(virtual(again).table())).max() > 0.1
+    bert = from_pretrained(base_dirs["bert-seq"], "sequence_classification")  # BERT's layers give theirs too
+    peft.prepare(bert, PeftConfig(method="prefix", num_virtual_tokens=4, prefix_init="vocab"), seed=0)
+    assert virtual(bert).table().shape == (4, 2 * 2 * 32) and np.abs(np.asarray(virtual(bert).table())).max() > 0.1

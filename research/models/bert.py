@@ -170,18 +170,21 @@ class BertAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
         self.output_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b1ts, prefix_kv=None):
-        """`prefix_kv`: prefix tuning's (keys, values) for this layer, each (B, nh, P, hs), placed before the
-        tokens' own; `mask_b1ts` then covers the P + T keys."""
-        B, T, D = x_btd.shape
+    def project(self, x_btd):
+        """Queries, keys and values, each (B, nh, T, hs)."""
+        B, T, _ = x_btd.shape
 
         def split_heads(y_btd):  # (B, T, D) -> (B, T, nh, hs) -> (B, nh, T, hs)
             # Heads-major layout: XLA's CPU batched matmul is ~3.5x faster than contracting (B, T, nh, hs).
             return y_btd.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-        q_bnth = split_heads(self.query(x_btd))
-        k_bnsh = split_heads(self.key(x_btd))
-        v_bnsh = split_heads(self.value(x_btd))
+        return split_heads(self.query(x_btd)), split_heads(self.key(x_btd)), split_heads(self.value(x_btd))
+
+    def __call__(self, x_btd, mask_b1ts, prefix_kv=None):
+        """`prefix_kv`: prefix tuning's (keys, values) for this layer, each (B, nh, P, hs), placed before the
+        tokens' own; `mask_b1ts` then covers the P + T keys."""
+        B, T, D = x_btd.shape
+        q_bnth, k_bnsh, v_bnsh = self.project(x_btd)
         if prefix_kv is not None:  # (B, nh, P, hs) ++ (B, nh, T, hs) -> (B, nh, P + T, hs)
             k_bnsh = jnp.concatenate([prefix_kv[0], k_bnsh], axis=2)
             v_bnsh = jnp.concatenate([prefix_kv[1], v_bnsh], axis=2)
@@ -219,6 +222,11 @@ class BertLayer(nnx.Module):
 
     def __call__(self, x_btd, mask_b1ts, prefix_kv=None):
         return self.mlp(self.attention(x_btd, mask_b1ts, prefix_kv))
+
+    def keys_values(self, x_btd):
+        """The keys and values this layer computes from its input (B, T, D), each (B, nh, T, hs): what prefix
+        tuning's initialization from real words reads (research/peft/prefix.py)."""
+        return self.attention.project(x_btd)[1:]
 
 
 # --------------------------------------------------------------------------------------------- encoder

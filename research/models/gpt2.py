@@ -173,19 +173,24 @@ class GPT2Attention(nnx.Module):
             scale /= layer_idx + 1
         self.scale = scale
 
-    def __call__(self, x_btd, mask_b1ts, kv=None, index=None, prefix_kv=None):
-        """`mask_b1ts[b, 0, t, s]` says whether query t may attend to key s. With `kv=(k, v)` of shape
-        (B, nh, S, hs), the new keys and values are written at slot `index` and attention runs over all S
-        slots; the updated (k, v) is returned alongside the output. `prefix_kv`: prefix tuning's (keys, values)
-        for this layer, each (B, nh, P, hs), placed before the tokens' own (without a cache)."""
-        B, T, D = x_btd.shape
+    def project(self, x_btd):
+        """Queries, keys and values, each (B, nh, T, hs), from the fused projection."""
+        B, T, _ = x_btd.shape
 
         def split_heads(y_btd):  # (B, T, D) -> (B, T, nh, hs) -> (B, nh, T, hs)
             # Heads-major layout: XLA's CPU batched matmul is ~3.5x faster than contracting (B, T, nh, hs).
             return y_btd.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
         q_btd, k_btd, v_btd = jnp.split(self.c_attn(x_btd), 3, axis=-1)  # (B, T, 3D) -> 3 x (B, T, D)
-        q_bnth, k_bnsh, v_bnsh = split_heads(q_btd), split_heads(k_btd), split_heads(v_btd)
+        return split_heads(q_btd), split_heads(k_btd), split_heads(v_btd)
+
+    def __call__(self, x_btd, mask_b1ts, kv=None, index=None, prefix_kv=None):
+        """`mask_b1ts[b, 0, t, s]` says whether query t may attend to key s. With `kv=(k, v)` of shape
+        (B, nh, S, hs), the new keys and values are written at slot `index` and attention runs over all S
+        slots; the updated (k, v) is returned alongside the output. `prefix_kv`: prefix tuning's (keys, values)
+        for this layer, each (B, nh, P, hs), placed before the tokens' own (without a cache)."""
+        B, T, D = x_btd.shape
+        q_bnth, k_bnsh, v_bnsh = self.project(x_btd)
         if prefix_kv is not None:  # (B, nh, P, hs) ++ (B, nh, T, hs) -> (B, nh, P + T, hs)
             k_bnsh = jnp.concatenate([prefix_kv[0], k_bnsh], axis=2)
             v_bnsh = jnp.concatenate([prefix_kv[1], v_bnsh], axis=2)
@@ -230,6 +235,11 @@ class GPT2Block(nnx.Module):
         a_btd, kv = self.attn(self.ln_1(x_btd), mask_b1ts, kv, index, prefix_kv)
         x_btd = x_btd + a_btd
         return x_btd + self.mlp(self.ln_2(x_btd)), kv
+
+    def keys_values(self, x_btd):
+        """The keys and values this block computes from its input (B, T, D), each (B, nh, T, hs): what prefix
+        tuning's initialization from real words reads (research/peft/prefix.py)."""
+        return self.attn.project(self.ln_1(x_btd))[1:]
 
 
 # --------------------------------------------------------------------------------------------- decoder

@@ -70,8 +70,12 @@ def _attach_virtual(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
     base, c = base_of(model), model.config
     heads, width = family.num_heads(c), family.width(c)
     if cfg.method == "prefix":
-        base.prefix = Prefix(cfg.num_virtual_tokens, family.num_layers(c), heads, width // heads, cfg.prefix_projection,
-                             cfg.prefix_hidden_size or width, rngs=rngs)
+        prefix = Prefix(cfg.num_virtual_tokens, family.num_layers(c), heads, width // heads, cfg.prefix_projection,
+                        cfg.prefix_hidden_size or width, rngs=rngs)
+        if cfg.prefix_init == "vocab":
+            ids_1p = jax.random.randint(rngs.params(), (1, cfg.num_virtual_tokens), 0, c.vocab_size)
+            prefix.set_table(real_words(base, family.layer_container, ids_1p))
+        base.prefix = prefix
         return
     P = cfg.num_virtual_tokens
     if cfg.prompt_init == "random":  # Lester et al.'s random init
@@ -88,6 +92,18 @@ def _attach_virtual(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
             ids = jnp.asarray((tokens * (P // len(tokens) + 1))[:P])
         init_pd = base.embed(ids[None])[0].astype(jnp.float32)  # (1, P) -> (1, P, D) -> (P, D)
     base.prompt = Prompt(init_pd)
+
+
+def real_words(base: nnx.Module, layer_container: str, ids_1p: jax.Array) -> jax.Array:
+    """Li & Liang's prefix init: the keys and values each layer computes for the token ids (1, P) read as one
+    sequence, in the prefix table's layout (P, L * 2 * D): layer l's keys, then its values."""
+    tokens = ids_1p.shape[1]
+    _, hidden = base(ids_1p, output_hidden_states=True)  # hidden[l]: layer l's input (1, P, D)
+    pairs = []
+    for layer, x_1pd in zip(getattr(base, layer_container), hidden, strict=False):
+        k_1nph, v_1nph = layer.keys_values(x_1pd)
+        pairs += [k_1nph[0].transpose(1, 0, 2), v_1nph[0].transpose(1, 0, 2)]  # (nh, P, hs) -> (P, nh, hs)
+    return jnp.stack(pairs, axis=1).reshape(tokens, -1).astype(jnp.float32)  # (P, 2L, nh, hs) -> (P, L*2*D)
 
 
 def _attach_to_layers(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> None:

@@ -9,6 +9,11 @@ because optimizing the keys and values directly is unstable (Li & Liang sec. 4.3
 trains the (P, L * 2 * D) table directly (P-tuning v2). Only the MLP's output is needed at the end: the export
 (peft's `prompt_embeddings`) is that output, and an adapter loaded from peft is a plain table.
 
+Initialization (`peft.prefix_init`): peft's, an N(0, 1) table (through the MLP when there is one), or Li &
+Liang's real words: the keys and values the frozen model computes for P random vocabulary tokens read as one
+sequence (`set_table`; with the MLP, its output layer is solved so that it starts at exactly those). For GPT-2
+the prefix then is the KV cache of those tokens (tested).
+
 The table's layout is peft's: (P, L, 2, heads, head size), layer l's keys at [:, l, 0] and values at [:, l, 1].
 The base model (its `prefix` slot) hands layer l its pair and lets every query see the P prefix slots; token
 positions start at P, as transformers numbers them after a cache of P entries. For GPT-2 decoding the prefix
@@ -59,6 +64,17 @@ class Prefix(nnx.Module):
         if self.mlp_in is None:
             return e_pd
         return self.mlp_out(jnp.tanh(self.mlp_in(e_pd)))
+
+    def set_table(self, table_pw: jax.Array) -> None:
+        """Start from these keys and values (P, L * 2 * D): the table itself, or, through the MLP, an output
+        layer solved so that the MLP yields exactly them (P <= the MLP's width, so the least-squares fit of its
+        (P, hidden) activations is exact)."""
+        if self.mlp_in is None:
+            self.embedding[...] = jnp.asarray(table_pw, jnp.float32)
+            return
+        h_ph = jnp.tanh(self.mlp_in(self.embedding[...]))  # (P, hidden)
+        kernel, *_ = jnp.linalg.lstsq(h_ph, table_pw - self.mlp_out.bias[...])  # (hidden, L*2*D)
+        self.mlp_out.kernel[...] = kernel
 
     def keys_values(self, batch: int, dtype) -> list[tuple[jax.Array, jax.Array]]:
         """Per layer (keys, values), each (B, heads, P, head size)."""
