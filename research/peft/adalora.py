@@ -28,9 +28,10 @@ import optax
 from flax import nnx
 
 from research.models.linear import Linear
+from research.peft.lora import LowRankUpdate
 
 
-class AdaLoRA(nnx.Module):
+class AdaLoRA(LowRankUpdate):
     def __init__(self, layer: Linear, rank: int, alpha: float, dropout: float, orth_reg_weight: float, *,
                  rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
@@ -52,21 +53,8 @@ class AdaLoRA(nnx.Module):
         return y_nf + update_nf * self.scaling
 
     def delta(self) -> jax.Array:
+        """The kernel update (D, F) = scaling * (A * e) B."""
         return self.scaling * ((self.lora_a[...] * self.lora_e[...][None, :]) @ self.lora_b[...])
-
-    def merge(self, layer: Linear) -> None:
-        if not self.merged:
-            layer.kernel[...] = (layer.kernel[...] + self.delta()).astype(layer.kernel[...].dtype)
-            self.merged = True
-
-    def unmerge(self, layer: Linear) -> None:
-        if self.merged:
-            layer.kernel[...] = (layer.kernel[...] - self.delta()).astype(layer.kernel[...].dtype)
-            self.merged = False
-
-    def folded(self, layer: Linear) -> dict[str, jax.Array]:
-        kernel = layer.kernel[...] if self.merged else layer.kernel[...] + self.delta()
-        return {"kernel": kernel} | ({"bias": layer.bias[...]} if layer.bias is not None else {})
 
     def penalty(self) -> jax.Array:
         """||A^T A - I||_F + ||B B^T - I||_F: the two (r, r) Gram matrices against the identity (not squared)."""

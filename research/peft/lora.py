@@ -23,7 +23,31 @@ from research.models.linear import Linear
 TORCH_LINEAR_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-class LoRA(nnx.Module):
+class LowRankUpdate(nnx.Module):
+    """What LoRA and AdaLoRA share: an additive kernel update `delta()` (D, F) that folds into the layer's kernel
+    and back out. Subclasses set `self.merged = False` in their constructor."""
+
+    def delta(self) -> jax.Array:
+        raise NotImplementedError
+
+    def merge(self, layer: Linear) -> None:
+        """Fold the update into the layer's kernel; the layer then computes the same function with no extra work."""
+        if not self.merged:
+            layer.kernel[...] = (layer.kernel[...] + self.delta()).astype(layer.kernel[...].dtype)
+            self.merged = True
+
+    def unmerge(self, layer: Linear) -> None:
+        if self.merged:
+            layer.kernel[...] = (layer.kernel[...] - self.delta()).astype(layer.kernel[...].dtype)
+            self.merged = False
+
+    def folded(self, layer: Linear) -> dict[str, jax.Array]:
+        """The layer's parameters with the update folded in (the layer itself unchanged)."""
+        kernel = layer.kernel[...] if self.merged else layer.kernel[...] + self.delta()
+        return {"kernel": kernel} | ({"bias": layer.bias[...]} if layer.bias is not None else {})
+
+
+class LoRA(LowRankUpdate):
     def __init__(self, layer: Linear, rank: int, alpha: float, dropout: float, rslora: bool, *, rngs: nnx.Rngs):
         self.lora = nnx.LoRA(layer.in_features, rank, layer.out_features, a_initializer=TORCH_LINEAR_INIT,
                              dtype=layer.dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -41,22 +65,6 @@ class LoRA(nnx.Module):
     def delta(self) -> jax.Array:
         """The kernel update (D, F) = scaling * A B."""
         return self.scaling * (self.lora.lora_a[...] @ self.lora.lora_b[...])
-
-    def merge(self, layer: Linear) -> None:
-        """Fold the update into the layer's kernel; the layer then computes the same function with no extra work."""
-        if not self.merged:
-            layer.kernel[...] = (layer.kernel[...] + self.delta()).astype(layer.kernel[...].dtype)
-            self.merged = True
-
-    def unmerge(self, layer: Linear) -> None:
-        if self.merged:
-            layer.kernel[...] = (layer.kernel[...] - self.delta()).astype(layer.kernel[...].dtype)
-            self.merged = False
-
-    def folded(self, layer: Linear) -> dict[str, jax.Array]:
-        """The layer's parameters with the update folded in (the layer itself unchanged)."""
-        kernel = layer.kernel[...] if self.merged else layer.kernel[...] + self.delta()
-        return {"kernel": kernel} | ({"bias": layer.bias[...]} if layer.bias is not None else {})
 
     # ------------------------------------------------------------------ peft's layout: torch nn.Linear (out, in)
 
