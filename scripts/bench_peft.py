@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from bench_train_step import median_time  # scripts/: the same timing as the train-step benchmark
 from flax import nnx
 
 from research.config import apply_overrides, load_experiment_module, variant_overrides
@@ -40,16 +40,6 @@ from research.sharding import make_mesh, put_batch, replicated
 from research.train import make_train_step
 
 STUDY = load_experiment_module(Path(__file__).resolve().parents[1] / "experiments" / "peft_sst2.py")
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation for JAX)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def jax_step(method: str, batch: dict, steps: int) -> dict:
