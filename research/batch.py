@@ -7,8 +7,8 @@ packed one are two pytree structures, each compiled once).
 Rows and examples. A padded batch holds one example per row, so R == E. A packed batch
 (`research.data.batches.pack`) holds several examples per row: `segment_ids` keeps attention inside each
 example, `position_ids` restart at 0 for each, and `pool_index` says where each example's first token sits.
-Per-example fields (`labels` of a sequence task, `weights`, `environment`, `pair_ids`) have E entries; token
-fields have the rows' shape (R, T).
+Per-example fields (`labels` of a sequence task, `weights`, `environment`, `pair_ids`, a sequence task's
+`teacher_logits`) have E entries; token fields have the rows' shape (R, T).
 
 On the device the train step sees every field with a leading micro-batch axis, (A, R / A, ...) and
 (A, E / A, ...) (`research.sharding.put_batch`); inside the loss, each micro-batch as below.
@@ -42,6 +42,9 @@ class Batch:
     label_weights: Array | None = None  # (R, T) float32, token tasks: 1 where a token target counts
     environment: Array | None = None  # (E,) int32 training-environment ids (invariance objectives)
     pair_ids: Array | None = None  # (E,) int32 counterfactual pair of each example; pair p at examples 2p, 2p+1
+    # Distillation: the teacher's logits, (E, C) per example, or (R, T, C) per token of a token task (zeros
+    # where no target counts); research/compress/teacher.py computes and caches them.
+    teacher_logits: Array | None = None
 
     # The model's keyword arguments (DESIGN.md's calling contract); the rest is for the loss.
     MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids", "pool_index")

@@ -208,6 +208,20 @@ class PeftConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (research/compress/teacher.py, research/objectives/distillation.py): the teacher
+    a distillation objective (`objective.name="kd"`) learns from."""
+
+    # A run directory (its `teacher_checkpoint`), or a Hugging Face model directory or hub id with this task's
+    # head. Its label set (in order) and its tokenizer's vocabulary must be the student's.
+    teacher: str | None = None
+    teacher_checkpoint: Literal["best", "latest"] = "best"
+    # The teacher's logits over the training split are computed once, in eval mode, and cached here under a
+    # key of the teacher's weights and the tokenized split (None: $XDG_CACHE_HOME/research/teacher_logits).
+    cache_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 32  # examples per optimizer step, over all devices and accumulation steps
@@ -247,6 +261,7 @@ class ExperimentConfig:
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
@@ -319,6 +334,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+DISTILLATION_OBJECTIVES = ("kd",)  # objectives that read the teacher's logits (research/objectives/distillation.py)
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
@@ -439,6 +457,14 @@ def _check_values(cfg: ExperimentConfig) -> None:
                               "in full in peft.modules_to_save")
     if c.patience is not None and c.best_metric is None:
         raise ConfigError("checkpoint.patience needs checkpoint.best_metric (the metric early stopping watches)")
+    distilling = cfg.objective.name in DISTILLATION_OBJECTIVES
+    if distilling != (cfg.distill.teacher is not None):
+        raise ConfigError(f"objective.name={cfg.objective.name!r} learns from a teacher: set distill.teacher"
+                          if distilling else f"distill.teacher is set but objective.name={cfg.objective.name!r} "
+                          f"does not use it: choose one of {sorted(DISTILLATION_OBJECTIVES)} or unset distill.teacher")
+    if distilling and cfg.model.task == "causal_lm":
+        raise ConfigError("objective.name='kd' caches the teacher's logits, one row per example or token of a "
+                          "classification task; a causal LM's (50,257 per token) do not fit a cache")
 
 
 # ----------------------------------------------------------------------------------- files and overrides

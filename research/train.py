@@ -37,6 +37,7 @@ from research import experiment, peft
 from research import run as run_dir
 from research.batch import Batch
 from research.checkpoint import Checkpoints
+from research.compress import teacher
 from research.config import ConfigError, ExperimentConfig
 from research.data.batches import epoch_batches, oversampling, steps_per_epoch
 from research.data.dialogue import DialogueSplit
@@ -278,6 +279,8 @@ def _prepare(cfg: ExperimentConfig, workdir: Path, groups: int, resuming: bool
         draws = oversampling(train_split.environments, len(train_split.environment_names), t.batch_size, groups,
                              cfg.data.environment_proportions)
         train_split.report.draws_per_epoch = {train_split.environment_names[e]: round(v, 3) for e, v in draws.items()}
+    if cfg.distill.teacher is not None:  # its logits over the training split ride in the batches
+        pieces.train = teacher.with_teacher_logits(cfg, pieces, workdir, resuming)
     run_dir.record_run(workdir, cfg, pieces, resuming=resuming)
     return pieces, cfg
 

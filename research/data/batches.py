@@ -46,6 +46,7 @@ def collate(split: Split, indices: np.ndarray, weights: np.ndarray, length: int,
         fields["token_type_ids"] = np.zeros((n, length), np.int32)
     if split.token_targets is not None:  # token targets (B, T): -1 (no target, padding) weighs 0
         targets = np.full((n, length), -1, np.int32)
+    token_teacher = _token_teacher(split, (n, length))
     for row, i in enumerate(indices):
         ids = split.input_ids[i]
         fields["input_ids"][row, : len(ids)] = ids
@@ -54,6 +55,10 @@ def collate(split: Split, indices: np.ndarray, weights: np.ndarray, length: int,
             fields["token_type_ids"][row, : len(ids)] = split.token_type_ids[i]
         if split.token_targets is not None:
             targets[row, : len(ids)] = split.token_targets[i]
+        if token_teacher is not None:
+            token_teacher[row, : len(ids)] = split.teacher_logits[i]
+    if token_teacher is not None:
+        fields["teacher_logits"] = token_teacher
     if split.token_targets is not None:
         fields["label_weights"] = (targets >= 0) * fields["weights"][:, None]
         fields["labels"] = np.maximum(targets, 0)  # a valid index everywhere; the weight says what counts
@@ -113,6 +118,7 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
     }
     if split.token_type_ids is not None:
         fields["token_type_ids"] = np.zeros(shape, np.int32)
+    token_teacher = _token_teacher(split, shape)
     for g, rows in enumerate(layout):
         for r, members in enumerate(rows):
             row, start = g * n_rows + r, 0
@@ -123,20 +129,34 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
                 if split.token_type_ids is not None:
                     fields["token_type_ids"][row, start:end] = split.token_type_ids[i]
                 fields["position_ids"][row, start:end] = np.arange(lengths[j])
+                if token_teacher is not None:
+                    token_teacher[row, start:end] = split.teacher_logits[i]
                 fields["segment_ids"][row, start:end] = segment
                 fields["pool_index"][j] = ((g % shards) * n_rows + r, start)  # row within its micro-batch
                 start = end
+    if token_teacher is not None:
+        fields["teacher_logits"] = token_teacher
     return Batch(**fields)
 
 
 def _example_keys(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-example batch entries beside labels and weights: `environment` ids and `pair_ids`, when present."""
+    """Per-example batch entries beside labels and weights: `environment` ids, `pair_ids` and a sequence
+    task's `teacher_logits`, when present."""
     out = {}
     if split.environments is not None:
         out["environment"] = split.environments[indices]
     if split.pair_ids is not None:
         out["pair_ids"] = split.pair_ids[indices]
+    if split.teacher_logits is not None and split.token_targets is None:
+        out["teacher_logits"] = split.teacher_logits[indices]  # (E, C)
     return out
+
+
+def _token_teacher(split: Split, shape: tuple[int, int]) -> np.ndarray | None:
+    """Zeros (R, T, C) to place a token task's teacher logits in, or None without them."""
+    if split.teacher_logits is None or split.token_targets is None:
+        return None
+    return np.zeros((*shape, split.teacher_logits[0].shape[-1]), np.float32)
 
 
 def epoch_batches(split: Split, batch_size: int, buckets: tuple[int, ...], pad_id: int, seed: int, epoch: int,

@@ -120,6 +120,9 @@ class Split:
     # Token classification: the tag id on each word's first piece (research/data/tagging.py); causal LM: the
     # next token (research/data/lm.py).
     token_targets: list[np.ndarray] | None = None
+    # Distillation (research/compress/teacher.py): the teacher's logits, (N, C) float32 for a sequence task, or
+    # one (T_i, C) array per example for a token task.
+    teacher_logits: np.ndarray | list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

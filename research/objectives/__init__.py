@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 
 from research.config import ConfigError, ObjectiveConfig, from_dict
-from research.objectives import adversarial, counterfactual, invariance, supervised
+from research.objectives import adversarial, counterfactual, distillation, invariance, supervised
 
 OBJECTIVES: dict[str, tuple[type, Callable]] = {
     "cross_entropy": (supervised.CrossEntropyOptions, supervised.cross_entropy),
@@ -26,6 +26,7 @@ OBJECTIVES: dict[str, tuple[type, Callable]] = {
     "clp": (counterfactual.CLPOptions, counterfactual.clp),
     "gradient_supervision": (counterfactual.GradientSupervisionOptions, counterfactual.gradient_supervision),
     "pair_margin": (counterfactual.PairMarginOptions, counterfactual.pair_margin),
+    "kd": (distillation.KDOptions, distillation.kd),  # needs distill.teacher (research/compress/teacher.py)
 }
 ENVIRONMENT_OBJECTIVES = {"irm", "vrex", "group_dro"}
 PAIR_OBJECTIVES = {"clp", "gradient_supervision", "pair_margin"}  # need pair batches (data.pair_column)

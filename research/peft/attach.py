@@ -173,11 +173,11 @@ def trained_modules(model: nnx.Module) -> list[str]:
     return list(dict.fromkeys(names[p].rsplit(".", 1)[0] for p, _ in params if not is_method_parameter(p)))
 
 
-def fingerprint(model: nnx.Module) -> str:
+def fingerprint(model: nnx.Module, variables: nnx.filterlib.Filter = Frozen) -> str:
     """sha256 of the frozen weights (paths, dtypes, shapes and bytes): what a checkpoint of trained
-    parameters alone was trained against."""
+    parameters alone was trained against. `variables`: another filter, e.g. every weight of a teacher."""
     digest = hashlib.sha256()
-    for path, var in sorted(nnx.to_flat_state(nnx.state(model, Frozen)), key=lambda item: str(item[0])):
+    for path, var in sorted(nnx.to_flat_state(nnx.state(model, variables)), key=lambda item: str(item[0])):
         array = np.asarray(jax.device_get(var.get_value()))
         digest.update(f"{'/'.join(map(str, path))}:{array.dtype}:{array.shape};".encode())
         digest.update(np.ascontiguousarray(array).tobytes())

@@ -1,0 +1,216 @@
+"""Knowledge distillation: the KD loss and its gradients against PyTorch, KD at alpha 0 / T 1 as supervised
+training, the cached teacher logits against the teacher's own forward, the runner with a teacher, and the
+errors a wrong teacher gets (research/objectives/distillation.py, research/compress/teacher.py)."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import check_objective, deterministic, our_grads_by_hf_name, records, smoke
+
+from research import experiment
+from research.batch import Batch
+from research.compress import teacher as teacher_lib
+from research.config import ConfigError
+from research.models import from_pretrained
+from research.objectives.distillation import KDOptions, distillation_loss, kd
+from research.objectives.supervised import CrossEntropyOptions, cross_entropy
+from research.train import train
+
+KEY = jax.random.key(0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 83, (4, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 3:] = 0
+    return Batch(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
+                 labels=np.array([0, 2, 1, 2], np.int32), weights=np.array([1, 1, 0, 1], np.float32),
+                 teacher_logits=rng.normal(0, 2, (4, 3)).astype(np.float32))
+
+
+def torch_kd(student, teacher, labels, weights, alpha, t):
+    """The reference: Hinton et al.'s loss, weighted mean over examples (or tokens) as torch users write it."""
+    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                  reduction="none").sum(-1)
+    ce = F.cross_entropy(student.reshape(-1, student.shape[-1]), labels.reshape(-1), reduction="none")
+    w = weights.reshape(-1)
+    return (alpha * t * t * (kl.reshape(-1) * w).sum() + (1 - alpha) * (ce * w).sum()) / w.sum()
+
+
+@pytest.mark.parametrize(("alpha", "temperature"), [(0.5, 2.0), (0.9, 4.0), (1.0, 1.0)])
+def test_kd_matches_pytorch(tiny_bert_pair, batch, alpha, temperature):
+    # Loss 1e-5 relative, every parameter's gradient 1e-4 of its scale; the filler example (weight 0) counts
+    # in neither.
+    theirs, _ = tiny_bert_pair
+    theirs.zero_grad(set_to_none=True)
+    logits = theirs(input_ids=torch.tensor(batch.input_ids).long(),
+                    attention_mask=torch.tensor(batch.attention_mask).long()).logits
+    loss = torch_kd(logits, torch.tensor(batch.teacher_logits), torch.tensor(batch.labels).long(),
+                    torch.tensor(batch.weights), alpha, temperature)
+    loss.backward()
+    check_objective(tiny_bert_pair, kd(KDOptions(alpha=alpha, temperature=temperature)), loss, batch)
+
+
+def test_token_kd_matches_pytorch():
+    # Per token, weighted by label_weights (padding and non-first word pieces weigh 0): loss and the gradient
+    # with respect to the student's logits.
+    rng = np.random.default_rng(1)
+    student = rng.normal(0, 2, (3, 7, 5)).astype(np.float32)
+    b = Batch(input_ids=np.zeros((3, 7), np.int32), attention_mask=np.ones((3, 7), np.int32),
+              labels=rng.integers(0, 5, (3, 7)).astype(np.int32), weights=np.ones(3, np.float32),
+              label_weights=(rng.random((3, 7)) > 0.3).astype(np.float32),
+              teacher_logits=rng.normal(0, 2, (3, 7, 5)).astype(np.float32))
+    o = KDOptions(alpha=0.7, temperature=3.0)
+    bj = jax.tree.map(jnp.asarray, b)
+    loss, grad = jax.value_and_grad(lambda s: distillation_loss(s, bj, o)[0])(jnp.asarray(student))
+    s = torch.tensor(student, requires_grad=True)
+    ref = torch_kd(s, torch.tensor(b.teacher_logits), torch.tensor(b.labels).long(), torch.tensor(b.label_weights),
+                   o.alpha, o.temperature)
+    ref.backward()
+    np.testing.assert_allclose(float(loss), float(ref.detach()), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), s.grad.numpy(), rtol=0, atol=1e-4 * float(s.grad.abs().max()))
+
+
+def test_kd_at_alpha_0_and_temperature_1_is_cross_entropy(tiny_bert_pair, batch):
+    _, mine = tiny_bert_pair
+    b = jax.tree.map(jnp.asarray, batch)
+    kd_loss, kd_grads = our_grads_by_hf_name(mine, lambda m: kd(KDOptions(alpha=0.0, temperature=1.0))(m, b, KEY)[0],
+                                             "sequence_classification")
+    ce_loss, ce_grads = our_grads_by_hf_name(mine, lambda m: cross_entropy(CrossEntropyOptions())(m, b, KEY)[0],
+                                             "sequence_classification")
+    assert kd_loss == ce_loss
+    for name, g in ce_grads.items():
+        np.testing.assert_array_equal(kd_grads[name], g, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------ the teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, minilm_dir):
+    """A small random BERT classifier over MiniLM's tokenizer and SST-2's labels, as transformers saves it."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=2, id2label={0: "0", 1: "1"},
+                                  label2id={"0": 0, "1": 1})
+    transformers.BertForSequenceClassification(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, out / name)
+    return out
+
+
+def kd_config(teacher, cache, *more):
+    return smoke("objective.name=kd", f"distill.teacher={teacher}", f"distill.cache_dir={cache}", *more)
+
+
+def test_cached_teacher_logits_equal_the_teachers_forward(tmp_path, teacher_dir, monkeypatch):
+    cfg = kd_config(teacher_dir, tmp_path / "cache")
+    pieces = experiment.prepare(cfg)
+    split = teacher_lib.with_teacher_logits(cfg, pieces, tmp_path, resuming=False)
+    assert split.teacher_logits.shape == (len(pieces.train), 2)
+    # The teacher alone, one example at a time (no padding, no batching): the cached rows are its logits.
+    model = from_pretrained(teacher_dir, "sequence_classification")
+    for i in range(0, len(split), 37):
+        ids = split.input_ids[i][None]
+        np.testing.assert_allclose(split.teacher_logits[i], np.asarray(model(jnp.asarray(ids)))[0], rtol=0,
+                                   atol=1e-5, err_msg=f"example {i}")
+    assert json.loads((tmp_path / "teacher.json").read_text())["examples"] == len(pieces.train)
+    # The second time, from the cache: nothing is computed, the values are the same.
+    monkeypatch.setattr(teacher_lib, "compute_logits", lambda *a: pytest.fail("the cache was not used"))
+    again = teacher_lib.with_teacher_logits(cfg, pieces, tmp_path, resuming=True)
+    np.testing.assert_array_equal(again.teacher_logits, split.teacher_logits)
+    # A damaged cache file is an error that names it, not a silent recomputation.
+    (cached,) = (tmp_path / "cache").glob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"{cached.name}.*do not load.*delete"):
+        teacher_lib.with_teacher_logits(cfg, pieces, tmp_path, resuming=True)
+
+
+def test_a_teacher_with_other_labels_or_another_tokenizer_is_refused(tmp_path, teacher_dir, data_dir):
+    pieces = experiment.prepare(kd_config(teacher_dir, tmp_path))
+    swapped = tmp_path / "swapped"
+    shutil.copytree(teacher_dir, swapped)
+    hf = json.loads((swapped / "config.json").read_text())
+    hf["id2label"], hf["label2id"] = {"0": "1", "1": "0"}, {"1": 0, "0": 1}
+    (swapped / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match=r"predicts labels \['1', '0'\], the student \['0', '1'\]"):
+        teacher_lib.with_teacher_logits(kd_config(swapped, tmp_path), pieces, tmp_path, resuming=False)
+    other = tmp_path / "gpt2_tokenizer"
+    shutil.copytree(teacher_dir, other)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (other / name).unlink()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(data_dir / "tokenizers" / "gpt2" / name, other / name)
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        teacher_lib.with_teacher_logits(kd_config(other, tmp_path), pieces, tmp_path, resuming=False)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["objective.name=kd"], "learns from a teacher: set distill.teacher"),
+    (["distill.teacher=runs/x"], "distill.teacher is set but objective.name='cross_entropy' does not use it"),
+])
+def test_distillation_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        smoke(*overrides)
+
+
+def test_kd_options_are_checked(tmp_path, teacher_dir):
+    from research.objectives import make_objective
+
+    with pytest.raises(ConfigError, match=r"alpha=1.5: a weight in \[0, 1\]"):
+        make_objective(kd_config(teacher_dir, tmp_path, "objective.params.alpha=1.5").objective)
+    with pytest.raises(ConfigError, match="temperature=0.0: must be positive"):
+        make_objective(kd_config(teacher_dir, tmp_path, "objective.params.temperature=0.0").objective)
+
+
+# ------------------------------------------------------------------------------------------- the runner
+
+
+def test_kd_runs_from_a_run_directory_and_at_alpha_0_trains_as_cross_entropy(tmp_path, teacher_dir):
+    # The teacher is itself a run (the smoke model trained 4 steps); the student distils from its best
+    # checkpoint, packed batches. At alpha 0 and T 1 the records equal plain cross-entropy's step for step.
+    short = ("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4", "data.pack_length=32")
+    train(smoke(*short, "checkpoint.best_metric=dev/accuracy"), tmp_path / "teacher")
+    cache = tmp_path / "cache"
+    train(kd_config(tmp_path / "teacher", cache, *short, "objective.params.alpha=0.0",
+                    "objective.params.temperature=1.0"), tmp_path / "kd")
+    train(smoke(*short), tmp_path / "ce")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("train/kd", "train/ce")} for r in rs]  # noqa: E731
+    assert strip(deterministic(records(tmp_path / "kd"))) == deterministic(records(tmp_path / "ce"))
+    logged = [r for r in records(tmp_path / "kd") if "train/kd" in r]
+    assert logged and all(r["train/ce"] == pytest.approx(r["train/loss"]) for r in logged)
+    about = json.loads((tmp_path / "kd" / "teacher.json").read_text())
+    assert about["description"].startswith(f"run {tmp_path / 'teacher'} (best checkpoint")
+    # Resuming with another teacher is refused.
+    with pytest.raises(ConfigError, match="--resume: this run was distilled from"):
+        train(kd_config(teacher_dir, cache, *short, "objective.params.alpha=0.0", "train.max_steps=8",
+                        "objective.params.temperature=1.0"), tmp_path / "kd", resume=True)
+
+
+def test_a_token_task_gets_per_token_teacher_logits_in_its_batches():
+    from research.data.batches import collate
+    from research.data.split import Split, SplitReport
+
+    rng = np.random.default_rng(0)
+    lengths = [3, 5, 2]
+    split = Split("train", [rng.integers(1, 9, n).astype(np.int32) for n in lengths], None,
+                  np.full(3, -1, np.int32), ["a", "b", "c"], SplitReport("train", "test"),
+                  token_targets=[rng.integers(-1, 4, n).astype(np.int32) for n in lengths],
+                  teacher_logits=[rng.normal(size=(n, 4)).astype(np.float32) for n in lengths])
+    b = collate(split, np.array([2, 0, 1]), np.ones(3, np.float32), 6, 0)
+    assert b.teacher_logits.shape == (3, 6, 4)
+    for row, i in enumerate([2, 0, 1]):
+        np.testing.assert_array_equal(b.teacher_logits[row, : lengths[i]], split.teacher_logits[i])
+        assert not b.teacher_logits[row, lengths[i]:].any()  # padding: zeros, weighing nothing
