@@ -41,6 +41,9 @@ class ModelConfig:
     # With init="scratch" from a folder that holds only a tokenizer (no config.json): the architecture, built
     # from its default config (BERT-base or GPT-2 124M shapes) plus `overrides`.
     model_type: Literal["bert", "gpt2"] | None = None
+    # With init="pretrained": a shallower model from these of the checkpoint's layers, in order (DistilBERT's
+    # student: every other layer of the teacher, e.g. [0, 2, 4] of a 6-layer model); None: all of them.
+    layers: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +348,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if cfg.model.model_type is not None and cfg.model.init != "scratch":
         raise ConfigError(f"model.model_type={cfg.model.model_type!r} builds a model from scratch: set "
                           "model.init=\"scratch\", or drop model.model_type to load pretrained weights")
+    if cfg.model.layers is not None and cfg.model.init != "pretrained":
+        raise ConfigError("model.layers picks layers of a pretrained checkpoint: set model.init=\"pretrained\", or set "
+                          "the number of layers in model.overrides to build from scratch")
     positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
                 "train.eval_batch_size": t.eval_batch_size, "data.max_length": d.max_length,
                 "checkpoint.every_steps": c.every_steps, "checkpoint.keep": c.keep}

@@ -113,7 +113,8 @@ def _base_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
     if m.init == "pretrained":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = from_pretrained(source, m.task, seed=cfg.train.seed, **label_args, **m.overrides)
+            model = from_pretrained(source, m.task, seed=cfg.train.seed, layers=m.layers, **label_args,
+                                    **m.overrides)
         for w in caught:  # the new classification head is expected; print it rather than bury it in warnings
             print(f"model: {w.message}")
         return model

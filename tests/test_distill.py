@@ -214,3 +214,47 @@ def test_a_token_task_gets_per_token_teacher_logits_in_its_batches():
     for row, i in enumerate([2, 0, 1]):
         np.testing.assert_array_equal(b.teacher_logits[row, : lengths[i]], split.teacher_logits[i])
         assert not b.teacher_logits[row, lengths[i]:].any()  # padding: zeros, weighing nothing
+
+
+# ----------------------------------------------------------------------------- the student's initialization
+
+
+def test_a_student_from_every_other_layer_equals_the_teacher_with_those_layers(tmp_path):
+    # DistilBERT's initialization: layers (0, 2) of a 3-layer BERT, renumbered 0 and 1. transformers' model with
+    # its other layers deleted is the reference (logits 1e-5); the export loads back into transformers.
+    import transformers
+    from helpers import randomize_
+
+    from research.models import save_pretrained
+
+    cfg = transformers.BertConfig(vocab_size=83, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=40, num_labels=2, attn_implementation="eager")
+    full = randomize_(transformers.BertForSequenceClassification(cfg), seed=5)
+    full.save_pretrained(tmp_path / "teacher")
+    student = from_pretrained(tmp_path / "teacher", "sequence_classification", layers=(0, 2))
+    assert student.config.num_hidden_layers == 2
+    full.bert.encoder.layer = torch.nn.ModuleList([full.bert.encoder.layer[0], full.bert.encoder.layer[2]])
+    ids = np.random.default_rng(0).integers(1, 83, (3, 9))
+    expected = full(input_ids=torch.tensor(ids)).logits.detach().numpy()
+    np.testing.assert_allclose(np.asarray(student(jnp.asarray(ids, jnp.int32))), expected, rtol=0, atol=1e-5)
+    save_pretrained(student, tmp_path / "student")
+    back = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "student").eval()
+    assert back.config.num_hidden_layers == 2
+    np.testing.assert_allclose(back(input_ids=torch.tensor(ids)).logits.detach().numpy(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("layers", "message"), [((0, 3), "has layers 0 to 2"), ((1, 1), "at most once")])
+def test_bad_student_layers_are_refused(tmp_path, layers, message):
+    import transformers
+
+    from research.models.hf import CheckpointError
+
+    transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=83, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40)
+    ).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        from_pretrained(tmp_path, "sequence_classification", layers=layers)
+    with pytest.raises(CheckpointError, match="leave num_hidden_layers out"):
+        from_pretrained(tmp_path, "sequence_classification", layers=(0,), num_hidden_layers=1)
+    with pytest.raises(ConfigError, match="model.layers picks layers of a pretrained checkpoint"):
+        smoke("model.layers=[0]")

@@ -505,6 +505,7 @@ FAMILY = Family(
     tasks=TASKS,
     hf_architectures=HF_ARCHITECTURES,
     num_layers=lambda cfg: cfg.num_hidden_layers,
+    layers_field="num_hidden_layers",
     num_heads=lambda cfg: cfg.num_attention_heads,
     width=lambda cfg: cfg.hidden_size,
     base_attr="bert",  # attribute holding the base model in the task classes; HF's key prefix is "bert."

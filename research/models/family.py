@@ -30,6 +30,7 @@ class Family:
     tasks: dict[str, type[nnx.Module]]
     hf_architectures: dict[str, str]  # task -> transformers class name, written to an exported config.json
     num_layers: Callable[[Any], int]  # config -> number of transformer layers
+    layers_field: str  # the config field (and config.json key) that sets the number of layers
     num_heads: Callable[[Any], int]  # config -> attention heads per layer
     width: Callable[[Any], int]  # config -> hidden size (the residual stream's width)
 

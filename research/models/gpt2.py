@@ -485,6 +485,7 @@ FAMILY = Family(
     tasks=TASKS,
     hf_architectures=HF_ARCHITECTURES,
     num_layers=lambda cfg: cfg.n_layer,
+    layers_field="n_layer",
     num_heads=lambda cfg: cfg.n_head,
     width=lambda cfg: cfg.n_embd,
     base_attr="transformer",

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,7 @@ def from_pretrained(
     strict: bool = True,
     seed: int = 0,
     revision: str | None = None,
+    layers: Sequence[int] | None = None,
     **config_overrides: Any,
 ) -> nnx.Module:
     """Load an HF checkpoint (local directory or hub id) into our NNX model for `task`, in eval mode.
@@ -247,6 +248,10 @@ def from_pretrained(
     `config_overrides` replace config.json values (e.g. `num_labels=3`, `hidden_dropout_prob=0.2`); unknown
     names are an error. `strict=False` turns missing base weights and unexpected tensors into warnings
     (missing ones are then initialized); shape mismatches are always an error.
+
+    `layers`: build a shallower model from these of the checkpoint's layers, in this order (DistilBERT's
+    student initialization: every other layer of the teacher, `layers=(0, 2, 4)`); the other layers' tensors
+    are left out on purpose, and said so.
     """
     directory = resolve_checkpoint_dir(name_or_path, revision)
     hf_cfg = read_hf_config(directory)
@@ -257,8 +262,15 @@ def from_pretrained(
         )
     family = FAMILIES[model_type]
     _check_task(family, task)
-    cfg = family.config.from_hf_config(hf_cfg, dtype=dtype, **config_overrides)
     tensors = load_state_dict(directory)
+    if layers is not None:
+        if family.layers_field in config_overrides:
+            raise CheckpointError(f"layers={list(layers)} sets the number of layers; leave "
+                                  f"{family.layers_field} out of the overrides")
+        depth = family.num_layers(family.config.from_hf_config(hf_cfg))
+        tensors = select_layers(family, tensors, layers, depth, where=str(directory))
+        config_overrides = {**config_overrides, family.layers_field: len(layers)}
+    cfg = family.config.from_hf_config(hf_cfg, dtype=dtype, **config_overrides)
 
     model_cls = family.tasks[task]
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(seed)))
@@ -284,6 +296,29 @@ def from_pretrained(
     model.eval()
     model.hf_source = str(directory)  # where save_pretrained finds tokenizer files to copy
     return model
+
+
+def select_layers(family: Family, tensors: dict[str, np.ndarray], layers: Sequence[int], depth: int,
+                  where: str) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors with layer `layers[j]` renamed layer j, and the other layers' left out."""
+    if not layers or len(set(layers)) != len(layers) or not all(0 <= i < depth for i in layers):
+        raise CheckpointError(f"layers={list(layers)}: {where} has layers 0 to {depth - 1}; name each at most once")
+    # "encoder.layer." (BERT), "h." (GPT-2): what comes before the index in the key table's layer rows.
+    stem = next(key for key, _, _ in family.base_keys if "{i}" in key).split("{i}")[0]
+    pattern = re.compile(rf"^((?:{re.escape(family.base_attr)}\.)?{re.escape(stem)})(\d+)\.(.*)$")
+    new_index = {old: j for j, old in enumerate(layers)}
+    out, left_out = {}, set()
+    for key, array in tensors.items():
+        m = pattern.match(key)
+        if m is None:
+            out[key] = array
+        elif int(m.group(2)) in new_index:
+            out[f"{m.group(1)}{new_index[int(m.group(2))]}.{m.group(3)}"] = array
+        else:
+            left_out.add(int(m.group(2)))
+    print(f"model: layers {list(layers)} of {where} become layers 0-{len(layers) - 1}; layers {sorted(left_out)} "
+          "are left out")
+    return out
 
 
 @dataclasses.dataclass
