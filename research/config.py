@@ -225,6 +225,25 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Pruning during fine-tuning (research/compress/pruning.py)."""
+
+    # "magnitude": the smallest weights by absolute value on Zhu & Gupta's gradual cubic schedule.
+    method: Literal["none", "magnitude"] = "none"
+    sparsity: float = 0.5  # the final fraction of the target weights set to zero, in [0, 1)
+    initial_sparsity: float = 0.0  # the sparsity at `begin`
+    # When pruning starts and when it reaches `sparsity`, as fractions of the training steps (Zhu & Gupta's t0 and
+    # t0 + n dt); the masks are recomputed every `frequency` steps in between and fixed after `end`.
+    begin: float = 0.0
+    end: float = 0.7
+    frequency: int = 10
+    scope: Literal["layer", "global"] = "layer"  # rank the weights per matrix, or over all targets at once
+    # Hugging Face module names (or regexes) of the linear layers pruned; (): every linear layer inside the
+    # transformer layers (attention and MLP; not the embeddings, the pooler or the head).
+    targets: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 32  # examples per optimizer step, over all devices and accumulation steps
@@ -265,6 +284,7 @@ class ExperimentConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
@@ -463,6 +483,19 @@ def _check_values(cfg: ExperimentConfig) -> None:
                               "in full in peft.modules_to_save")
     if c.patience is not None and c.best_metric is None:
         raise ConfigError("checkpoint.patience needs checkpoint.best_metric (the metric early stopping watches)")
+    pr = cfg.prune
+    if pr.method == "none" and pr != PruneConfig():
+        raise ConfigError("prune.* options are set but prune.method is 'none': set prune.method or drop them")
+    if pr.method != "none":
+        if not (0.0 <= pr.initial_sparsity <= pr.sparsity < 1.0):
+            raise ConfigError(f"prune: need 0 <= initial_sparsity ({pr.initial_sparsity}) <= sparsity ({pr.sparsity}) "
+                              "< 1 (a sparsity is the fraction of weights pruned)")
+        if not (0.0 <= pr.begin <= pr.end <= 1.0) or pr.frequency < 1:
+            raise ConfigError(f"prune: need 0 <= begin ({pr.begin}) <= end ({pr.end}) <= 1 (fractions of training) "
+                              f"and frequency ({pr.frequency}) >= 1")
+        if cfg.peft.method != "none":
+            raise ConfigError("prune.method and peft.method together: PEFT freezes the weights pruning would zero; "
+                              "prune with full fine-tuning")
     distilling = cfg.objective.name in DISTILLATION_OBJECTIVES
     if distilling != (cfg.distill.teacher is not None):
         raise ConfigError(f"objective.name={cfg.objective.name!r} learns from a teacher: set distill.teacher"

@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 from research import peft
-from research.config import ConfigError, OptimConfig, PeftConfig
+from research.compress import pruning
+from research.config import ConfigError, OptimConfig, PeftConfig, PruneConfig
 from research.models.families import family_of
 
 
@@ -95,9 +96,11 @@ def reset_at(inner: optax.GradientTransformation, step: int) -> optax.GradientTr
 
 
 def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_steps: int,
-                   peft_cfg: PeftConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   peft_cfg: PeftConfig | None = None, prune_cfg: PruneConfig | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax chain for `params` (the pure-dict `nnx.Param` state of `model`) and its lr schedule. With AdaLoRA
-    attached, its rank allocator wraps everything after the clipping (research/peft/adalora.py)."""
+    attached, its rank allocator wraps everything after the clipping (research/peft/adalora.py); with pruning,
+    the pruner does (research/compress/pruning.py)."""
     schedule = make_schedule(cfg, total_steps)
     norms = _layer_norm_paths(model)
 
@@ -122,6 +125,10 @@ def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_step
     budget = peft.adalora_schedule(model, peft_cfg, total_steps) if peft_cfg is not None else None
     if budget is not None:
         chain = [peft.allocator(optax.chain(*chain), budget)]
+    if prune_cfg is not None and prune_cfg.method == "magnitude":
+        names = list(pruning.targets(model, prune_cfg).values())
+        chain = [pruning.pruner(optax.chain(*chain), names, pruning.schedule_for(prune_cfg, total_steps),
+                                prune_cfg.scope)]
     tx = optax.chain(*clip, *chain)
 
     if not cfg.freeze:

@@ -37,7 +37,7 @@ from research import experiment, peft
 from research import run as run_dir
 from research.batch import Batch
 from research.checkpoint import Checkpoints
-from research.compress import teacher
+from research.compress import pruning, teacher
 from research.config import ConfigError, ExperimentConfig
 from research.data.batches import epoch_batches, oversampling, steps_per_epoch
 from research.data.dialogue import DialogueSplit
@@ -190,7 +190,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype, cfg)
     per_epoch = steps_per_epoch(pieces.train, t.batch_size, groups, cfg.data.environment_proportions)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
-    tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total, cfg.peft)
+    tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total, cfg.peft, cfg.prune)
     objective = make_objective(cfg.objective, pieces.train.environment_names)
     if cfg.objective.name in PAIR_OBJECTIVES and pieces.train.pair_ids is None:
         raise ConfigError(f"objective.name={cfg.objective.name!r} works on counterfactual pairs: set data.pair_column "
@@ -231,6 +231,8 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
     hooks = [Logging(run, train_step), evaluation]
     if cfg.peft.method == "adalora":
         hooks.append(Ranks(run))
+    if cfg.prune.method != "none":
+        hooks.append(Sparsity(run, pruning.targets(pieces.model, cfg.prune)))
     if t.sample_prompts or t.sample_dev_examples:
         hooks.append(Samples(run, evaluation))
     hooks.append(Checkpointing(run))
@@ -392,6 +394,21 @@ class Ranks:
         record = {f"peft/rank/{name.removesuffix('/adapter/lora_e')}": float(r) for name, r in kept.items()}
         record["peft/rank_total"] = float(sum(kept.values()))
         self.run.writer.write(s.step, record)
+
+
+class Sparsity:
+    """Pruning: with every train-metric record, the fraction of each pruned matrix at zero
+    (`prune/sparsity/<layer>`) and over all of them (`prune/sparsity`), from the optimizer state's masks."""
+
+    def __init__(self, run: Run, names: dict[str, str]):
+        self.run, self.names = run, names
+
+    def due(self, s: Step) -> bool:
+        return s.step % self.run.cfg.train.log_every == 0 or s.step == self.run.total
+
+    def __call__(self, s: Step) -> None:
+        self.run.writer.write(s.step, pruning.sparsity_record(pruning.masks_of(self.run.state["opt_state"]),
+                                                              self.names))
 
 
 class Evaluation:

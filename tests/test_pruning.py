@@ -1,0 +1,114 @@
+"""Magnitude pruning (research/compress/pruning.py): Zhu & Gupta's schedule, exact masks, and in the runner:
+pruned weights exactly zero from the step they are pruned to the end, the masks resumed exactly, sparsity
+logged, the export loadable by transformers, and bad settings refused."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import params_of, records, smoke
+
+from research.compress import pruning
+from research.config import ConfigError, PruneConfig
+from research.models import from_pretrained
+from research.run import export_run
+from research.train import train
+
+
+def test_the_schedule_is_zhu_and_gupta_cubic():
+    s = pruning.schedule_for(PruneConfig(method="magnitude", sparsity=0.9, initial_sparsity=0.1, begin=0.1, end=0.6,
+                                         frequency=7), total_steps=100)
+    assert (s.begin, s.end) == (10, 59)
+    for t in (0, 10, 30, 59, 80):
+        progress = min(max((t - 10) / 49, 0.0), 1.0)
+        assert float(s.sparsity(t)) == pytest.approx(0.9 + (0.1 - 0.9) * (1 - progress) ** 3)
+    due = [t for t in range(100) if bool(s.due(t))]
+    assert due == [10, 17, 24, 31, 38, 45, 52, 59]  # every 7 from t0, and t1 itself
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_masks_prune_exactly_the_smallest_magnitudes(scope):
+    rng = np.random.default_rng(0)
+    weights = {"a": rng.normal(0, 1, (6, 5)).astype(np.float32), "b": rng.normal(0, 3, (4, 4)).astype(np.float32)}
+    masks = pruning.magnitude_masks(weights, np.float32(0.4), scope)
+    if scope == "layer":
+        for k, w in weights.items():
+            m = np.asarray(masks[k])
+            assert (~m).sum() == int(0.4 * w.size)
+            assert np.abs(w[~m]).max() < np.abs(w[m]).min()
+    else:
+        m = np.concatenate([np.asarray(masks[k]).ravel() for k in weights])
+        w = np.concatenate([weights[k].ravel() for k in weights])
+        assert (~m).sum() == int(0.4 * w.size)
+        assert np.abs(w[~m]).max() < np.abs(w[m]).min()
+        assert (~np.asarray(masks["a"])).mean() > (~np.asarray(masks["b"])).mean()  # b's weights are larger
+
+
+PRUNE = ("prune.method=magnitude", "prune.sparsity=0.75", "prune.end=0.5", "prune.frequency=2", "train.log_every=2")
+TARGETS = [f"bert/layers/{i}/{m}/kernel" for i in (0, 1) for m in
+           ("attention/query", "attention/key", "attention/value", "attention/output", "mlp/intermediate",
+            "mlp/output")]
+
+
+def test_pruned_weights_stay_zero_resume_exactly_and_export(tmp_path):
+    workdir = tmp_path / "pruned"
+    train(smoke(*PRUNE), workdir)  # 16 steps: the masks reach 75% at step 8 (the last due step) and stay
+    step, params = params_of(workdir)
+    assert step == 16
+    for name in TARGETS:
+        assert (params[name] == 0).mean() == pytest.approx(0.75, abs=1 / params[name].size), name
+    assert all((v != 0).all() for k, v in params.items() if k.endswith("word_embeddings/embedding") or "pooler" in k)
+    _, at_12 = params_of_step(workdir, 12, tmp_path / "copy")
+    for name in TARGETS:  # the same weights at zero from the last mask update on
+        np.testing.assert_array_equal(at_12[name] == 0, params[name] == 0, err_msg=name)
+    logged = [r for r in records(workdir) if "prune/sparsity" in r]
+    curve = [r["prune/sparsity"] for r in logged]  # steps 2, 4, ..., 16: rising on the cubic, then flat
+    assert [r["step"] for r in logged] == list(range(2, 17, 2)) and curve == sorted(curve)
+    assert curve[0] == 0.0 and 0 < curve[1] < 0.75 and curve[-1] == pytest.approx(0.75, abs=1e-3)
+    assert "prune/sparsity/bert.encoder.layer.1.intermediate.dense" in logged[-1]
+
+    # Resuming from step 12 redoes steps 13-16 bit for bit (the masks are optimizer state, checkpointed).
+    before = [r["train/loss"] for r in records(workdir) if "train/loss" in r]
+    train(smoke(*PRUNE), workdir, resume=True, resume_step=12)
+    assert [r["train/loss"] for r in records(workdir) if "train/loss" in r] == before
+    _, resumed = params_of(workdir)
+    for name in params:
+        np.testing.assert_array_equal(resumed[name], params[name], err_msg=name)
+
+    # The export is a plain transformers checkpoint with the zeros in it, and the same logits.
+    import transformers
+
+    export_run(workdir, tmp_path / "export", "latest")
+    theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    weight = theirs.bert.encoder.layer[0].intermediate.dense.weight.detach().numpy()
+    np.testing.assert_array_equal(weight.T == 0, params["bert/layers/0/mlp/intermediate/kernel"] == 0)
+    ours = from_pretrained(tmp_path / "export", "sequence_classification")
+    ids = np.random.default_rng(0).integers(1, 1000, (2, 7))
+    np.testing.assert_allclose(np.asarray(ours(ids.astype(np.int32))),
+                               theirs(input_ids=torch.tensor(ids)).logits.detach().numpy(), rtol=0, atol=1e-5)
+
+
+def params_of_step(workdir, step, scratch):
+    """The parameters of checkpoint `step` of a run (a copy of it without the later checkpoints)."""
+    shutil.copytree(workdir, scratch)
+    for p in (scratch / "checkpoints").iterdir():
+        if p.name.isdigit() and int(p.name) > step:
+            shutil.rmtree(p)
+    return params_of(scratch, "latest")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["prune.method=magnitude", "prune.sparsity=1.0"], r"initial_sparsity \(0.0\) <= sparsity \(1.0\) < 1"),
+    (["prune.method=magnitude", "prune.begin=0.8", "prune.end=0.5"], r"begin \(0.8\) <= end \(0.5\)"),
+    (["prune.sparsity=0.9"], "prune.method is 'none'"),
+    (["prune.method=magnitude", "peft.method=lora"], "PEFT freezes the weights pruning would zero"),
+])
+def test_bad_pruning_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        smoke(*overrides)
+
+
+def test_a_target_that_matches_nothing_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="prune.targets: 'nothing_here' matches no layer"):
+        train(smoke("prune.method=magnitude", "prune.targets=[\"nothing_here\"]"), tmp_path / "x")
