@@ -31,8 +31,7 @@ import optax
 from flax import nnx
 
 from research.config import ConfigError, PruneConfig
-from research.models.families import family_of
-from research.peft.targets import PeftError, linear_layers, select
+from research.peft.targets import PeftError, block_linears
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +61,11 @@ def schedule_for(cfg: PruneConfig, total_steps: int) -> Schedule:
 def targets(model: nnx.Module, cfg: PruneConfig) -> dict[str, str]:
     """Hugging Face module name -> our kernel's parameter name ("bert/layers/0/attention/query/kernel") of each
     pruned weight matrix. Default: every linear layer inside the transformer layers."""
-    layers = linear_layers(model)
-    container = family_of(model).layer_container
-    if cfg.targets:
-        try:
-            chosen = select(cfg.targets, layers, "prune.targets")
-        except PeftError as e:
-            raise ConfigError(str(e)) from None
-    else:
-        chosen = [name for name, path in layers.items() if container in path]
-    return {name: "/".join(map(str, layers[name])) + "/kernel" for name in chosen}
+    try:
+        layers = block_linears(model, cfg.targets, "prune.targets")
+    except PeftError as e:
+        raise ConfigError(str(e)) from None
+    return {name: "/".join(map(str, path)) + "/kernel" for name, path in layers.items()}
 
 
 class PruneState(NamedTuple):

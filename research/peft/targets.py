@@ -90,3 +90,14 @@ def select(patterns: Iterable[str], names: Iterable[str], what: str) -> list[str
             raise PeftError(f"{what}: {pattern!r} matches no layer of the model. A plain name matches a module named "
                             f"it or ending in '.' + it; anything else is a regex on the whole name. Names: {shown}")
     return [n for n in names if any(matches(p, n) for p in patterns)]
+
+
+def block_linears(model: nnx.Module, patterns: Iterable[str], what: str) -> dict[str, tuple]:
+    """Hugging Face module name -> our module path of the linear layers `patterns` select (matched as above);
+    no patterns: every linear layer inside the transformer layers (attention and MLP; not the embeddings, the
+    pooler or the head). What pruning and quantization work on."""
+    layers, patterns = linear_layers(model), tuple(patterns)
+    if patterns:
+        return {name: layers[name] for name in select(patterns, layers, what)}
+    container = family_of(model).layer_container
+    return {name: path for name, path in layers.items() if container in path}

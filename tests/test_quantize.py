@@ -1,0 +1,98 @@
+"""Post-training quantization through qwix (research/compress/quantize.py): int8's round-trip bound, NF4 against
+bitsandbytes' definition (written here), the export that transformers loads and that loads back exactly, and
+bad input."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from helpers import randomize_
+
+from research.compress import quantize as Q
+from research.config import ConfigError
+from research.models import from_pretrained
+
+# bitsandbytes' NF4 code (functional.py, get_4bit_type("nf4"); QLoRA's appendix E): the 16 values, and the
+# quantization that maps each block of 64 consecutive weights of the row-major (out, in) matrix to
+# round-to-nearest codes of w / absmax(block).
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], np.float32)
+
+
+def bitsandbytes_nf4(weight_out_in: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    blocks = weight_out_in.reshape(-1, block)  # row-major: 64 consecutive inputs of one output row
+    absmax = np.abs(blocks).max(1, keepdims=True)
+    codes = np.abs(blocks[..., None] / absmax[..., None] - NF4).argmin(-1)
+    return codes.reshape(weight_out_in.shape), absmax.reshape(weight_out_in.shape[0], -1)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A random 2-layer, 128-wide BERT classifier (transformers) and ours loaded from it."""
+    cfg = transformers.BertConfig(vocab_size=83, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=256, num_labels=3, attn_implementation="eager")
+    theirs = randomize_(transformers.BertForSequenceClassification(cfg), seed=2)
+    path = tmp_path_factory.mktemp("bert128")
+    theirs.save_pretrained(path)
+    return path, from_pretrained(path, "sequence_classification")
+
+
+IDS = np.random.default_rng(0).integers(1, 83, (3, 11)).astype(np.int32)
+
+
+def test_int8_weights_round_trip_within_half_a_step_per_channel(pair):
+    # Documented bound: each weight within half of its output channel's step. qwix's step is absmax / 127.5
+    # (the symmetric bound is int8's max + 0.5, so the largest weight rounds to 127.5 -> 127, still within half).
+    _, model = pair
+    q = Q.quantize(model, "int8_weights")
+    kernels, restored_model = Q.quantized_kernels(q), Q.dequantized(q, model)
+    assert len(kernels) == 12  # 6 linear layers x 2 transformer layers; not the pooler, not the classifier
+    for path, qarray in kernels.items():
+        w, restored = np.asarray(Q._node(model, path)), np.asarray(Q._node(restored_model, path))  # (in, out)
+        step = np.abs(w).max(0) / 127.5  # per output channel
+        assert (np.abs(restored - w) <= step / 2 + 1e-7).all(), path
+        np.testing.assert_allclose(np.asarray(qarray.scale.get_value())[0], step, rtol=1e-6)
+
+
+def test_nf4_equals_bitsandbytes_definition(pair):
+    _, model = pair
+    q = Q.quantize(model, "nf4")
+    for path, qarray in Q.quantized_kernels(q).items():
+        w = np.asarray(Q._node(model, path)).T  # HF's (out, in)
+        codes, absmax = bitsandbytes_nf4(w)
+        stored = np.asarray(qarray.qvalue.get_value()).T.astype(np.int64)
+        np.testing.assert_array_equal(stored, codes, err_msg=str(path))
+        np.testing.assert_allclose(np.asarray(qarray.scale.get_value()).T, absmax, rtol=1e-6, err_msg=str(path))
+
+
+@pytest.mark.parametrize("method", list(Q.METHODS))
+def test_export_loads_in_transformers_and_back_exactly(pair, tmp_path, method):
+    path, model = pair
+    q = Q.quantize(model, method)
+    logits = np.asarray(q(jnp.asarray(IDS)))
+    about = Q.export_quantized(q, model, tmp_path, method)
+    assert about["bytes"] < about["float32_bytes"] and len(about["layers"]) == 12
+    assert json.loads((tmp_path / "quantization.json").read_text())["method"] == method
+    np.testing.assert_array_equal(np.asarray(Q.load_quantized(tmp_path, "sequence_classification")(jnp.asarray(IDS))),
+                                  logits)
+    theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    dequantized = theirs(input_ids=torch.tensor(IDS).long()).logits.detach().numpy()
+    if method == "int8":  # transformers computes the activations in float: close, not equal
+        np.testing.assert_allclose(dequantized, logits, rtol=0, atol=0.05 * np.abs(logits).max())
+    else:  # weight-only: the same numbers in float, up to rounding
+        np.testing.assert_allclose(dequantized, logits, rtol=0, atol=1e-5)
+
+
+def test_quantization_errors(pair, tmp_path):
+    _, model = pair
+    with pytest.raises(ConfigError, match="quantize targets: 'no_such_layer' matches no layer"):
+        Q.quantize(model, "int8", ("no_such_layer",))
+    with pytest.raises(ConfigError, match="quantization method 'int3' is not known"):
+        Q.quantize(model, "int3")
+    with pytest.raises(ConfigError, match="no quantization.json"):
+        Q.load_quantized(tmp_path, "sequence_classification")
