@@ -222,6 +222,9 @@ class DistillConfig:
     # The teacher's logits over the training split are computed once, in eval mode, and cached here under a
     # key of the teacher's weights and the tokenized split (None: $XDG_CACHE_HOME/research/teacher_logits).
     cache_dir: str | None = None
+    # Run the teacher inside the train step instead (its weights frozen: no gradient, no optimizer state, not
+    # checkpointed): what a causal LM needs (50,257 logits per token do not fit a cache).
+    in_step: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,9 +504,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"objective.name={cfg.objective.name!r} learns from a teacher: set distill.teacher"
                           if distilling else f"distill.teacher is set but objective.name={cfg.objective.name!r} "
                           f"does not use it: choose one of {sorted(DISTILLATION_OBJECTIVES)} or unset distill.teacher")
-    if distilling and cfg.model.task == "causal_lm":
-        raise ConfigError("objective.name='kd' caches the teacher's logits, one row per example or token of a "
-                          "classification task; a causal LM's (50,257 per token) do not fit a cache")
+    if distilling and cfg.model.task == "causal_lm" and not cfg.distill.in_step:
+        raise ConfigError("distillation of a causal LM: its teacher's logits (a vocabulary's worth per token) do not "
+                          "fit a cache; set distill.in_step=true to run the teacher inside the train step")
 
 
 # ----------------------------------------------------------------------------------- files and overrides

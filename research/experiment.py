@@ -30,6 +30,7 @@ class Pieces:
     model: nnx.Module  # in eval mode; the runner switches it to train mode for the train step
     pad_id: int
     tests: dict[str, Split] = dataclasses.field(default_factory=dict)  # data.test: evaluated beside dev
+    teacher: nnx.Module | None = None  # distill.in_step: the frozen teacher the train step runs
 
 
 def prepare(cfg: ExperimentConfig, with_train: bool = True, init_adapter: bool = True) -> Pieces:

@@ -187,7 +187,8 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
 
     groups = t.grad_accum * mesh.shape[DATA_AXIS]  # blocks of a batch: one per micro-batch and device shard
     pieces, cfg = _prepare(cfg, workdir, groups, resuming=latest is not None)
-    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype, cfg)
+    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype, cfg,
+                                                                        pieces.teacher)
     per_epoch = steps_per_epoch(pieces.train, t.batch_size, groups, cfg.data.environment_proportions)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
     tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total, cfg.peft, cfg.prune)
@@ -281,26 +282,34 @@ def _prepare(cfg: ExperimentConfig, workdir: Path, groups: int, resuming: bool
         draws = oversampling(train_split.environments, len(train_split.environment_names), t.batch_size, groups,
                              cfg.data.environment_proportions)
         train_split.report.draws_per_epoch = {train_split.environment_names[e]: round(v, 3) for e, v in draws.items()}
-    if cfg.distill.teacher is not None:  # its logits over the training split ride in the batches
-        pieces.train = teacher.with_teacher_logits(cfg, pieces, workdir, resuming)
+    if cfg.distill.teacher is not None:  # its cached logits ride in the batches, or itself in the train step
+        pieces.teacher = teacher.prepare_teacher(cfg, pieces, workdir, resuming)
     run_dir.record_run(workdir, cfg, pieces, resuming=resuming)
     return pieces, cfg
 
 
-def _model_views(model: nnx.Module, compute_dtype: str, cfg: ExperimentConfig) -> tuple[tuple, tuple]:
+def _model_views(model: nnx.Module, compute_dtype: str, cfg: ExperimentConfig, frozen_teacher: nnx.Module | None
+                 ) -> tuple[tuple, tuple]:
     """(eval graphdef, eval rest) for evaluation (no dropout) and (graphdef, params as a pure dict, rest) for
     the train step, the graphdef's layers computing in `compute_dtype` over the float32 parameters. Under PEFT
-    the params are the trained ones only; the frozen weights ride in `rest` (research/peft/attach.py)."""
+    the params are the trained ones only; the frozen weights ride in `rest` (research/peft/attach.py). A teacher
+    run in the step (`distill.in_step`) rides there too, as the train model's `teacher`, in eval mode."""
     model.eval()
     eval_graphdef, _, eval_rest = nnx.split(model, nnx.Param, ...)
     model.train()
+    if frozen_teacher is not None:  # attached for the split only: evaluation and export never see it
+        model.teacher = frozen_teacher
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if frozen_teacher is not None:
+        del model.teacher
     if compute_dtype != "float32":  # same structure, layers computing in compute_dtype
         low = dataclasses.replace(model.config, dtype=compute_dtype)
         # The same PEFT structure; its initial values do not matter (the parameters come from `model`).
         structure = dataclasses.replace(cfg.peft, init_from=None, prompt_init="random", prompt_init_text=None)
         abstract = nnx.eval_shape(lambda: peft.prepare(type(model)(low, rngs=nnx.Rngs(0)), structure, 0))
         abstract.train()
+        if frozen_teacher is not None:
+            abstract.teacher = frozen_teacher  # the teacher computes in its own dtype (float32)
         graphdef = nnx.graphdef(abstract)
     return (eval_graphdef, eval_rest), (graphdef, nnx.to_pure_dict(params), rest)
 

@@ -2,8 +2,10 @@
 training, the cached teacher logits against the teacher's own forward, the runner with a teacher, and the
 errors a wrong teacher gets (research/objectives/distillation.py, research/compress/teacher.py)."""
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +13,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_objective, deterministic, our_grads_by_hf_name, records, smoke
+from helpers import check_objective, deterministic, our_grads_by_hf_name, params_of, records, smoke
 
 from research import experiment
 from research.batch import Batch
 from research.compress import teacher as teacher_lib
-from research.config import ConfigError
+from research.config import (
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    ExperimentConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from research.models import from_pretrained
 from research.objectives.distillation import KDOptions, distillation_loss, kd
 from research.objectives.supervised import CrossEntropyOptions, cross_entropy
@@ -118,7 +129,8 @@ def kd_config(teacher, cache, *more):
 def test_cached_teacher_logits_equal_the_teachers_forward(tmp_path, teacher_dir, monkeypatch):
     cfg = kd_config(teacher_dir, tmp_path / "cache")
     pieces = experiment.prepare(cfg)
-    split = teacher_lib.with_teacher_logits(cfg, pieces, tmp_path, resuming=False)
+    assert teacher_lib.prepare_teacher(cfg, pieces, tmp_path, resuming=False) is None  # cached: not in the step
+    split = pieces.train
     assert split.teacher_logits.shape == (len(pieces.train), 2)
     # The teacher alone, one example at a time (no padding, no batching): the cached rows are its logits.
     model = from_pretrained(teacher_dir, "sequence_classification")
@@ -126,16 +138,17 @@ def test_cached_teacher_logits_equal_the_teachers_forward(tmp_path, teacher_dir,
         ids = split.input_ids[i][None]
         np.testing.assert_allclose(split.teacher_logits[i], np.asarray(model(jnp.asarray(ids)))[0], rtol=0,
                                    atol=1e-5, err_msg=f"example {i}")
-    assert json.loads((tmp_path / "teacher.json").read_text())["examples"] == len(pieces.train)
+    about = json.loads((tmp_path / "teacher.json").read_text())
+    assert about["in_step"] is False and Path(about["cache"]).parent == tmp_path / "cache"
     # The second time, from the cache: nothing is computed, the values are the same.
     monkeypatch.setattr(teacher_lib, "compute_logits", lambda *a: pytest.fail("the cache was not used"))
-    again = teacher_lib.with_teacher_logits(cfg, pieces, tmp_path, resuming=True)
-    np.testing.assert_array_equal(again.teacher_logits, split.teacher_logits)
+    teacher_lib.prepare_teacher(cfg, pieces, tmp_path, resuming=True)
+    np.testing.assert_array_equal(pieces.train.teacher_logits, split.teacher_logits)
     # A damaged cache file is an error that names it, not a silent recomputation.
     (cached,) = (tmp_path / "cache").glob("*.npz")
     cached.write_bytes(cached.read_bytes()[:100])
     with pytest.raises(ConfigError, match=f"{cached.name}.*do not load.*delete"):
-        teacher_lib.with_teacher_logits(cfg, pieces, tmp_path, resuming=True)
+        teacher_lib.prepare_teacher(cfg, pieces, tmp_path, resuming=True)
 
 
 def test_a_teacher_with_other_labels_or_another_tokenizer_is_refused(tmp_path, teacher_dir, data_dir):
@@ -146,7 +159,7 @@ def test_a_teacher_with_other_labels_or_another_tokenizer_is_refused(tmp_path, t
     hf["id2label"], hf["label2id"] = {"0": "1", "1": "0"}, {"1": 0, "0": 1}
     (swapped / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ConfigError, match=r"predicts labels \['1', '0'\], the student \['0', '1'\]"):
-        teacher_lib.with_teacher_logits(kd_config(swapped, tmp_path), pieces, tmp_path, resuming=False)
+        teacher_lib.prepare_teacher(kd_config(swapped, tmp_path), pieces, tmp_path, resuming=False)
     other = tmp_path / "gpt2_tokenizer"
     shutil.copytree(teacher_dir, other)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -154,7 +167,7 @@ def test_a_teacher_with_other_labels_or_another_tokenizer_is_refused(tmp_path, t
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(data_dir / "tokenizers" / "gpt2" / name, other / name)
     with pytest.raises(ConfigError, match="another tokenizer"):
-        teacher_lib.with_teacher_logits(kd_config(other, tmp_path), pieces, tmp_path, resuming=False)
+        teacher_lib.prepare_teacher(kd_config(other, tmp_path), pieces, tmp_path, resuming=False)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -258,3 +271,39 @@ def test_bad_student_layers_are_refused(tmp_path, layers, message):
         from_pretrained(tmp_path, "sequence_classification", layers=(0,), num_hidden_layers=1)
     with pytest.raises(ConfigError, match="model.layers picks layers of a pretrained checkpoint"):
         smoke("model.layers=[0]")
+
+
+# --------------------------------------------------------------------------------- the teacher in the step
+
+
+def test_in_step_teacher_equals_cached_logits_and_stays_out_of_the_checkpoints(tmp_path, teacher_dir):
+    short = ("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4", "train.log_every=1")
+    train(kd_config(teacher_dir, tmp_path / "cache", *short), tmp_path / "cached")
+    train(kd_config(teacher_dir, tmp_path / "cache", *short, "distill.in_step=true"), tmp_path / "in_step")
+    cached, in_step = records(tmp_path / "cached"), records(tmp_path / "in_step")
+    for a, b in zip(cached, in_step, strict=True):  # the teacher's logits: from padded eval batches, or the step's
+        for key in ("train/loss", "train/kd", "dev/accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    _, params = params_of(tmp_path / "in_step")
+    assert not any("teacher" in name for name in params)  # frozen: not a parameter, not checkpointed
+    assert json.loads((tmp_path / "in_step" / "teacher.json").read_text())["in_step"] is True
+
+
+def test_gpt2_distils_token_by_token_from_a_teacher_in_the_step(tmp_path, tiny_gpt2_dir, data_dir):
+    # The teacher is the student's own starting checkpoint (no dropout): at the first step the two
+    # distributions are equal, so the KL term is 0, and it grows as the cross-entropy half moves the student.
+    text = tmp_path / "text.txt"
+    text.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:20_000])
+    cfg = ExperimentConfig(
+        name="lm_kd", model=ModelConfig(name_or_path=str(tiny_gpt2_dir), task="causal_lm"),
+        data=DataConfig(train=str(text), dev=str(text), max_length=32, buckets=(16, 32), max_dev_examples=16),
+        objective=ObjectiveConfig(name="kd", params={"alpha": 0.5, "temperature": 1.0}),
+        distill=DistillConfig(teacher=str(tiny_gpt2_dir), in_step=True),
+        optim=OptimConfig(lr=1e-2, warmup_ratio=0.0),
+        train=TrainConfig(batch_size=8, max_steps=3, log_every=1, eval_batch_size=16))
+    train(cfg, tmp_path / "lm")
+    kd_terms = [r["train/kd"] for r in records(tmp_path / "lm") if "train/kd" in r]
+    assert kd_terms[0] == pytest.approx(0.0, abs=1e-6) and kd_terms[-1] > 1e-4
+    with pytest.raises(ConfigError, match="set distill.in_step=true"):
+        dataclasses.replace(cfg, distill=DistillConfig(teacher=str(tiny_gpt2_dir)))

@@ -11,6 +11,9 @@ caching them is exact: `research/objectives/distillation.py` reads them from the
 of the train step. The cache file's name is a sha256 of the teacher's weights and of the tokenized split, so a
 retrained teacher or a changed data setting computes afresh; a file under the right name that does not load or
 has the wrong shape is an error (delete it), never silently replaced.
+
+With `distill.in_step` (a causal LM, whose logits do not fit a cache), the teacher instead rides in the train
+step's model, its weights `Frozen`, and computes its logits for every batch.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def load_teacher(cfg: ExperimentConfig) -> Teacher:
                        f"run {d.teacher} ({which} checkpoint, step {step})")
     source = model_source(d.teacher)
     model = from_pretrained(source, cfg.model.task)
-    return Teacher(model, tuple(model.config.labels().values()), source, source)
+    labels = () if cfg.model.task == "causal_lm" else tuple(model.config.labels().values())  # next tokens: none
+    return Teacher(model, labels, source, source)
 
 
 def check_teacher(teacher: Teacher, pieces: Pieces) -> None:
@@ -147,26 +151,51 @@ def _load(path: Path, split: Split, num_labels: int) -> np.ndarray | list[np.nda
     return np.split(logits, np.cumsum(lengths)[:-1])
 
 
-def with_teacher_logits(cfg: ExperimentConfig, pieces: Pieces, workdir: Path, resuming: bool) -> Split:
-    """The training split with the teacher's logits attached (from the cache, or computed and cached), after
-    checking the teacher against the student; the teacher's identity goes to <workdir>/teacher.json, and a
-    resumed run must have the same teacher."""
+def prepare_teacher(cfg: ExperimentConfig, pieces: Pieces, workdir: Path, resuming: bool) -> nnx.Module | None:
+    """Load the teacher and check it against the student; record it in <workdir>/teacher.json (a resumed run
+    must have the same teacher). Then either attach its cached logits to `pieces.train` and return None, or
+    (`distill.in_step`) return the teacher, its weights `Frozen`, for the train step to run."""
     teacher = load_teacher(cfg)
     check_teacher(teacher, pieces)
-    split = pieces.train
-    key = hashlib.sha256(f"{weights_fingerprint(teacher.model)}:{split_fingerprint(split)}:{cfg.model.task}"
-                         .encode()).hexdigest()
-    path = cache_dir(cfg) / f"{key}.npz"
+    fingerprint = weights_fingerprint(teacher.model)
     about = {"teacher": cfg.distill.teacher, "description": teacher.description, "labels": list(teacher.labels),
-             "fingerprint": weights_fingerprint(teacher.model), "split": split.name, "examples": len(split),
-             "cache": str(path)}
+             "fingerprint": fingerprint, "in_step": cfg.distill.in_step}
     record = workdir / "teacher.json"
     if resuming and record.exists():
         before = json.loads(record.read_text())
-        if before["fingerprint"] != about["fingerprint"]:
+        if before["fingerprint"] != fingerprint:
             raise ConfigError(f"--resume: this run was distilled from {before['description']} (weights "
                               f"{before['fingerprint'][:12]}...), distill.teacher now gives {teacher.description} "
-                              f"({about['fingerprint'][:12]}...): resume with the same teacher")
+                              f"({fingerprint[:12]}...): resume with the same teacher")
+    if cfg.distill.in_step:
+        print(f"teacher: {teacher.description}, run inside the train step (frozen)")
+        model = frozen(teacher.model)
+    else:
+        pieces.train, about["cache"] = cached_logits(cfg, pieces, teacher, fingerprint)
+        model = None
+    if jax.process_index() == 0:
+        record.write_text(json.dumps(about, indent=2) + "\n")
+    return model
+
+
+def frozen(model: nnx.Module) -> nnx.Module:
+    """`model` with every `nnx.Param` turned `Frozen` (in place), in eval mode: inside the train step it gets no
+    gradient and no optimizer state, and the checkpoints (which hold parameters) leave it out."""
+    for _, node in list(nnx.iter_graph(model)):
+        if isinstance(node, nnx.Module):
+            for attr, value in list(vars(node).items()):
+                if type(value) is nnx.Param:
+                    setattr(node, attr, peft.Frozen(value.get_value()))
+    model.eval()
+    return model
+
+
+def cached_logits(cfg: ExperimentConfig, pieces: Pieces, teacher: Teacher, fingerprint: str) -> tuple[Split, str]:
+    """The training split with the teacher's logits attached, from the cache or computed and cached; and the
+    cache file's path."""
+    split = pieces.train
+    key = hashlib.sha256(f"{fingerprint}:{split_fingerprint(split)}:{cfg.model.task}".encode()).hexdigest()
+    path = cache_dir(cfg) / f"{key}.npz"
     if path.exists():
         logits = _load(path, split, len(teacher.labels))
         print(f"teacher: {teacher.description}; logits over {len(split):,} {split.name} examples from {path}")
@@ -174,9 +203,8 @@ def with_teacher_logits(cfg: ExperimentConfig, pieces: Pieces, workdir: Path, re
         began = time.perf_counter()
         logits = compute_logits(teacher.model, split, cfg, pieces.pad_id)
         if jax.process_index() == 0:
-            _save(path, logits, about)
+            _save(path, logits, {"teacher": cfg.distill.teacher, "description": teacher.description,
+                                 "fingerprint": fingerprint, "split": split.name, "examples": len(split)})
         print(f"teacher: {teacher.description}; logits over {len(split):,} {split.name} examples computed in "
               f"{time.perf_counter() - began:.0f} s, cached at {path}")
-    if jax.process_index() == 0:
-        record.write_text(json.dumps(about, indent=2) + "\n")
-    return dataclasses.replace(split, teacher_logits=logits)
+    return dataclasses.replace(split, teacher_logits=logits), str(path)

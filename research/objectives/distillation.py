@@ -10,7 +10,9 @@ it is cross-entropy against the teacher's probabilities, up to the teacher's (co
 
 The teacher's logits come with the batch (`batch.teacher_logits`): computed once over the training split in
 eval mode and cached on disk (research/compress/teacher.py). Exact, since the teacher is deterministic, and
-the teacher costs nothing inside the step.
+the teacher costs nothing inside the step. With `distill.in_step` (a causal LM: a vocabulary's worth of logits
+per token does not fit a cache) the frozen teacher rides in the train step's model as `model.teacher` and
+computes them for each batch.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def kd(options: KDOptions):
 
     def loss_fn(model: nnx.Module, batch: Batch[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
         del rng  # dropout draws come from the model's own streams
-        return distillation_loss(model(**batch.model_inputs()), batch, options)
+        logits = model(**batch.model_inputs())
+        if batch.teacher_logits is None:  # distill.in_step: the frozen teacher rides in the train model
+            teacher = getattr(model, "teacher", None)
+            if teacher is None:
+                raise ValueError("objective 'kd' has neither cached teacher logits nor a teacher: set distill.teacher")
+            batch = batch.replace(teacher_logits=jax.lax.stop_gradient(teacher(**batch.model_inputs())))
+        return distillation_loss(logits, batch, options)
 
     return loss_fn
