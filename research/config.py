@@ -362,7 +362,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-DISTILLATION_OBJECTIVES = ("kd",)  # objectives that read the teacher's logits (research/objectives/distillation.py)
+# Objectives that learn from a teacher (research/objectives/distillation.py); IN_STEP_ONLY need it in the step
+# (they read its hidden states, not just its logits).
+DISTILLATION_OBJECTIVES = ("kd", "tinybert")
+IN_STEP_ONLY = ("tinybert",)
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
@@ -504,6 +507,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"objective.name={cfg.objective.name!r} learns from a teacher: set distill.teacher"
                           if distilling else f"distill.teacher is set but objective.name={cfg.objective.name!r} "
                           f"does not use it: choose one of {sorted(DISTILLATION_OBJECTIVES)} or unset distill.teacher")
+    if cfg.objective.name in IN_STEP_ONLY and not cfg.distill.in_step:
+        raise ConfigError(f"objective.name={cfg.objective.name!r} compares the teacher's hidden states with the "
+                          "student's, step by step: set distill.in_step=true")
     if distilling and cfg.model.task == "causal_lm" and not cfg.distill.in_step:
         raise ConfigError("distillation of a causal LM: its teacher's logits (a vocabulary's worth per token) do not "
                           "fit a cache; set distill.in_step=true to run the teacher inside the train step")

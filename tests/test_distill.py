@@ -288,6 +288,11 @@ def test_in_step_teacher_equals_cached_logits_and_stays_out_of_the_checkpoints(t
     _, params = params_of(tmp_path / "in_step")
     assert not any("teacher" in name for name in params)  # frozen: not a parameter, not checkpointed
     assert json.loads((tmp_path / "in_step" / "teacher.json").read_text())["in_step"] is True
+    # TinyBERT's objective in the runner, packed rows: its terms are logged, and the hidden-state gap shrinks.
+    train(kd_config(teacher_dir, tmp_path / "cache", *short, "distill.in_step=true", "objective.name=tinybert",
+                    "data.pack_length=32", "optim.lr=3e-3"), tmp_path / "tinybert")
+    gaps = [r["train/hidden_mse"] for r in records(tmp_path / "tinybert") if "train/hidden_mse" in r]
+    assert len(gaps) == 4 and gaps[-1] < gaps[0]
 
 
 def test_gpt2_distils_token_by_token_from_a_teacher_in_the_step(tmp_path, tiny_gpt2_dir, data_dir):
@@ -307,3 +312,82 @@ def test_gpt2_distils_token_by_token_from_a_teacher_in_the_step(tmp_path, tiny_g
     assert kd_terms[0] == pytest.approx(0.0, abs=1e-6) and kd_terms[-1] > 1e-4
     with pytest.raises(ConfigError, match="set distill.in_step=true"):
         dataclasses.replace(cfg, distill=DistillConfig(teacher=str(tiny_gpt2_dir)))
+
+
+# ------------------------------------------------------------------------- intermediate layers (TinyBERT)
+
+
+def torch_intermediates(model, ids, mask):
+    """Logits, hidden states and every layer's attention scores before the softmax (B, nh, T, S), from hooks
+    on the query and key projections (transformers returns the probabilities, not the scores)."""
+    queries, keys = [], []
+    hooks = [layer.attention.self.query.register_forward_hook(lambda m, i, o: queries.append(o))
+             for layer in model.bert.encoder.layer]
+    hooks += [layer.attention.self.key.register_forward_hook(lambda m, i, o: keys.append(o))
+              for layer in model.bert.encoder.layer]
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    nh = model.config.num_attention_heads
+    split = lambda x: x.view(x.shape[0], x.shape[1], nh, -1).transpose(1, 2)  # noqa: E731
+    scale = model.config.hidden_size // nh
+    scores = [split(q) @ split(k).transpose(-1, -2) / scale**0.5 for q, k in zip(queries, keys, strict=True)]
+    return out.logits, out.hidden_states, scores
+
+
+def test_tinybert_matches_pytorch(tiny_bert_pair, batch, tmp_path):
+    # Student: the 2-layer tiny BERT; teacher: a 4-layer one of the same width, so student layer m learns from
+    # teacher layer 2m. Loss 1e-5, every student gradient 1e-4; the filler example (weight 0) counts nowhere.
+    import transformers
+    from helpers import randomize_
+
+    from research.objectives.distillation import IntermediateOptions, intermediate
+
+    cfg = transformers.BertConfig(vocab_size=83, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=40, num_labels=3, attn_implementation="eager")
+    t_teacher = randomize_(transformers.BertForSequenceClassification(cfg), seed=7)
+    t_teacher.save_pretrained(tmp_path)
+    theirs, mine = tiny_bert_pair
+    o = IntermediateOptions(hidden_weight=0.7, attention_weight=0.3, alpha=0.6, temperature=2.0)
+    theirs.zero_grad(set_to_none=True)
+    ids, mask = torch.tensor(batch.input_ids).long(), torch.tensor(batch.attention_mask).long()
+    logits, hidden_s, scores_s = torch_intermediates(theirs, ids, mask)
+    with torch.no_grad():
+        t_logits, hidden_t, scores_t = torch_intermediates(t_teacher, ids, mask)
+    w = torch.tensor(batch.weights)
+    w_bt = mask * w[:, None]
+    w_bts = mask[:, :, None] * mask[:, None, :] * w_bt[:, :, None]
+    pairs = [(0, 0), (1, 2), (2, 4)]
+    hidden = sum((((hidden_s[m] - hidden_t[t]) ** 2).sum(-1) * w_bt).sum() for m, t in pairs) / (w_bt.sum() * 32)
+    attention = sum((((scores_s[m - 1] - scores_t[t - 1]) ** 2) * w_bts[:, None]).sum() for m, t in pairs[1:])
+    attention = attention / (w_bts.sum() * 4)
+    loss = (torch_kd(logits, t_logits, torch.tensor(batch.labels).long(), w, o.alpha, o.temperature)
+            + o.hidden_weight * hidden + o.attention_weight * attention)
+    loss.backward()
+    mine.teacher = teacher_lib.frozen(from_pretrained(tmp_path, "sequence_classification"))
+    try:
+        check_objective(tiny_bert_pair, intermediate(o), loss, batch)
+    finally:
+        del mine.teacher
+
+
+def test_tinybert_on_packed_rows_equals_padded(tmp_path, teacher_dir):
+    # The same examples packed several to a row: the same loss (token weights follow each example).
+    from research.data.batches import collate, pack
+    from research.objectives.distillation import IntermediateOptions, intermediate
+
+    cfg = kd_config(teacher_dir, tmp_path, "objective.name=tinybert", "distill.in_step=true", "data.pack_length=32")
+    pieces = experiment.prepare(cfg)
+    model = pieces.model
+    model.teacher = teacher_lib.frozen(from_pretrained(teacher_dir, "sequence_classification", layers=(0, 1)))
+    indices, weights = np.arange(8), np.array([1, 1, 1, 0, 1, 1, 1, 1], np.float32)
+    padded = collate(pieces.train, indices, weights, 32, pieces.pad_id)
+    packed = pack(pieces.train, indices, weights, 32, pieces.pad_id)
+    assert packed.input_ids.shape[0] < 8
+    loss_fn = intermediate(IntermediateOptions(layer_map=(1, 2)))
+    a = loss_fn(model, jax.tree.map(jnp.asarray, padded), KEY)
+    b = loss_fn(model, jax.tree.map(jnp.asarray, packed), KEY)
+    for key in ("hidden_mse", "attention_mse", "kd", "ce"):
+        np.testing.assert_allclose(float(b[1][key]), float(a[1][key]), rtol=1e-5, err_msg=key)
+    with pytest.raises(ConfigError, match="set distill.in_step=true"):
+        kd_config(teacher_dir, tmp_path, "objective.name=tinybert")

@@ -180,9 +180,10 @@ class BertAttention(nnx.Module):
 
         return split_heads(self.query(x_btd)), split_heads(self.key(x_btd)), split_heads(self.value(x_btd))
 
-    def __call__(self, x_btd, mask_b1ts, prefix_kv=None):
+    def __call__(self, x_btd, mask_b1ts, prefix_kv=None, scores_out: list | None = None):
         """`prefix_kv`: prefix tuning's (keys, values) for this layer, each (B, nh, P, hs), placed before the
-        tokens' own; `mask_b1ts` then covers the P + T keys."""
+        tokens' own; `mask_b1ts` then covers the P + T keys. `scores_out`: a list to append the attention scores
+        to, (B, nh, T, S) before the softmax, masked keys at the dtype's minimum (what TinyBERT distils)."""
         B, T, D = x_btd.shape
         q_bnth, k_bnsh, v_bnsh = self.project(x_btd)
         if prefix_kv is not None:  # (B, nh, P, hs) ++ (B, nh, T, hs) -> (B, nh, P + T, hs)
@@ -192,6 +193,8 @@ class BertAttention(nnx.Module):
         # Masked keys get the dtype's minimum, as transformers does: a fully padded row then becomes a
         # uniform distribution over its keys instead of NaN.
         scores_bnts = jnp.where(mask_b1ts, scores_bnts, jnp.finfo(scores_bnts.dtype).min)
+        if scores_out is not None:
+            scores_out.append(scores_bnts)
         probs_bnts = jax.nn.softmax(scores_bnts.astype(jnp.float32), axis=-1).astype(x_btd.dtype)
         probs_bnts = self.attn_dropout(probs_bnts)
         ctx_bnth = jnp.einsum("bnts,bnsh->bnth", probs_bnts, v_bnsh)
@@ -220,8 +223,8 @@ class BertLayer(nnx.Module):
         self.attention = BertAttention(cfg, rngs=rngs)
         self.mlp = BertMLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b1ts, prefix_kv=None):
-        return self.mlp(self.attention(x_btd, mask_b1ts, prefix_kv))
+    def __call__(self, x_btd, mask_b1ts, prefix_kv=None, scores_out: list | None = None):
+        return self.mlp(self.attention(x_btd, mask_b1ts, prefix_kv, scores_out))
 
     def keys_values(self, x_btd):
         """The keys and values this layer computes from its input (B, T, D), each (B, nh, T, hs): what prefix
@@ -265,12 +268,17 @@ class BertModel(nnx.Module):
         *,
         segment_ids=None,
         output_hidden_states: bool = False,
+        output_attention_scores: bool = False,
     ):
         """`segment_ids` (B, T) marks packed rows: several examples side by side in one row, numbered 1, 2,
         ... (0: padding). A token then attends only to tokens of its own example, and `position_ids` must
         restart at 0 for every example; the result at each example's tokens is then that of the example
         alone in its own padded row (it replaces `attention_mask`). Packing removes the padding that
-        otherwise dominates the work on short sentences."""
+        otherwise dominates the work on short sentences.
+
+        Returns the last hidden states (B, T, D); with `output_hidden_states`, also the list of the embeddings'
+        output and every layer's; with `output_attention_scores` (for distillation), (last, hidden states,
+        every layer's attention scores (B, nh, T, S) before the softmax)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
@@ -312,10 +320,12 @@ class BertModel(nnx.Module):
             position_ids = position_ids + prefix  # transformers numbers the tokens after a cache of P entries
 
         x_btd = self.embeddings(x_btd, token_type_ids, position_ids)
-        hidden = [x_btd]
+        hidden, scores = [x_btd], [] if output_attention_scores else None
         for layer, kv in zip(self.layers, prefix_kv, strict=True):
-            x_btd = layer(x_btd, mask_b1ts, kv)
+            x_btd = layer(x_btd, mask_b1ts, kv, scores)
             hidden.append(x_btd)
+        if output_attention_scores:
+            return x_btd, hidden, scores
         return (x_btd, hidden) if output_hidden_states else x_btd
 
     def pool(self, last_hidden_btd: jax.Array, pool_index=None) -> jax.Array:
@@ -361,6 +371,11 @@ class BertForSequenceClassification(nnx.Module):
                              "example's [CLS])")
         h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                           segment_ids=segment_ids)
+        return self.cls(h_btd, pool_index)
+
+    @staticmethod
+    def cls(h_btd: jax.Array, pool_index=None) -> jax.Array:
+        """Every example's [CLS] vector (E, D): position 0 of each row, or the (row, position) of `pool_index`."""
         return h_btd[:, 0] if pool_index is None else h_btd[pool_index[:, 0], pool_index[:, 1]]  # (E, D)
 
     def head(self, cls_ed: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ OBJECTIVES: dict[str, tuple[type, Callable]] = {
     "gradient_supervision": (counterfactual.GradientSupervisionOptions, counterfactual.gradient_supervision),
     "pair_margin": (counterfactual.PairMarginOptions, counterfactual.pair_margin),
     "kd": (distillation.KDOptions, distillation.kd),  # needs distill.teacher (research/compress/teacher.py)
+    "tinybert": (distillation.IntermediateOptions, distillation.intermediate),  # and distill.in_step
 }
 ENVIRONMENT_OBJECTIVES = {"irm", "vrex", "group_dro"}
 PAIR_OBJECTIVES = {"clp", "gradient_supervision", "pair_margin"}  # need pair batches (data.pair_column)

@@ -78,3 +78,97 @@ def kd(options: KDOptions):
         return distillation_loss(logits, batch, options)
 
     return loss_fn
+
+
+# --------------------------------------------------------------------------- intermediate layers (TinyBERT)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntermediateOptions:
+    """TinyBERT's distillation (Jiao et al. 2020): hidden states and attention scores of mapped layers, plus the
+    logits (as `kd`)."""
+
+    hidden_weight: float = 1.0  # MSE between the student's hidden states and the mapped teacher layer's
+    attention_weight: float = 1.0  # MSE between attention scores (before the softmax), averaged over heads
+    alpha: float = 1.0  # logit distillation weight (TinyBERT's prediction layer: soft cross-entropy alone)
+    temperature: float = 1.0
+    # The teacher layer each student layer 1..M learns from (1-based; the embeddings map to the embeddings).
+    # None: TinyBERT's uniform map, student layer m <- teacher layer m * N / M.
+    layer_map: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        KDOptions(self.alpha, self.temperature)  # the same checks
+        if self.hidden_weight < 0 or self.attention_weight < 0:
+            raise ConfigError("objective.params.hidden_weight and attention_weight must be >= 0")
+
+
+def token_weights(batch: Batch[str, jax.Array]) -> jax.Array:
+    """(R, T) the weight of each token's example (0 on padding and on filler examples)."""
+    if batch.pool_index is None:  # padded: one example a row
+        return batch.attention_mask * batch.weights[:, None]
+    seg_rt = batch.segment_ids
+    example_seg_e = seg_rt[batch.pool_index[:, 0], batch.pool_index[:, 1]]  # (E,) each example's segment number
+    rows_r1 = jnp.arange(seg_rt.shape[0])[:, None]
+    # (R, T, E): token (r, t) belongs to example e
+    member_rte = (rows_r1[..., None] == batch.pool_index[:, 0]) & (seg_rt[..., None] == example_seg_e)
+    return (member_rte * batch.weights).sum(-1) * (seg_rt > 0)
+
+
+def layer_pairs(student_layers: int, teacher_layers: int, layer_map: tuple[int, ...] | None) -> list[tuple[int, int]]:
+    """(student hidden-state index, teacher hidden-state index) for the embeddings and every student layer."""
+    if layer_map is None:
+        if teacher_layers % student_layers:
+            raise ConfigError(f"objective.params.layer_map: the teacher's {teacher_layers} layers do not divide into "
+                              f"the student's {student_layers}; name the teacher layer of each student layer")
+        layer_map = tuple(m * teacher_layers // student_layers for m in range(1, student_layers + 1))
+    if len(layer_map) != student_layers or not all(1 <= t <= teacher_layers for t in layer_map):
+        raise ConfigError(f"objective.params.layer_map={list(layer_map)}: one teacher layer (1 to {teacher_layers}) "
+                          f"for each of the student's {student_layers} layers")
+    return [(0, 0), *((m, t) for m, t in enumerate(layer_map, start=1))]
+
+
+def intermediate(options: IntermediateOptions):
+    """TinyBERT's loss on a BERT sequence classifier, with the frozen teacher in the step (distill.in_step):
+
+        hidden_weight * sum_m MSE(H_s^m, H_t^g(m)) + attention_weight * sum_m MSE(A_s^m, A_t^g(m)) + kd
+
+    over real tokens (and, for the scores, pairs of tokens of the same example), hidden states m = 0 (the
+    embeddings) to M, attention scores m = 1 to M."""
+
+    def loss_fn(model: nnx.Module, batch: Batch[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        del rng
+        teacher = getattr(model, "teacher", None)
+        if teacher is None or not hasattr(model, "cls") or not hasattr(model, "bert"):
+            raise ConfigError("objective 'tinybert' distils a BERT sequence classifier from a BERT teacher run in "
+                              "the step: set model.task='sequence_classification' and distill.in_step=true")
+        if teacher.config.hidden_size != model.config.hidden_size:
+            raise ConfigError(f"objective 'tinybert': the student is {model.config.hidden_size} wide, the teacher "
+                              f"{teacher.config.hidden_size}; hidden states are compared as they are, so the widths "
+                              "must match (a learned projection between widths is not built)")
+        inputs = {k: v for k, v in batch.model_inputs().items() if k != "pool_index"}
+
+        def run(m):
+            last_btd, hidden, scores = m.bert(**inputs, output_attention_scores=True)
+            return m.head(m.cls(last_btd, batch.pool_index)), hidden, scores
+
+        logits, hidden_s, scores_s = run(model)
+        t_logits, hidden_t, scores_t = jax.lax.stop_gradient(run(teacher))
+        pairs = layer_pairs(len(hidden_s) - 1, len(hidden_t) - 1, options.layer_map)
+
+        w_bt = token_weights(batch)  # (B, T)
+        seg_bt = batch.segments()
+        # (B, T, S): both tokens real and of the same example, weighted by the example's weight
+        w_bts = (seg_bt[:, :, None] == seg_bt[:, None, :]) * (seg_bt[:, None, :] > 0) * w_bt[:, :, None]
+        d = hidden_s[0].shape[-1]
+        hidden_mse = sum((((hidden_s[m] - hidden_t[t]) ** 2).sum(-1) * w_bt).sum() for m, t in pairs)
+        hidden_mse = hidden_mse / jnp.maximum(w_bt.sum() * d, 1.0)
+        valid = w_bts[:, None] > 0  # masked keys hold the dtype's minimum in both: compare only real pairs
+        attention_mse = sum((jnp.where(valid, scores_s[m - 1] - scores_t[t - 1], 0.0) ** 2 * w_bts[:, None]).sum()
+                            for m, t in pairs[1:])
+        attention_mse = attention_mse / jnp.maximum(w_bts.sum() * scores_s[0].shape[1], 1.0)
+        kd_loss, aux = distillation_loss(logits, batch.replace(teacher_logits=t_logits),
+                                         KDOptions(options.alpha, options.temperature))
+        loss = kd_loss + options.hidden_weight * hidden_mse + options.attention_weight * attention_mse
+        return loss, {**aux, "hidden_mse": hidden_mse, "attention_mse": attention_mse}
+
+    return loss_fn
