@@ -247,6 +247,17 @@ class PruneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware training (research/compress/quantize.py, through qwix): the forward pass computes with
+    the target weights quantized as `method` (research/compress/quantize.py's METHODS), the backward pass is
+    straight-through; float weights are trained and checkpointed, evaluation runs quantized, and `research export`
+    writes the quantized model."""
+
+    method: Literal["none", "int8", "int8_weights", "int4_weights", "nf4"] = "none"
+    targets: tuple[str, ...] = ()  # Hugging Face module names or regexes; (): every linear inside the layers
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 32  # examples per optimizer step, over all devices and accumulation steps
@@ -288,6 +299,7 @@ class ExperimentConfig:
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    qat: QatConfig = dataclasses.field(default_factory=QatConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
@@ -502,6 +514,15 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if cfg.peft.method != "none":
             raise ConfigError("prune.method and peft.method together: PEFT freezes the weights pruning would zero; "
                               "prune with full fine-tuning")
+    if cfg.qat.method == "none" and cfg.qat != QatConfig():
+        raise ConfigError("qat.targets is set but qat.method is 'none': set qat.method or drop qat.targets")
+    if cfg.qat.method != "none":
+        if cfg.peft.method != "none":
+            raise ConfigError("qat.method with peft.method: quantization-aware training trains the weights PEFT "
+                              "freezes; train one or the other")
+        if t.compute_dtype != "float32":
+            raise ConfigError(f"qat.method: quantization-aware training computes in float32 around its quantized "
+                              f"weights; unset train.compute_dtype={t.compute_dtype!r}")
     distilling = cfg.objective.name in DISTILLATION_OBJECTIVES
     if distilling != (cfg.distill.teacher is not None):
         raise ConfigError(f"objective.name={cfg.objective.name!r} learns from a teacher: set distill.teacher"

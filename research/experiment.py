@@ -100,11 +100,19 @@ def model_source(name_or_path: str) -> str:
     return name_or_path
 
 
-def build_model(cfg: ExperimentConfig, labels: tuple[str, ...], init_adapter: bool = True) -> nnx.Module:
+def build_model(cfg: ExperimentConfig, labels: tuple[str, ...], init_adapter: bool = True,
+                quantization_aware: bool = True) -> nnx.Module:
     """The model as the config builds it: pretrained or from scratch, then with its PEFT method attached (the
-    rest frozen; research/peft/), starting from peft.init_from's adapter unless `init_adapter` is False."""
+    rest frozen; research/peft/), starting from peft.init_from's adapter unless `init_adapter` is False; under
+    qat.method, computing with quantized weights (research/compress/quantize.py) unless `quantization_aware` is
+    False (the float model, e.g. to export)."""
     p = cfg.peft if init_adapter else dataclasses.replace(cfg.peft, init_from=None)
-    return peft.prepare(_base_model(cfg, labels), p, cfg.train.seed)
+    model = peft.prepare(_base_model(cfg, labels), p, cfg.train.seed)
+    if cfg.qat.method != "none" and quantization_aware:
+        from research.compress import quantize  # qwix loads only when asked for
+
+        model = quantize.qat(model, cfg.qat.method, cfg.qat.targets)
+    return model
 
 
 def _base_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:

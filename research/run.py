@@ -201,10 +201,12 @@ def check_base(workdir: Path, model: nnx.Module, what: str) -> None:
 # ------------------------------------------------------------------------------------ a finished run
 
 
-def load_trained_model(workdir: Path, which: str = "best") -> tuple[nnx.Module, int, str]:
-    """The model of a run directory with the parameters of its best (or latest) checkpoint, in eval mode."""
+def load_trained_model(workdir: Path, which: str = "best", quantization_aware: bool = True
+                       ) -> tuple[nnx.Module, int, str]:
+    """The model of a run directory with the parameters of its best (or latest) checkpoint, in eval mode (a
+    quantization-aware run's computing quantized, unless `quantization_aware` is False)."""
     cfg = read_run_config(workdir)
-    model = build_model(cfg, cfg.data.labels, init_adapter=False)
+    model = build_model(cfg, cfg.data.labels, init_adapter=False, quantization_aware=quantization_aware)
     return model, restore_params(workdir, cfg, model, which), which
 
 
@@ -239,10 +241,18 @@ def restore_params(workdir: Path, cfg: ExperimentConfig, model: nnx.Module, whic
 def export_run(workdir: Path, out_dir: Path, which: str = "best", merged: bool = False) -> str:
     """Write a run's checkpoint for PyTorch; returns what was written. A plain run: a transformers directory. A
     PEFT run: the adapter in peft's format (`peft.PeftModel.from_pretrained(base, out_dir)` loads it), or with
-    `merged` a transformers directory with the update folded into the weights (LoRA, IA3)."""
-    model, step, which = load_trained_model(workdir, which)
+    `merged` a transformers directory with the update folded into the weights (LoRA, IA3). A quantization-aware
+    run: its quantized model (research/compress/quantize.py's export: dequantized weights for transformers, and
+    the codes and scales)."""
     cfg = read_run_config(workdir)
-    if cfg.peft.method == "none" or merged:
+    model, step, which = load_trained_model(workdir, which, quantization_aware=False)
+    if cfg.qat.method != "none":
+        from research.compress import quantize
+
+        about = quantize.export_quantized(quantize.quantize(model, cfg.qat.method, cfg.qat.targets), model, out_dir,
+                                          cfg.qat.method, cfg.qat.targets)
+        what = f"{cfg.qat.method}-quantized: {about['bytes']:,} bytes of weights against {about['float32_bytes']:,}"
+    elif cfg.peft.method == "none" or merged:
         save_pretrained(peft.merged_model(model) if cfg.peft.method != "none" else model, out_dir)
         folded = f", the {cfg.peft.method} update folded in" if cfg.peft.method != "none" else ""
         what = "Hugging Face format" + folded

@@ -4,11 +4,13 @@ bad input."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from helpers import randomize_
 
 from research.compress import quantize as Q
@@ -96,3 +98,54 @@ def test_quantization_errors(pair, tmp_path):
         Q.quantize(model, "int3")
     with pytest.raises(ConfigError, match="no quantization.json"):
         Q.load_quantized(tmp_path, "sequence_classification")
+
+
+# ---------------------------------------------------------------------------- quantization-aware training
+
+
+def test_qat_forward_is_ptqs_and_its_gradient_is_straight_through(pair):
+    # Forward: the logits of the PTQ-quantized model, exactly. Backward: the straight-through estimator, i.e.
+    # every gradient equals the float model's evaluated at the dequantized weights (1e-5 of each tensor's scale).
+    _, model = pair
+    qat_model = Q.qat(model, "int8_weights")
+    reference = Q.dequantized(Q.quantize(model, "int8_weights"), model)
+    np.testing.assert_array_equal(np.asarray(qat_model(jnp.asarray(IDS))),
+                                  np.asarray(Q.quantize(model, "int8_weights")(jnp.asarray(IDS))))
+
+    def grads(m):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        loss = lambda p: jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(jnp.asarray(IDS)))[:, 0].sum()  # noqa: E731
+        return dict(nnx.to_flat_state(jax.grad(loss)(params)))
+
+    ours, ref = grads(qat_model), grads(reference)
+    assert set(ours) == set(ref)
+    overall = max(float(np.abs(np.asarray(g[...])).max()) for g in ref.values())
+    for path, g in ref.items():
+        g, o = np.asarray(g[...]), np.asarray(ours[path][...])
+        np.testing.assert_allclose(o, g, rtol=0, atol=1e-5 * max(float(np.abs(g).max()), 1e-3 * overall),
+                                   err_msg=str(path))
+
+
+def test_qat_run_evaluates_quantized_and_exports_the_quantized_model(tmp_path):
+    from helpers import records, smoke
+
+    from research.run import export_run, load_trained_model
+    from research.train import train
+
+    cfg = smoke("qat.method=int8_weights", "train.max_steps=8", "train.eval_every=8", "checkpoint.every_steps=8")
+    train(cfg, tmp_path / "qat")
+    model, _, _ = load_trained_model(tmp_path / "qat", "latest")  # quantization-aware: computes quantized
+    float_model, _, _ = load_trained_model(tmp_path / "qat", "latest", quantization_aware=False)
+    ids = jnp.asarray(np.random.default_rng(1).integers(1000, 3000, (2, 9)), jnp.int32)
+    logits = np.asarray(model(ids))
+    np.testing.assert_array_equal(logits, np.asarray(Q.quantize(float_model, "int8_weights")(ids)))
+    assert not np.array_equal(logits, np.asarray(float_model(ids)))  # the quantization is really there
+    assert "dev/accuracy" in records(tmp_path / "qat")[-1]
+    export_run(tmp_path / "qat", tmp_path / "export", "latest")
+    np.testing.assert_array_equal(np.asarray(Q.load_quantized(tmp_path / "export", "sequence_classification")(ids)),
+                                  logits)
+    theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    np.testing.assert_allclose(theirs(input_ids=torch.tensor(np.asarray(ids)).long()).logits.detach().numpy(), logits,
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="qat.method with peft.method"):
+        smoke("qat.method=int8", "peft.method=lora")

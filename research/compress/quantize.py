@@ -82,6 +82,20 @@ def quantize(model: nnx.Module, method: str, targets: tuple[str, ...] = ()) -> n
     return qwix.quantize_model(model, qwix.PtqProvider(rules(model, method, targets)), example_inputs(model))
 
 
+def qat(model: nnx.Module, method: str, targets: tuple[str, ...] = ()) -> nnx.Module:
+    """`model` for quantization-aware training: its forward pass computes with the target weights quantized as
+    `method` would (the same numbers as `quantize`'s), its backward pass is straight-through: the gradient of
+    the float weight is that of the quantized one, and the gradient of the input is taken through the quantized
+    weight (`use_original_residuals=False`; qwix's default for a forward-only rule takes it through the float
+    weight instead). Grouped methods (int4_weights, nf4) fall back to the float weight there, as qwix cannot
+    reuse a grouped operand in the backward. The parameters keep their structure: float, trained, checkpointed.
+    """
+    family_of(model)
+    exact = {"use_original_residuals": False}
+    qt_rules = [qwix.QtRule(**{**vars(rule), "additional_qt_config": exact}) for rule in rules(model, method, targets)]
+    return qwix.quantize_model(model, qwix.QtProvider(qt_rules), example_inputs(model))
+
+
 def quantized_kernels(qmodel: nnx.Module) -> dict[tuple, qwix.QArray]:
     """Our kernel path -> its QArray, for every quantized weight."""
     out = {}

@@ -69,5 +69,6 @@ class Family:
     classifier_needs_pad_token: bool = False
 
     def task_of(self, model: nnx.Module) -> str | None:
-        """The task whose class `model` is, or None when it is not one of this family's."""
-        return next((task for task, cls in self.tasks.items() if type(model) is cls), None)
+        """The task whose class `model` is, or None when it is not one of this family's. A subclass counts:
+        qwix's quantization-aware models are subclasses of ours with an intercepted `__call__`."""
+        return next((task for task, cls in self.tasks.items() if isinstance(model, cls)), None)
