@@ -3,6 +3,7 @@
     research train CONFIG [--set key=value ...] [--workdir DIR] [--resume]
     research eval WORKDIR [--checkpoint best|latest] [--attack pgd,char [--epsilons E ...] [--max-words N]]
     research export WORKDIR OUT_DIR [--checkpoint best|latest] [--merged]
+    research quantize WORKDIR OUT_DIR --method int8|int8_weights|int4_weights|nf4 [--checkpoint best|latest]
     research demo      the real all-MiniLM-L6-v2 weights in our Flax BERT, ranking sentences by similarity
 
 Errors a user can fix (bad config keys, bad data, bad checkpoints, an existing run) end with one line naming
@@ -145,6 +146,13 @@ def export_command(args: argparse.Namespace) -> None:
     print(export_run(Path(args.workdir), Path(args.out_dir), args.checkpoint, args.merged))
 
 
+def quantize_command(args: argparse.Namespace) -> None:
+    from research.run import quantize_run
+
+    _, report = quantize_run(Path(args.workdir), Path(args.out_dir), args.method, args.checkpoint, tuple(args.targets))
+    print(report)
+
+
 def sweep_command(args: argparse.Namespace) -> None:
     from research.sweep import main as sweep_main
 
@@ -198,6 +206,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--merged", action="store_true", help="a PEFT run: a plain transformers directory with the update "
                    "folded into the weights (LoRA, IA3), instead of the adapter in peft's format")
     p.set_defaults(func=export_command)
+
+    p = sub.add_parser("quantize", help="post-training quantization of a run's checkpoint (qwix), evaluated on dev "
+                       "beside the float model, exported for transformers with the quantized tensors")
+    p.add_argument("workdir")
+    p.add_argument("out_dir")
+    p.add_argument("--method", required=True, choices=["int8", "int8_weights", "int4_weights", "nf4"])
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--targets", nargs="*", default=[], help="Hugging Face module names or regexes of the layers to "
+                   "quantize (default: every linear layer inside the transformer layers)")
+    p.set_defaults(func=quantize_command)
 
     p = sub.add_parser("sweep", add_help=False, help="every (variant, seed) run of a study's experiment file, "
                        "resumable, and its summary table (research sweep EXPERIMENT --help)")

@@ -264,6 +264,36 @@ def export_run(workdir: Path, out_dir: Path, which: str = "best", merged: bool =
     return f"exported the {which} checkpoint (step {step}) of {workdir} to {out_dir} ({what})"
 
 
+def quantize_run(workdir: Path, out_dir: Path, method: str, which: str = "best", targets: tuple[str, ...] = ()
+                 ) -> tuple[dict, str]:
+    """Post-training quantization of a run's checkpoint (research/compress/quantize.py): the quantized model's
+    export in `out_dir`, and its dev metrics beside the float model's (in quantization.json too)."""
+    from research.compress import quantize
+
+    cfg = read_run_config(workdir)
+    pieces = prepare(cfg, with_train=False, init_adapter=False)
+    if cfg.peft.method != "none" or cfg.qat.method != "none":
+        raise RunError(f"research quantize: {workdir} is a {cfg.peft.method if cfg.peft.method != 'none' else 'qat'} "
+                       "run; quantize a plain fine-tuned run (a quantization-aware run exports quantized already)")
+    step = restore_params(workdir, cfg, pieces.model, which)
+    qmodel = quantize.quantize(pieces.model, method, targets)
+    mesh = make_mesh()
+    found = {}
+    for name, model in (("float32", pieces.model), (method, qmodel)):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
+        metrics, _ = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
+                                     cfg.data.buckets, mesh)
+        found[name] = {k: v for k, v in metrics.items() if k.startswith("dev/")}
+    about = quantize.export_quantized(qmodel, pieces.model, out_dir, method, targets)
+    about.update(run=str(workdir), checkpoint=which, step=step, dev=found)
+    (Path(out_dir) / "quantization.json").write_text(json.dumps(about, indent=2) + "\n")
+    lines = [f"{name}: " + ", ".join(f"{k.removeprefix('dev/')} {v:.4f}" for k, v in m.items() if "loss" not in k)
+             for name, m in found.items()]
+    return about, (f"{method} quantization of the {which} checkpoint (step {step}) of {workdir}, written to {out_dir}: "
+                   f"{about['bytes']:,} bytes of weights against {about['float32_bytes']:,}\n" + "\n".join(lines))
+
+
 def evaluate_config(cfg: ExperimentConfig) -> tuple[dict[str, float], str]:
     """Evaluate an experiment's model as its config builds it (pretrained weights, no training) on the dev
     split and every data.test set: e.g. a GPT-2 checkpoint's WikiText-2 perplexity."""

@@ -149,3 +149,19 @@ def test_qat_run_evaluates_quantized_and_exports_the_quantized_model(tmp_path):
                                rtol=0, atol=1e-5)
     with pytest.raises(ConfigError, match="qat.method with peft.method"):
         smoke("qat.method=int8", "peft.method=lora")
+
+
+def test_research_quantize_evaluates_and_exports_a_run(tmp_path, capsys):
+    from helpers import smoke
+
+    from research.cli import main
+    from research.train import train
+
+    train(smoke("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4"), tmp_path / "run")
+    main(["quantize", str(tmp_path / "run"), str(tmp_path / "int8"), "--method", "int8", "--checkpoint", "latest"])
+    printed = capsys.readouterr().out
+    assert "int8 quantization of the latest checkpoint (step 4)" in printed and "float32: accuracy" in printed
+    about = json.loads((tmp_path / "int8" / "quantization.json").read_text())
+    assert set(about["dev"]) == {"float32", "int8"} and about["step"] == 4
+    assert 0 <= about["dev"]["int8"]["dev/accuracy"] <= 1 and about["bytes"] < about["float32_bytes"]
+    transformers.BertForSequenceClassification.from_pretrained(tmp_path / "int8")  # loads, no missing weights
