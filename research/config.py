@@ -231,8 +231,11 @@ class DistillConfig:
 class PruneConfig:
     """Pruning during fine-tuning (research/compress/pruning.py)."""
 
-    # "magnitude": the smallest weights by absolute value on Zhu & Gupta's gradual cubic schedule.
-    method: Literal["none", "magnitude"] = "none"
+    # "magnitude": the smallest weights by absolute value on Zhu & Gupta's gradual cubic schedule. "movement":
+    # the lowest movement scores on the same schedule (Sanh et al. 2020); "soft_movement": the scores below
+    # `threshold`, pushed down by `regularization` (the sparsity follows from it; `sparsity` and the schedule
+    # are unused).
+    method: Literal["none", "magnitude", "movement", "soft_movement"] = "none"
     sparsity: float = 0.5  # the final fraction of the target weights set to zero, in [0, 1)
     initial_sparsity: float = 0.0  # the sparsity at `begin`
     # When pruning starts and when it reaches `sparsity`, as fractions of the training steps (Zhu & Gupta's t0 and
@@ -241,6 +244,9 @@ class PruneConfig:
     end: float = 0.7
     frequency: int = 10
     scope: Literal["layer", "global"] = "layer"  # rank the weights per matrix, or over all targets at once
+    score_lr: float = 1e-2  # movement pruning: Adam's rate for the scores (Sanh et al.'s 1e-2)
+    threshold: float = 0.0  # soft movement pruning: scores above it are kept
+    regularization: float = 0.0  # soft movement pruning: lambda, the weight of mean(sigmoid(scores))
     # Hugging Face module names (or regexes) of the linear layers pruned; (): every linear layer inside the
     # transformer layers (attention and MLP; not the embeddings, the pooler or the head).
     targets: tuple[str, ...] = ()
@@ -514,6 +520,12 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if cfg.peft.method != "none":
             raise ConfigError("prune.method and peft.method together: PEFT freezes the weights pruning would zero; "
                               "prune with full fine-tuning")
+        if pr.method == "soft_movement" and pr.regularization <= 0:
+            raise ConfigError("prune.method='soft_movement' prunes as far as prune.regularization (lambda) pushes the "
+                              "scores: set it above 0 (Sanh et al. use 1 to 400 for 10% to 3% of the weights kept)")
+        if pr.method != "soft_movement" and (pr.threshold, pr.regularization) != (0.0, 0.0):
+            raise ConfigError("prune.threshold and prune.regularization are soft movement pruning's: set "
+                              "prune.method='soft_movement' or drop them")
     if cfg.qat.method == "none" and cfg.qat != QatConfig():
         raise ConfigError("qat.targets is set but qat.method is 'none': set qat.method or drop qat.targets")
     if cfg.qat.method != "none":

@@ -125,10 +125,14 @@ def make_optimizer(cfg: OptimConfig, model: nnx.Module, params: dict, total_step
     budget = peft.adalora_schedule(model, peft_cfg, total_steps) if peft_cfg is not None else None
     if budget is not None:
         chain = [peft.allocator(optax.chain(*chain), budget)]
-    if prune_cfg is not None and prune_cfg.method == "magnitude":
-        names = list(pruning.targets(model, prune_cfg).values())
-        chain = [pruning.pruner(optax.chain(*chain), names, pruning.schedule_for(prune_cfg, total_steps),
-                                prune_cfg.scope)]
+    if prune_cfg is not None and prune_cfg.method != "none":
+        names, p = list(pruning.targets(model, prune_cfg).values()), prune_cfg
+        if p.method == "magnitude":
+            chain = [pruning.pruner(optax.chain(*chain), names, pruning.schedule_for(p, total_steps), p.scope)]
+        else:
+            chain = [pruning.movement_pruner(optax.chain(*chain), names, pruning.schedule_for(p, total_steps),
+                                             p.scope, p.score_lr, p.method == "soft_movement", p.threshold,
+                                             p.regularization)]
     tx = optax.chain(*clip, *chain)
 
     if not cfg.freeze:

@@ -51,26 +51,29 @@ TARGETS = [f"bert/layers/{i}/{m}/kernel" for i in (0, 1) for m in
             "mlp/output")]
 
 
-def test_pruned_weights_stay_zero_resume_exactly_and_export(tmp_path):
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_pruned_weights_are_zero_resume_exactly_and_export(tmp_path, method):
     workdir = tmp_path / "pruned"
-    train(smoke(*PRUNE), workdir)  # 16 steps: the masks reach 75% at step 8 (the last due step) and stay
+    prune = (*PRUNE, f"prune.method={method}")
+    train(smoke(*prune), workdir)  # 16 steps: 75% reached at step 8 (the schedule's end) and kept
     step, params = params_of(workdir)
     assert step == 16
     for name in TARGETS:
         assert (params[name] == 0).mean() == pytest.approx(0.75, abs=1 / params[name].size), name
     assert all((v != 0).all() for k, v in params.items() if k.endswith("word_embeddings/embedding") or "pooler" in k)
-    _, at_12 = params_of_step(workdir, 12, tmp_path / "copy")
-    for name in TARGETS:  # the same weights at zero from the last mask update on
-        np.testing.assert_array_equal(at_12[name] == 0, params[name] == 0, err_msg=name)
+    if method == "magnitude":  # masks fixed after the schedule's end (movement's follow the scores every step)
+        _, at_12 = params_of_step(workdir, 12, tmp_path / "copy")
+        for name in TARGETS:
+            np.testing.assert_array_equal(at_12[name] == 0, params[name] == 0, err_msg=name)
     logged = [r for r in records(workdir) if "prune/sparsity" in r]
     curve = [r["prune/sparsity"] for r in logged]  # steps 2, 4, ..., 16: rising on the cubic, then flat
     assert [r["step"] for r in logged] == list(range(2, 17, 2)) and curve == sorted(curve)
-    assert curve[0] == 0.0 and 0 < curve[1] < 0.75 and curve[-1] == pytest.approx(0.75, abs=1e-3)
+    assert 0 <= curve[0] < curve[1] < 0.75 and curve[-1] == pytest.approx(0.75, abs=1e-3)
     assert "prune/sparsity/bert.encoder.layer.1.intermediate.dense" in logged[-1]
 
     # Resuming from step 12 redoes steps 13-16 bit for bit (the masks are optimizer state, checkpointed).
     before = [r["train/loss"] for r in records(workdir) if "train/loss" in r]
-    train(smoke(*PRUNE), workdir, resume=True, resume_step=12)
+    train(smoke(*prune), workdir, resume=True, resume_step=12)
     assert [r["train/loss"] for r in records(workdir) if "train/loss" in r] == before
     _, resumed = params_of(workdir)
     for name in params:
@@ -89,6 +92,52 @@ def test_pruned_weights_stay_zero_resume_exactly_and_export(tmp_path):
                                theirs(input_ids=torch.tensor(ids)).logits.detach().numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_movement_pruning_is_straight_through_on_the_scores(soft):
+    # Reference: the paper's formulation with explicit scores S, the model computing with W * M(S) and the
+    # straight-through estimator (dL/dS = dL/dW' * W, dL/dW = dL/dW' * M), AdamW on W and Adam on S. Ours keeps W
+    # and S in the optimizer state and the model holds W' alone: after 4 steps the same W', to 1e-6.
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32), jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
+    w0 = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    loss = lambda w: ((x @ w - y) ** 2).mean()  # noqa: E731
+    schedule = pruning.Schedule(initial=0.0, final=0.6, begin=0, end=3, frequency=1)
+    lam, threshold = 50.0, 0.0
+
+    def mask_of(scores, step):
+        if soft:
+            return scores > threshold
+        return pruning.top_masks({"w": scores}, schedule.sparsity(step), "layer")["w"]
+
+    inner, score_tx = optax.adamw(0.05, weight_decay=0.01), optax.adam(0.1)
+    w, s, m = w0, jnp.zeros_like(w0), jnp.ones(w0.shape, bool)
+    inner_state, score_state = inner.init(w), score_tx.init(s)
+    for t in range(4):
+        def ste_loss(w, s, m=m):
+            reg = lam * jax.nn.sigmoid(s).mean() if soft else 0.0
+            return loss(w * (m + s - jax.lax.stop_gradient(s))) + reg
+
+        gw, gs = jax.grad(ste_loss, argnums=(0, 1))(w, s)
+        uw, inner_state = inner.update(gw, inner_state, w)
+        us, score_state = score_tx.update(gs, score_state, s)
+        w, s = w + uw, s + us
+        m = mask_of(s, t)
+
+    tx = pruning.movement_pruner(optax.adamw(0.05, weight_decay=0.01), ["w"], schedule, "layer", 0.1, soft,
+                                 threshold, lam)
+    params = {"w": w0}
+    state = tx.init(params)
+    for _ in range(4):
+        updates, state = tx.update(jax.grad(lambda p: loss(p["w"]))(params), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params["w"]), np.asarray(w * m), rtol=0, atol=1e-6)
+    assert (np.asarray(params["w"]) == 0).sum() == (~np.asarray(m)).sum() > 0
+
+
 def params_of_step(workdir, step, scratch):
     """The parameters of checkpoint `step` of a run (a copy of it without the later checkpoints)."""
     shutil.copytree(workdir, scratch)
@@ -103,6 +152,8 @@ def params_of_step(workdir, step, scratch):
     (["prune.method=magnitude", "prune.begin=0.8", "prune.end=0.5"], r"begin \(0.8\) <= end \(0.5\)"),
     (["prune.sparsity=0.9"], "prune.method is 'none'"),
     (["prune.method=magnitude", "peft.method=lora"], "PEFT freezes the weights pruning would zero"),
+    (["prune.method=soft_movement"], "set it above 0"),
+    (["prune.method=movement", "prune.regularization=1.0"], "soft movement pruning's"),
 ])
 def test_bad_pruning_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
