@@ -294,6 +294,42 @@ def quantize_run(workdir: Path, out_dir: Path, method: str, which: str = "best",
                    f"{about['bytes']:,} bytes of weights against {about['float32_bytes']:,}\n" + "\n".join(lines))
 
 
+def prune_heads_run(workdir: Path, out_dir: Path, fraction: float, examples: int = 2048, which: str = "best"
+                    ) -> tuple[dict, str]:
+    """Michel et al.'s head pruning of a run's checkpoint (research/compress/heads.py): importance on `examples`
+    training examples, the least important `fraction` of the heads removed, the smaller model written to
+    `out_dir` (with heads.json: importance, pruned heads, dev metrics before and after)."""
+    from research.compress import heads
+
+    cfg = read_run_config(workdir)
+    if cfg.peft.method != "none" or cfg.qat.method != "none":
+        raise RunError(f"research prune-heads: {workdir} is a PEFT or quantization-aware run; prune a plain one")
+    pieces = prepare(cfg, with_train=True, init_adapter=False)
+    step = restore_params(workdir, cfg, pieces.model, which)
+    importance = heads.head_importance(pieces.model, pieces.train, examples, pieces.pad_id, cfg.train.seed)
+    pruned = heads.heads_to_prune(importance, fraction, dict(pieces.model.config.pruned_heads))
+    small = heads.prune_heads(pieces.model, pruned, cfg.model.task)
+    mesh = make_mesh()
+    found = {}
+    for name, model in (("before", pieces.model), ("after", small)):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        eval_step = make_eval_step(graphdef, rest, mesh)
+        metrics, _ = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
+                                     cfg.data.buckets, mesh)
+        found[name] = {k: v for k, v in metrics.items() if k.startswith("dev/")}
+    save_pretrained(small, out_dir)
+    count = lambda m: sum(layer.attention.num_heads for layer in m.bert.layers)  # noqa: E731
+    about = {"run": str(workdir), "checkpoint": which, "step": step, "fraction": fraction, "examples": examples,
+             "importance": [list(map(float, i)) for i in importance], "pruned": {str(k): v for k, v in pruned.items()},
+             "heads_before": count(pieces.model), "heads_after": count(small), "dev": found}
+    (Path(out_dir) / "heads.json").write_text(json.dumps(about, indent=2) + "\n")
+    lines = [f"{name}: " + ", ".join(f"{k.removeprefix('dev/')} {v:.4f}" for k, v in m.items() if "loss" not in k)
+             for name, m in found.items()]
+    return about, (f"pruned {about['heads_before'] - about['heads_after']} of {about['heads_before']} heads of the "
+                   f"{which} checkpoint (step {step}) of {workdir} ({pruned}), written to {out_dir}\n"
+                   + "\n".join(lines))
+
+
 def evaluate_config(cfg: ExperimentConfig) -> tuple[dict[str, float], str]:
     """Evaluate an experiment's model as its config builds it (pretrained weights, no training) on the dev
     split and every data.test set: e.g. a GPT-2 checkpoint's WikiText-2 perplexity."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from research.models.family import Family
@@ -41,6 +43,11 @@ class BertConfig:
     num_labels: int = 2
     id2label: tuple[str, ...] | None = None  # label names by id; None: LABEL_0 .. LABEL_{n-1}
     dtype: str = "float32"  # parameter and compute dtype: "float32" or "bfloat16"
+    # Attention heads removed from each layer (research/compress/heads.py), HF's {"layer": [heads]}, held as
+    # ((layer, (head, ...)), ...) to stay hashable. Such a layer keeps its other heads, with query, key, value and
+    # output projections that much narrower. Exported for transformers (which cannot prune heads since v5) at the
+    # full shapes with zeros for the pruned heads, which computes the same; loading takes them out again.
+    pruned_heads: Any = ()
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -48,6 +55,8 @@ class BertConfig:
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; choose a head count that divides the width"
             )
+        object.__setattr__(self, "pruned_heads", normalize_pruned_heads(self.pruned_heads, self.num_hidden_layers,
+                                                                        self.num_attention_heads))
         check_activation(self.hidden_act, "hidden_act")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
@@ -57,6 +66,11 @@ class BertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def kept_heads(self, layer: int) -> tuple[int, ...]:
+        """The original indices of the heads layer `layer` keeps."""
+        pruned = dict(self.pruned_heads).get(layer, ())
+        return tuple(h for h in range(self.num_attention_heads) if h not in pruned)
 
     # Keys of an HF `config.json` we read into fields, and HF keys whose only supported value we check.
     @classmethod
@@ -72,6 +86,7 @@ class BertConfig:
     def to_hf_config(self, architecture: str) -> dict[str, Any]:
         hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         del hf["dtype"], hf["num_labels"]
+        hf["pruned_heads"] = {str(layer): list(heads) for layer, heads in self.pruned_heads}
         hf["id2label"] = {str(i): name for i, name in self.labels().items()}
         hf["label2id"] = {name: i for i, name in self.labels().items()}
         hf.update(
@@ -87,6 +102,22 @@ class BertConfig:
         if self.id2label is not None:
             return dict(enumerate(self.id2label))
         return {i: f"LABEL_{i}" for i in range(self.num_labels)}
+
+
+def normalize_pruned_heads(pruned: Any, layers: int, heads: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """{layer: heads} (keys may be strings, as in config.json) or pairs -> sorted ((layer, (head, ...)), ...)."""
+    items = pruned.items() if isinstance(pruned, dict) else pruned
+    out = {}
+    for layer, hs in items:
+        layer, hs = int(layer), tuple(sorted({int(h) for h in hs}))
+        if not 0 <= layer < layers or not all(0 <= h < heads for h in hs):
+            raise ValueError(f"pruned_heads: layer {layer}, heads {list(hs)} outside the model's {layers} layers of "
+                             f"{heads} heads")
+        if len(hs) == heads:
+            raise ValueError(f"pruned_heads: layer {layer} would keep no head; keep at least one per layer")
+        if hs:
+            out[layer] = hs
+    return tuple(sorted(out.items()))
 
 
 PRESETS = {
@@ -157,15 +188,17 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertAttention(nnx.Module):
-    """Multi-head self-attention followed by the output projection and the post-LN residual."""
+    """Multi-head self-attention followed by the output projection and the post-LN residual. A layer with pruned
+    heads (`cfg.pruned_heads`) has fewer of them: its projections are nh * hs wide instead of D."""
 
-    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, layer: int, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.query = _dense(cfg, d, d, rngs)
-        self.key = _dense(cfg, d, d, rngs)
-        self.value = _dense(cfg, d, d, rngs)
-        self.output = _dense(cfg, d, d, rngs)
+        self.num_heads, self.head_dim = len(cfg.kept_heads(layer)), cfg.head_dim
+        inner = self.num_heads * self.head_dim
+        self.query = _dense(cfg, d, inner, rngs)
+        self.key = _dense(cfg, d, inner, rngs)
+        self.value = _dense(cfg, d, inner, rngs)
+        self.output = _dense(cfg, inner, d, rngs)
         self.layer_norm = _layer_norm(cfg, rngs)
         self.attn_dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
         self.output_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
@@ -180,11 +213,13 @@ class BertAttention(nnx.Module):
 
         return split_heads(self.query(x_btd)), split_heads(self.key(x_btd)), split_heads(self.value(x_btd))
 
-    def __call__(self, x_btd, mask_b1ts, prefix_kv=None, scores_out: list | None = None):
+    def __call__(self, x_btd, mask_b1ts, prefix_kv=None, scores_out: list | None = None, head_gates_n=None):
         """`prefix_kv`: prefix tuning's (keys, values) for this layer, each (B, nh, P, hs), placed before the
         tokens' own; `mask_b1ts` then covers the P + T keys. `scores_out`: a list to append the attention scores
-        to, (B, nh, T, S) before the softmax, masked keys at the dtype's minimum (what TinyBERT distils)."""
-        B, T, D = x_btd.shape
+        to, (B, nh, T, S) before the softmax, masked keys at the dtype's minimum (what TinyBERT distils).
+        `head_gates_n`: (nh,) factors on each head's output (Michel et al.'s gates: head importance is the
+        gradient there; 0 masks a head)."""
+        B, T, _ = x_btd.shape
         q_bnth, k_bnsh, v_bnsh = self.project(x_btd)
         if prefix_kv is not None:  # (B, nh, P, hs) ++ (B, nh, T, hs) -> (B, nh, P + T, hs)
             k_bnsh = jnp.concatenate([prefix_kv[0], k_bnsh], axis=2)
@@ -198,7 +233,10 @@ class BertAttention(nnx.Module):
         probs_bnts = jax.nn.softmax(scores_bnts.astype(jnp.float32), axis=-1).astype(x_btd.dtype)
         probs_bnts = self.attn_dropout(probs_bnts)
         ctx_bnth = jnp.einsum("bnts,bnsh->bnth", probs_bnts, v_bnsh)
-        ctx_btd = ctx_bnth.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        if head_gates_n is not None:
+            ctx_bnth = ctx_bnth * head_gates_n[None, :, None, None].astype(ctx_bnth.dtype)
+        # (B, nh, T, hs) -> (B, T, nh*hs)
+        ctx_btd = ctx_bnth.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim)
         return self.layer_norm(x_btd + self.output_dropout(self.output(ctx_btd)))
 
 
@@ -219,12 +257,12 @@ class BertMLP(nnx.Module):
 
 
 class BertLayer(nnx.Module):
-    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.attention = BertAttention(cfg, rngs=rngs)
+    def __init__(self, cfg: BertConfig, layer: int, *, rngs: nnx.Rngs):
+        self.attention = BertAttention(cfg, layer, rngs=rngs)
         self.mlp = BertMLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b1ts, prefix_kv=None, scores_out: list | None = None):
-        return self.mlp(self.attention(x_btd, mask_b1ts, prefix_kv, scores_out))
+    def __call__(self, x_btd, mask_b1ts, prefix_kv=None, scores_out: list | None = None, head_gates_n=None):
+        return self.mlp(self.attention(x_btd, mask_b1ts, prefix_kv, scores_out, head_gates_n))
 
     def keys_values(self, x_btd):
         """The keys and values this layer computes from its input (B, T, D), each (B, nh, T, hs): what prefix
@@ -242,7 +280,7 @@ class BertModel(nnx.Module):
     def __init__(self, cfg: BertConfig, *, add_pooling_layer: bool = True, rngs: nnx.Rngs):
         self.config = cfg
         self.embeddings = BertEmbeddings(cfg, rngs=rngs)
-        self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([BertLayer(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
         self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs) if add_pooling_layer else None
         # Slots research/peft/ fills: prompt tuning's virtual tokens, prefix tuning's keys and values.
         self.prompt = nnx.data(None)
@@ -269,6 +307,7 @@ class BertModel(nnx.Module):
         segment_ids=None,
         output_hidden_states: bool = False,
         output_attention_scores: bool = False,
+        head_gates: list | None = None,
     ):
         """`segment_ids` (B, T) marks packed rows: several examples side by side in one row, numbered 1, 2,
         ... (0: padding). A token then attends only to tokens of its own example, and `position_ids` must
@@ -278,7 +317,8 @@ class BertModel(nnx.Module):
 
         Returns the last hidden states (B, T, D); with `output_hidden_states`, also the list of the embeddings'
         output and every layer's; with `output_attention_scores` (for distillation), (last, hidden states,
-        every layer's attention scores (B, nh, T, S) before the softmax)."""
+        every layer's attention scores (B, nh, T, S) before the softmax). `head_gates`: one (nh,) array of
+        factors on each layer's heads (research/compress/heads.py)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
@@ -321,8 +361,9 @@ class BertModel(nnx.Module):
 
         x_btd = self.embeddings(x_btd, token_type_ids, position_ids)
         hidden, scores = [x_btd], [] if output_attention_scores else None
-        for layer, kv in zip(self.layers, prefix_kv, strict=True):
-            x_btd = layer(x_btd, mask_b1ts, kv, scores)
+        gates = head_gates if head_gates is not None else [None] * len(self.layers)
+        for layer, kv, gate in zip(self.layers, prefix_kv, gates, strict=True):
+            x_btd = layer(x_btd, mask_b1ts, kv, scores, gate)
             hidden.append(x_btd)
         if output_attention_scores:
             return x_btd, hidden, scores
@@ -512,6 +553,47 @@ BUFFER_KEYS = {
 # a warning that lists them, the way transformers drops `cls.*` when loading BertForSequenceClassification.
 OTHER_HEAD_PATTERNS = [r"cls\..*", r"classifier\..*", r"qa_outputs\..*", r"pooler\..*"]
 
+# Checkpoint tensors that carry one slice per attention head: the query, key and value projections (rows: their
+# output) and the attention's output projection (columns: its input).
+_HEAD_TENSOR = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.attention\.(?:(self\.(?:query|key|value))\.(?:weight|bias)"
+                          r"|output\.dense\.weight)$")
+
+
+def _head_slices(cfg: BertConfig, key: str, array: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(the kept heads' indices along the head axis, that axis) for a per-head tensor of a pruned layer."""
+    m = _HEAD_TENSOR.search(key)
+    if m is None or int(m[1]) not in dict(cfg.pruned_heads):
+        return None
+    hs = cfg.head_dim
+    index = np.concatenate([np.arange(h * hs, (h + 1) * hs) for h in cfg.kept_heads(int(m[1]))])
+    return index, 0 if m[2] else 1  # torch layout: projections (out, in), so q/k/v rows, output columns
+
+
+def compact_heads(cfg: BertConfig, key: str, array: np.ndarray) -> np.ndarray:
+    """A checkpoint tensor at the full width -> its kept heads' rows or columns (already compact: unchanged)."""
+    found = _head_slices(cfg, key, array)
+    if found is None or array.shape[found[1]] != cfg.hidden_size:
+        return array
+    return np.take(array, found[0], axis=found[1])
+
+
+def expand_heads(cfg: BertConfig, key: str, array: np.ndarray) -> np.ndarray:
+    """The inverse for export: the full width, zeros where the pruned heads were (transformers computes the same:
+    a head whose value and output weights are zero adds nothing)."""
+    found = _head_slices(cfg, key, array)
+    if found is None:
+        return array
+    index, axis = found
+    shape = list(array.shape)
+    shape[axis] = cfg.hidden_size
+    out = np.zeros(shape, array.dtype)
+    if axis == 0:
+        out[index] = array
+    else:
+        out[:, index] = array
+    return out
+
+
 # ------------------------------------------------------------------------------------- the family record
 
 FAMILY = Family(
@@ -530,6 +612,8 @@ FAMILY = Family(
     buffer_keys=BUFFER_KEYS,
     other_head_patterns=OTHER_HEAD_PATTERNS,
     init_if_missing=INIT_IF_MISSING,
+    tensor_from_checkpoint=compact_heads,
+    tensor_to_checkpoint=expand_heads,
     layer_container="layers",
     embedding_modules=("embeddings",),
     peft_targets={

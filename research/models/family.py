@@ -46,6 +46,10 @@ class Family:
     other_head_patterns: list[str] = dataclasses.field(default_factory=list)
     # task -> base-model paths that count as part of its head (initialized, with a warning, when missing).
     init_if_missing: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)
+    # (config, HF key, tensor) -> tensor, applied to every checkpoint tensor on the way in and out: where a
+    # config stores less than transformers' shapes hold (BERT's pruned heads), and what export writes back.
+    tensor_from_checkpoint: Callable[[Any, str, Any], Any] = lambda cfg, key, array: array
+    tensor_to_checkpoint: Callable[[Any, str, Any], Any] = lambda cfg, key, array: array
 
     # ---- structure (layer-wise learning-rate decay in research/optim.py; adapters next)
     layer_container: str = "layers"  # the attribute holding the list of transformer layers

@@ -271,6 +271,7 @@ def from_pretrained(
         tensors = select_layers(family, tensors, layers, depth, where=str(directory))
         config_overrides = {**config_overrides, family.layers_field: len(layers)}
     cfg = family.config.from_hf_config(hf_cfg, dtype=dtype, **config_overrides)
+    tensors = {key: family.tensor_from_checkpoint(cfg, key, array) for key, array in tensors.items()}
 
     model_cls = family.tasks[task]
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(seed)))
@@ -454,7 +455,8 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer_dir
                                   "table")
         key, transpose = by_path[path]
         array = np.asarray(jax.device_get(var[...]))
-        tensors[_hf_key(family, key, path, task)] = np.ascontiguousarray(array.T if transpose else array)
+        name = _hf_key(family, key, path, task)
+        tensors[name] = np.ascontiguousarray(family.tensor_to_checkpoint(cfg, name, array.T if transpose else array))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
