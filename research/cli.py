@@ -22,6 +22,7 @@ from pathlib import Path
 from research.config import ConfigError
 from research.data.split import DataError
 from research.models.hf import CheckpointError
+from research.peft import PeftError
 from research.run import RunDirBusyError, RunError
 from research.sweep import SweepError
 from research.train import NonFiniteLossError
@@ -251,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, RunError, RunDirBusyError, NonFiniteLossError, SweepError,
-            FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, PeftError, RunError, RunDirBusyError, NonFiniteLossError,
+            SweepError, FileNotFoundError) as e:
         sys.exit(f"research {args.command}: {type(e).__name__}: {e}")
 
 

@@ -208,6 +208,9 @@ class PeftConfig:
     # Start from an adapter trained elsewhere: a directory that `peft.PeftModel.save_pretrained` wrote (LoRA,
     # IA3), or that `research export` of a bottleneck run wrote. Its method and base must match this run's.
     init_from: str | None = None
+    # "nf4": QLoRA (research/peft/qlora.py), the frozen linear weights of the transformer layers held in 4-bit
+    # NormalFloat, blocks of 64 as bitsandbytes; LoRA only.
+    base_quantization: Literal["none", "nf4"] = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,6 +502,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"peft.num_virtual_tokens={p.num_virtual_tokens} must be at least 1")
         if (p.prompt_init == "text") != (p.prompt_init_text is not None):
             raise ConfigError("peft.prompt_init='text' and peft.prompt_init_text go together: set both or neither")
+        if p.base_quantization != "none" and p.method != "lora":
+            raise ConfigError(f"peft.base_quantization={p.base_quantization!r} is QLoRA: LoRA over the quantized base; "
+                              "set peft.method='lora'")
         if p.method == "prompt" and d.pack_length is not None:
             raise ConfigError("peft.method='prompt' puts virtual tokens before each row's one example: set "
                               "data.pack_length=null (prefix tuning packs: its prefix is shared by every example)")

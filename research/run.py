@@ -253,15 +253,35 @@ def export_run(workdir: Path, out_dir: Path, which: str = "best", merged: bool =
                                           cfg.qat.method, cfg.qat.targets)
         what = f"{cfg.qat.method}-quantized: {about['bytes']:,} bytes of weights against {about['float32_bytes']:,}"
     elif cfg.peft.method == "none" or merged:
-        save_pretrained(peft.merged_model(model) if cfg.peft.method != "none" else model, out_dir)
+        plain = peft.merged_model(model) if cfg.peft.method != "none" else model
+        save_pretrained(plain, out_dir)
         folded = f", the {cfg.peft.method} update folded in" if cfg.peft.method != "none" else ""
         what = "Hugging Face format" + folded
+        if cfg.peft.base_quantization != "none":
+            what += " (into the dequantized NF4 weights; " + _merge_gap(cfg, model, plain) + ")"
     else:
         base = getattr(model, "hf_source", cfg.model.name_or_path)
         trained = [r["step"] for r in read_records(workdir) if "train/loss" in r]  # AdaLoRA's total_step
         peft.save_adapter(model, cfg.peft, out_dir, base_name_or_path=base, total_steps=max(trained, default=None))
         what = f"a {cfg.peft.method} adapter in peft's format; its base: {getattr(model, 'hf_source', '?')}"
     return f"exported the {which} checkpoint (step {step}) of {workdir} to {out_dir} ({what})"
+
+
+def _merge_gap(cfg: ExperimentConfig, model: nnx.Module, merged: nnx.Module) -> str:
+    """How far a QLoRA model's merged export computes from it: the largest logit difference on the dev split."""
+    if cfg.model.task != "sequence_classification":
+        return f"the logit difference is measured for sequence classification, not {cfg.model.task!r}"
+    from research.evaluate import predict
+
+    pieces = prepare(cfg, with_train=False, init_adapter=False)
+    mesh = make_mesh()
+    logits = []
+    for m in (model, merged):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        logits.append(predict(make_eval_step(graphdef, rest, mesh), params, pieces.dev, cfg.train.eval_batch_size,
+                              cfg.data.buckets, pieces.pad_id, mesh))
+    gap = float(abs(logits[0] - logits[1]).max())
+    return f"largest |logit difference| from the NF4 base + LoRA on the {len(pieces.dev)} dev examples: {gap:.2e}"
 
 
 def quantize_run(workdir: Path, out_dir: Path, method: str, which: str = "best", targets: tuple[str, ...] = ()

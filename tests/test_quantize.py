@@ -16,6 +16,7 @@ from helpers import randomize_
 from research.compress import quantize as Q
 from research.config import ConfigError
 from research.models import from_pretrained
+from research.peft import PeftError
 
 # bitsandbytes' NF4 code (functional.py, get_4bit_type("nf4"); QLoRA's appendix E): the 16 values, and the
 # quantization that maps each block of 64 consecutive weights of the row-major (out, in) matrix to
@@ -165,3 +166,69 @@ def test_research_quantize_evaluates_and_exports_a_run(tmp_path, capsys):
     assert set(about["dev"]) == {"float32", "int8"} and about["step"] == 4
     assert 0 <= about["dev"]["int8"]["dev/accuracy"] <= 1 and about["bytes"] < about["float32_bytes"]
     transformers.BertForSequenceClassification.from_pretrained(tmp_path / "int8")  # loads, no missing weights
+
+
+# ------------------------------------------------------------------------------------------------- QLoRA
+
+
+def test_qlora_is_lora_over_the_nf4_dequantized_base(pair):
+    # Ours: LoRA attached, then the frozen base of every block's linear layers in NF4 (codes equal to the PTQ
+    # NF4 ones, which equal bitsandbytes'). Reference: the same LoRA over a base whose kernels are the NF4-
+    # dequantized values in float. Logits 1e-6, every trained gradient 1e-5 of its scale.
+    from research import peft
+    from research.config import PeftConfig
+    from research.peft.attach import adapters
+
+    path, _ = pair
+    qlora = peft.prepare(from_pretrained(path, "sequence_classification"),
+                         PeftConfig(method="lora", base_quantization="nf4"), seed=0)
+    reference = peft.prepare(Q.dequantized(Q.quantize(from_pretrained(path, "sequence_classification"), "nf4"),
+                                           from_pretrained(path, "sequence_classification")),
+                             PeftConfig(method="lora"), seed=0)
+    ptq = Q.quantized_kernels(Q.quantize(from_pretrained(path, "sequence_classification"), "nf4"))
+    query = qlora.bert.layers[1].attention.query.kernel.get_value()
+    expected = ptq[("bert", "layers", 1, "attention", "query", "kernel")].qvalue.get_value()
+    np.testing.assert_array_equal(np.asarray(query.qvalue), np.asarray(expected))
+    for m in (qlora, reference):  # B away from zero, the same in both, so the update counts
+        rng = np.random.default_rng(0)
+        for _, adapter in adapters(m).values():
+            b = adapter.lora.lora_b
+            b.set_value(jnp.asarray(rng.normal(0, 0.05, b.get_value().shape), jnp.float32))
+
+    def run(m):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        f = lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(IDS))  # noqa: E731
+        loss = lambda p: jax.nn.log_softmax(f(p))[:, 0].sum()  # noqa: E731
+        return np.asarray(f(params)), dict(nnx.to_flat_state(jax.grad(loss)(params)))
+
+    (ours, g_ours), (theirs, g_ref) = run(qlora), run(reference)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    assert set(g_ours) == set(g_ref) and any("lora" in str(p) for p in g_ours)
+    for p, g in g_ref.items():
+        g = np.asarray(g[...])
+        np.testing.assert_allclose(np.asarray(g_ours[p][...]), g, rtol=0, atol=1e-5 * np.abs(g).max(), err_msg=str(p))
+
+
+def test_qlora_run_exports_merged_into_the_dequantized_weights(tmp_path):
+    from helpers import smoke
+
+    from research.run import export_run, load_trained_model
+    from research.train import train
+
+    wide = ('model.overrides={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, '
+            '"intermediate_size": 128}')
+    cfg = smoke(wide, "peft.method=lora", "peft.base_quantization=nf4", "train.max_steps=4", "train.eval_every=4",
+                "checkpoint.every_steps=4")
+    train(cfg, tmp_path / "qlora")
+    message = export_run(tmp_path / "qlora", tmp_path / "merged", "latest", merged=True)
+    gap = float(message.split("dev examples: ")[1].rstrip(")"))
+    assert gap < 1e-4, message  # the merged model computes what the QLoRA model computes
+    model, _, _ = load_trained_model(tmp_path / "qlora", "latest")
+    ids = jnp.asarray(np.random.default_rng(2).integers(1000, 3000, (2, 9)), jnp.int32)
+    theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(theirs(input_ids=torch.tensor(np.asarray(ids)).long()).logits.detach().numpy(),
+                               np.asarray(model(ids)), rtol=0, atol=1e-4)
+    with pytest.raises(PeftError, match="not a multiple of the NF4 block of 64"):
+        train(smoke("peft.method=lora", "peft.base_quantization=nf4", "train.max_steps=1"), tmp_path / "narrow")
+    with pytest.raises(ConfigError, match="is QLoRA"):
+        smoke("peft.method=ia3", "peft.base_quantization=nf4")

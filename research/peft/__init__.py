@@ -29,6 +29,7 @@ from research.peft.attach import (
     unmerge,
 )
 from research.peft.interop import load_adapter, save_adapter, trained_tensors
+from research.peft.qlora import quantize_base
 from research.peft.targets import PeftError
 
 __all__ = ["Frozen", "PeftError", "adalora_schedule", "allocator", "attach", "describe", "fingerprint", "load_adapter",
@@ -40,6 +41,8 @@ def prepare(model: nnx.Module, cfg: PeftConfig, seed: int) -> nnx.Module:
     if cfg.method == "none":
         return model
     attach(model, cfg, seed)
+    if cfg.base_quantization == "nf4":  # QLoRA: the frozen base in NF4
+        quantize_base(model)
     if cfg.init_from is not None:
         load_adapter(model, cfg.init_from)
     return model

@@ -16,6 +16,7 @@ import hashlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 
 from research.config import PeftConfig
@@ -178,9 +179,10 @@ def fingerprint(model: nnx.Module, variables: nnx.filterlib.Filter = Frozen) -> 
     parameters alone was trained against. `variables`: another filter, e.g. every weight of a teacher."""
     digest = hashlib.sha256()
     for path, var in sorted(nnx.to_flat_state(nnx.state(model, variables)), key=lambda item: str(item[0])):
-        array = np.asarray(jax.device_get(var.get_value()))
-        digest.update(f"{'/'.join(map(str, path))}:{array.dtype}:{array.shape};".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
+        for array in jax.tree.leaves(var.get_value()):  # an array, or QLoRA's NF4 codes and scales
+            array = np.asarray(jax.device_get(array))
+            digest.update(f"{'/'.join(map(str, path))}:{array.dtype}:{array.shape};".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 
@@ -245,7 +247,9 @@ def merged_model(model: nnx.Module) -> nnx.Module:
     family, task = task_of(model)
     _check_foldable(model)
     weights = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, Frozen)))
-    values = {p: v.get_value() for p, v in weights if not is_method_parameter(p)}
+    # QLoRA's NF4 kernels dequantized: the weights the adapter was trained against
+    values = {p: (qwix.dequantize(v.get_value()) if isinstance(v.get_value(), qwix.QArray) else v.get_value())
+              for p, v in weights if not is_method_parameter(p)}
     for name, (layer, adapter) in adapters(model).items():
         path = linear_layers(model)[name]
         values.update({(*path, k): v for k, v in adapter.folded(layer).items()})

@@ -31,7 +31,7 @@ class IA3(nnx.Module):
         return y_nf * self.scale[...].astype(y_nf.dtype)  # (N, F) * (F,)
 
     def folded(self, layer: Linear) -> dict[str, jax.Array]:
-        kernel = layer.kernel[...]
+        kernel = layer.weight()
         bias = layer.bias[...] if layer.bias is not None else None
         if not self.merged:
             if self.feedforward:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from research.models.linear import Linear
+from research.peft.targets import PeftError
 
 # torch's nn.Linear default (kaiming_uniform with a = sqrt(5)), which peft keeps for A: U(-1/sqrt(D), 1/sqrt(D)).
 # In variance-scaling terms: scale 1/3, uniform, over the fan-in D of the (D, r) matrix.
@@ -32,6 +33,9 @@ class LowRankUpdate(nnx.Module):
 
     def merge(self, layer: Linear) -> None:
         """Fold the update into the layer's kernel; the layer then computes the same function with no extra work."""
+        if layer.weight() is not layer.kernel.get_value():
+            raise PeftError("the layer's base is NF4 (QLoRA): the update cannot be folded into 4-bit codes in place; "
+                            "`merged_model` (research export --merged) folds it into the dequantized weights")
         if not self.merged:
             layer.kernel[...] = (layer.kernel[...] + self.delta()).astype(layer.kernel[...].dtype)
             self.merged = True
@@ -43,7 +47,7 @@ class LowRankUpdate(nnx.Module):
 
     def folded(self, layer: Linear) -> dict[str, jax.Array]:
         """The layer's parameters with the update folded in (the layer itself unchanged)."""
-        kernel = layer.kernel[...] if self.merged else layer.kernel[...] + self.delta()
+        kernel = layer.weight() if self.merged else layer.weight() + self.delta()
         return {"kernel": kernel} | ({"bias": layer.bias[...]} if layer.bias is not None else {})
 
 
