@@ -25,15 +25,23 @@ class Linear(nnx.Linear):
         super().__init__(*args, **kwargs)
         self.adapter = nnx.data(None)  # a module once research/peft/ attaches one (data, not static)
 
+    def _kernel(self):
+        # A Variable's value; qwix's post-training quantization replaces the variable by its own holder.
+        return self.kernel.get_value() if isinstance(self.kernel, nnx.Variable) else self.kernel
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the kernel is QLoRA's NF4 codes (research/peft/qlora.py) rather than an array."""
+        return isinstance(self._kernel(), qwix.QArray)
+
     def weight(self) -> jax.Array:
         """The kernel (D, F) as an array: QLoRA's NF4 kernel (research/peft/qlora.py) dequantized."""
-        kernel = self.kernel.get_value()
-        return qwix.dequantize(kernel) if isinstance(kernel, qwix.QArray) else kernel
+        return qwix.dequantize(self._kernel()) if self.quantized else self._kernel()
 
     def base(self, x_nd: jax.Array) -> jax.Array:
         """x W + b for a 2-D input (N, D) -> (N, F), whatever adapter is attached. A QLoRA base's NF4 kernel is
         dequantized to the compute dtype first, as bitsandbytes does."""
-        if not isinstance(self.kernel.get_value(), qwix.QArray):
+        if not self.quantized:
             return super().__call__(x_nd)
         y_nf = x_nd @ self.weight().astype(x_nd.dtype)
         return y_nf if self.bias is None else y_nf + self.bias[...].astype(y_nf.dtype)

@@ -33,7 +33,7 @@ class LowRankUpdate(nnx.Module):
 
     def merge(self, layer: Linear) -> None:
         """Fold the update into the layer's kernel; the layer then computes the same function with no extra work."""
-        if layer.weight() is not layer.kernel.get_value():
+        if layer.quantized:
             raise PeftError("the layer's base is NF4 (QLoRA): the update cannot be folded into 4-bit codes in place; "
                             "`merged_model` (research export --merged) folds it into the dequantized weights")
         if not self.merged:
