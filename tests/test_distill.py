@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_objective, deterministic, our_grads_by_hf_name, params_of, records, smoke
+from helpers import check_objective, our_grads_by_hf_name, params_of, records, smoke
 
 from research import experiment
 from research.batch import Batch
@@ -191,27 +191,6 @@ def test_kd_options_are_checked(tmp_path, teacher_dir):
 # ------------------------------------------------------------------------------------------- the runner
 
 
-def test_kd_runs_from_a_run_directory_and_at_alpha_0_trains_as_cross_entropy(tmp_path, teacher_dir):
-    # The teacher is itself a run (the smoke model trained 4 steps); the student distils from its best
-    # checkpoint, packed batches. At alpha 0 and T 1 the records equal plain cross-entropy's step for step.
-    short = ("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4", "data.pack_length=32")
-    train(smoke(*short, "checkpoint.best_metric=dev/accuracy"), tmp_path / "teacher")
-    cache = tmp_path / "cache"
-    train(kd_config(tmp_path / "teacher", cache, *short, "objective.params.alpha=0.0",
-                    "objective.params.temperature=1.0"), tmp_path / "kd")
-    train(smoke(*short), tmp_path / "ce")
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("train/kd", "train/ce")} for r in rs]  # noqa: E731
-    assert strip(deterministic(records(tmp_path / "kd"))) == deterministic(records(tmp_path / "ce"))
-    logged = [r for r in records(tmp_path / "kd") if "train/kd" in r]
-    assert logged and all(r["train/ce"] == pytest.approx(r["train/loss"]) for r in logged)
-    about = json.loads((tmp_path / "kd" / "teacher.json").read_text())
-    assert about["description"].startswith(f"run {tmp_path / 'teacher'} (best checkpoint")
-    # Resuming with another teacher is refused.
-    with pytest.raises(ConfigError, match="--resume: this run was distilled from"):
-        train(kd_config(teacher_dir, cache, *short, "objective.params.alpha=0.0", "train.max_steps=8",
-                        "objective.params.temperature=1.0"), tmp_path / "kd", resume=True)
-
-
 def test_a_token_task_gets_per_token_teacher_logits_in_its_batches():
     from research.data.batches import collate
     from research.data.split import Split, SplitReport
@@ -276,23 +255,36 @@ def test_bad_student_layers_are_refused(tmp_path, layers, message):
 # --------------------------------------------------------------------------------- the teacher in the step
 
 
-def test_in_step_teacher_equals_cached_logits_and_stays_out_of_the_checkpoints(tmp_path, teacher_dir):
-    short = ("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4", "train.log_every=1")
-    train(kd_config(teacher_dir, tmp_path / "cache", *short), tmp_path / "cached")
-    train(kd_config(teacher_dir, tmp_path / "cache", *short, "distill.in_step=true"), tmp_path / "in_step")
+def test_distillation_runs_from_a_run_directory_cached_or_in_the_step(tmp_path, teacher_dir):
+    # The teacher is itself a run (the smoke model, 4 steps); students distil from its best checkpoint with
+    # the logits cached, then with the teacher in the step (the same records, 1e-5), then with TinyBERT's loss;
+    # packed batches throughout. The teacher never enters a student's checkpoint, and --resume refuses another.
+    short = ("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4", "train.log_every=1",
+             "data.pack_length=32")
+    train(smoke(*short, "checkpoint.best_metric=dev/accuracy"), tmp_path / "teacher")
+    teacher, cache = tmp_path / "teacher", tmp_path / "cache"
+    train(kd_config(teacher, cache, *short), tmp_path / "cached")
+    train(kd_config(teacher, cache, *short, "distill.in_step=true"), tmp_path / "in_step")
     cached, in_step = records(tmp_path / "cached"), records(tmp_path / "in_step")
     for a, b in zip(cached, in_step, strict=True):  # the teacher's logits: from padded eval batches, or the step's
-        for key in ("train/loss", "train/kd", "dev/accuracy"):
+        for key in ("train/loss", "train/kd", "train/ce", "dev/accuracy"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    assert all(0 < r["train/kd"] for r in cached if "train/kd" in r)
+    about = json.loads((tmp_path / "cached" / "teacher.json").read_text())
+    assert about["description"].startswith(f"run {teacher} (best checkpoint") and about["in_step"] is False
+    assert json.loads((tmp_path / "in_step" / "teacher.json").read_text())["in_step"] is True
     _, params = params_of(tmp_path / "in_step")
     assert not any("teacher" in name for name in params)  # frozen: not a parameter, not checkpointed
-    assert json.loads((tmp_path / "in_step" / "teacher.json").read_text())["in_step"] is True
-    # TinyBERT's objective in the runner, packed rows: its terms are logged, and the hidden-state gap shrinks.
-    train(kd_config(teacher_dir, tmp_path / "cache", *short, "distill.in_step=true", "objective.name=tinybert",
-                    "data.pack_length=32", "optim.lr=3e-3"), tmp_path / "tinybert")
-    gaps = [r["train/hidden_mse"] for r in records(tmp_path / "tinybert") if "train/hidden_mse" in r]
-    assert len(gaps) == 4 and gaps[-1] < gaps[0]
+    with pytest.raises(ConfigError, match="--resume: this run was distilled from"):
+        train(kd_config(teacher_dir, cache, *short, "train.max_steps=8"), tmp_path / "cached", resume=True)
+    # TinyBERT's objective in the runner: the loss is its three terms (alpha 1, T 1), each logged.
+    train(kd_config(teacher, cache, *short, "distill.in_step=true", "objective.name=tinybert"), tmp_path / "tinybert")
+    logged = [r for r in records(tmp_path / "tinybert") if "train/hidden_mse" in r]
+    assert len(logged) == 4 and all(r["train/hidden_mse"] > 0 and r["train/attention_mse"] > 0 for r in logged)
+    for r in logged:
+        assert r["train/loss"] == pytest.approx(r["train/kd"] + r["train/hidden_mse"] + r["train/attention_mse"],
+                                                rel=1e-5)
 
 
 def test_gpt2_distils_token_by_token_from_a_teacher_in_the_step(tmp_path, tiny_gpt2_dir, data_dir):
