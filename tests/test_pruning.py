@@ -163,3 +163,22 @@ def test_bad_pruning_settings_are_refused(overrides, message):
 def test_a_target_that_matches_nothing_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="prune.targets: 'nothing_here' matches no layer"):
         train(smoke("prune.method=magnitude", "prune.targets=[\"nothing_here\"]"), tmp_path / "x")
+
+
+def test_gpt2_prunes_its_block_linears(tiny_gpt2_dir, data_dir, tmp_path):
+    from research.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:20_000])
+    cfg = ExperimentConfig(
+        name="lm_prune", model=ModelConfig(name_or_path=str(tiny_gpt2_dir), task="causal_lm"),
+        data=DataConfig(train=str(text), dev=str(text), max_length=32, buckets=(16, 32), max_dev_examples=16),
+        optim=OptimConfig(lr=1e-3), prune=PruneConfig(method="magnitude", sparsity=0.5, end=0.5, frequency=1),
+        train=TrainConfig(batch_size=8, max_steps=4, log_every=1, eval_batch_size=16))
+    train(cfg, tmp_path / "lm")
+    _, params = params_of(tmp_path / "lm")
+    kernels = [k for k in params if k.startswith("transformer/h/") and k.endswith("kernel")]
+    assert len(kernels) == 8
+    for name in kernels:
+        assert (params[name] == 0).mean() == pytest.approx(0.5, abs=1 / params[name].size), name
+    assert (params["transformer/wte/embedding"] != 0).all()  # the tied embedding is not a target

@@ -232,3 +232,19 @@ def test_qlora_run_exports_merged_into_the_dequantized_weights(tmp_path):
         train(smoke("peft.method=lora", "peft.base_quantization=nf4", "train.max_steps=1"), tmp_path / "narrow")
     with pytest.raises(ConfigError, match="is QLoRA"):
         smoke("peft.method=ia3", "peft.base_quantization=nf4")
+
+
+def test_gpt2_quantizes_and_exports(tiny_gpt2_dir, tmp_path):
+    # GPT-2's block linears (c_attn, c_proj, c_fc, mlp.c_proj) quantized; the tied LM head stays float. The
+    # export loads in transformers (weight-only: the same logits) and back here exactly.
+    model = from_pretrained(tiny_gpt2_dir, "causal_lm")
+    q = Q.quantize(model, "int8_weights")
+    assert len(Q.quantized_kernels(q)) == 8  # 4 per block, 2 blocks
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50000, (2, 9)), jnp.int32)
+    logits = np.asarray(q(ids))
+    assert np.abs(logits - np.asarray(model(ids))).max() > 0
+    Q.export_quantized(q, model, tmp_path, "int8_weights")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    np.testing.assert_allclose(theirs(input_ids=torch.tensor(np.asarray(ids)).long()).logits.detach().numpy(), logits,
+                               rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(Q.load_quantized(tmp_path, "causal_lm")(ids)), logits)
