@@ -4,7 +4,7 @@
     research eval WORKDIR [--checkpoint best|latest] [--attack pgd,char [--epsilons E ...] [--max-words N]]
     research export WORKDIR OUT_DIR [--checkpoint best|latest] [--merged]
     research quantize WORKDIR OUT_DIR --method int8|int8_weights|int4_weights|nf4 [--checkpoint best|latest]
-    research prune-heads WORKDIR OUT_DIR --fraction F [--examples N] [--checkpoint best|latest]
+    research prune WORKDIR OUT_DIR [--heads F] [--neurons F] [--examples N] [--checkpoint best|latest]
     research demo      the real all-MiniLM-L6-v2 weights in our Flax BERT, ranking sentences by similarity
 
 Errors a user can fix (bad config keys, bad data, bad checkpoints, an existing run) end with one line naming
@@ -155,10 +155,11 @@ def quantize_command(args: argparse.Namespace) -> None:
     print(report)
 
 
-def prune_heads_command(args: argparse.Namespace) -> None:
-    from research.run import prune_heads_run
+def prune_command(args: argparse.Namespace) -> None:
+    from research.run import prune_run
 
-    _, report = prune_heads_run(Path(args.workdir), Path(args.out_dir), args.fraction, args.examples, args.checkpoint)
+    _, report = prune_run(Path(args.workdir), Path(args.out_dir), args.heads, args.neurons, args.examples,
+                          args.checkpoint)
     print(report)
 
 
@@ -226,14 +227,15 @@ def main(argv: list[str] | None = None) -> None:
                    "quantize (default: every linear layer inside the transformer layers)")
     p.set_defaults(func=quantize_command)
 
-    p = sub.add_parser("prune-heads", help="remove a run's least important attention heads (Michel et al. 2019) "
-                       "and write the smaller model, evaluated on dev before and after")
+    p = sub.add_parser("prune", help="remove a run's least important attention heads and MLP neurons (Michel et "
+                       "al. 2019) and write the smaller model, evaluated on dev before and after")
     p.add_argument("workdir")
     p.add_argument("out_dir")
-    p.add_argument("--fraction", type=float, required=True, help="share of the heads to remove, e.g. 0.5")
+    p.add_argument("--heads", type=float, default=None, help="share of the attention heads to remove, e.g. 0.5")
+    p.add_argument("--neurons", type=float, default=None, help="share of the MLP neurons to remove")
     p.add_argument("--examples", type=int, default=2048, help="training examples the importance is estimated on")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
-    p.set_defaults(func=prune_heads_command)
+    p.set_defaults(func=prune_command)
 
     p = sub.add_parser("sweep", add_help=False, help="every (variant, seed) run of a study's experiment file, "
                        "resumable, and its summary table (research sweep EXPERIMENT --help)")

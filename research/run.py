@@ -314,21 +314,27 @@ def quantize_run(workdir: Path, out_dir: Path, method: str, which: str = "best",
                    f"{about['bytes']:,} bytes of weights against {about['float32_bytes']:,}\n" + "\n".join(lines))
 
 
-def prune_heads_run(workdir: Path, out_dir: Path, fraction: float, examples: int = 2048, which: str = "best"
-                    ) -> tuple[dict, str]:
-    """Michel et al.'s head pruning of a run's checkpoint (research/compress/heads.py): importance on `examples`
-    training examples, the least important `fraction` of the heads removed, the smaller model written to
-    `out_dir` (with heads.json: importance, pruned heads, dev metrics before and after)."""
-    from research.compress import heads
+def prune_run(workdir: Path, out_dir: Path, heads: float | None = None, neurons: float | None = None,
+              examples: int = 2048, which: str = "best") -> tuple[dict, str]:
+    """Structured pruning of a run's checkpoint (research/compress/structured.py): Michel et al.'s importance on
+    `examples` training examples, the least important `heads` and `neurons` fractions removed, the smaller model
+    written to `out_dir` (with pruning.json: importances, what was pruned, dev metrics before and after)."""
+    from research.compress import structured
 
+    if heads is None and neurons is None:
+        raise RunError("research prune: say what to prune, --heads and/or --neurons (a fraction in (0, 1))")
     cfg = read_run_config(workdir)
     if cfg.peft.method != "none" or cfg.qat.method != "none":
-        raise RunError(f"research prune-heads: {workdir} is a PEFT or quantization-aware run; prune a plain one")
+        raise RunError(f"research prune: {workdir} is a PEFT or quantization-aware run; prune a plain one")
     pieces = prepare(cfg, with_train=True, init_adapter=False)
     step = restore_params(workdir, cfg, pieces.model, which)
-    importance = heads.head_importance(pieces.model, pieces.train, examples, pieces.pad_id, cfg.train.seed)
-    pruned = heads.heads_to_prune(importance, fraction, dict(pieces.model.config.pruned_heads))
-    small = heads.prune_heads(pieces.model, pruned, cfg.model.task)
+    config = pieces.model.config
+    head_importance, neuron_importance = structured.importance(pieces.model, pieces.train, examples, pieces.pad_id,
+                                                               cfg.train.seed)
+    pruned_heads = structured.units_to_prune(head_importance, heads, dict(config.pruned_heads)) if heads else {}
+    pruned_neurons = (structured.units_to_prune(neuron_importance, neurons, dict(config.pruned_neurons))
+                      if neurons else {})
+    small = structured.prune(pieces.model, pruned_heads, pruned_neurons, cfg.model.task)
     mesh = make_mesh()
     found = {}
     for name, model in (("before", pieces.model), ("after", small)):
@@ -338,16 +344,21 @@ def prune_heads_run(workdir: Path, out_dir: Path, fraction: float, examples: int
                                      cfg.data.buckets, mesh)
         found[name] = {k: v for k, v in metrics.items() if k.startswith("dev/")}
     save_pretrained(small, out_dir)
-    count = lambda m: sum(layer.attention.num_heads for layer in m.bert.layers)  # noqa: E731
-    about = {"run": str(workdir), "checkpoint": which, "step": step, "fraction": fraction, "examples": examples,
-             "importance": [list(map(float, i)) for i in importance], "pruned": {str(k): v for k, v in pruned.items()},
-             "heads_before": count(pieces.model), "heads_after": count(small), "dev": found}
-    (Path(out_dir) / "heads.json").write_text(json.dumps(about, indent=2) + "\n")
+    count = lambda m, f: sum(f(layer) for layer in m.bert.layers)  # noqa: E731
+    n_heads = lambda m: count(m, lambda layer: layer.attention.num_heads)  # noqa: E731
+    n_neurons = lambda m: count(m, lambda layer: layer.mlp.intermediate.out_features)  # noqa: E731
+    about = {"run": str(workdir), "checkpoint": which, "step": step, "heads": heads, "neurons": neurons,
+             "examples": examples, "head_importance": [list(map(float, i)) for i in head_importance],
+             "pruned_heads": {str(k): v for k, v in pruned_heads.items()},
+             "pruned_neurons": {str(k): v for k, v in pruned_neurons.items()},
+             "heads_before": n_heads(pieces.model), "heads_after": n_heads(small),
+             "neurons_before": n_neurons(pieces.model), "neurons_after": n_neurons(small), "dev": found}
+    (Path(out_dir) / "pruning.json").write_text(json.dumps(about, indent=2) + "\n")
     lines = [f"{name}: " + ", ".join(f"{k.removeprefix('dev/')} {v:.4f}" for k, v in m.items() if "loss" not in k)
              for name, m in found.items()]
-    return about, (f"pruned {about['heads_before'] - about['heads_after']} of {about['heads_before']} heads of the "
-                   f"{which} checkpoint (step {step}) of {workdir} ({pruned}), written to {out_dir}\n"
-                   + "\n".join(lines))
+    return about, (f"pruned {about['heads_before'] - about['heads_after']} of {about['heads_before']} heads and "
+                   f"{about['neurons_before'] - about['neurons_after']} of {about['neurons_before']} MLP neurons of "
+                   f"the {which} checkpoint (step {step}) of {workdir}, written to {out_dir}\n" + "\n".join(lines))
 
 
 def evaluate_config(cfg: ExperimentConfig) -> tuple[dict[str, float], str]:

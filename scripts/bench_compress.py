@@ -7,7 +7,7 @@ on disk and CPU inference latency at batch 1 and 32, relative to the teacher, wi
 Models, all measured in this one run on this one machine:
 - the teacher (a run of experiments/sst2_minilm.py), and its post-training quantizations (int8 weights and
   dynamic activations, int8 and int4 weights, NF4; research/compress/quantize.py through qwix) and its head
-  pruning to half the heads (Michel et al.; research/compress/heads.py), made here;
+  pruning to half the heads (Michel et al.; research/compress/structured.py), made here;
 - the latest checkpoint of every run directory under --runs (the study's students, pruned and QAT runs; a
   quantization-aware run is measured quantized);
 - PyTorch: the teacher exported to transformers, in float32 and with `torch.ao.quantization.quantize_dynamic`
@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from research.compress import heads, quantize
+from research.compress import quantize, structured
 from research.data.batches import collate, eval_batches
 from research.evaluate import make_eval_step, predict
 from research.experiment import prepare
@@ -113,8 +113,9 @@ def main() -> None:
     results = {"teacher": measure(teacher, pieces, cfg, mesh)}
     for method in args.ptq:
         results[f"teacher_ptq_{method}"] = measure(quantize.quantize(teacher, method), pieces, cfg, mesh)
-    importance = heads.head_importance(teacher, pieces.train, args.head_examples, pieces.pad_id, cfg.train.seed)
-    half = heads.prune_heads(teacher, heads.heads_to_prune(importance, 0.5))
+    head_importance, _ = structured.importance(teacher, pieces.train, args.head_examples, pieces.pad_id,
+                                               cfg.train.seed)
+    half = structured.prune(teacher, structured.units_to_prune(head_importance, 0.5))
     results["teacher_heads_half"] = measure(half, pieces, cfg, mesh)
     for workdir in sorted(Path(args.runs).iterdir()) if args.runs else []:
         if (workdir / "checkpoints").is_dir():

@@ -43,11 +43,14 @@ class BertConfig:
     num_labels: int = 2
     id2label: tuple[str, ...] | None = None  # label names by id; None: LABEL_0 .. LABEL_{n-1}
     dtype: str = "float32"  # parameter and compute dtype: "float32" or "bfloat16"
-    # Attention heads removed from each layer (research/compress/heads.py), HF's {"layer": [heads]}, held as
+    # Attention heads removed from each layer (research/compress/structured.py), HF's {"layer": [heads]}, held as
     # ((layer, (head, ...)), ...) to stay hashable. Such a layer keeps its other heads, with query, key, value and
     # output projections that much narrower. Exported for transformers (which cannot prune heads since v5) at the
     # full shapes with zeros for the pruned heads, which computes the same; loading takes them out again.
     pruned_heads: Any = ()
+    # MLP neurons (intermediate units) removed from each layer, in the same form; such a layer's intermediate and
+    # output projections are that much narrower. Exported the same way (zeros at full shape).
+    pruned_neurons: Any = ()
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -55,8 +58,10 @@ class BertConfig:
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; choose a head count that divides the width"
             )
-        object.__setattr__(self, "pruned_heads", normalize_pruned_heads(self.pruned_heads, self.num_hidden_layers,
-                                                                        self.num_attention_heads))
+        object.__setattr__(self, "pruned_heads", normalize_pruned(self.pruned_heads, self.num_hidden_layers,
+                                                                  self.num_attention_heads, "pruned_heads"))
+        object.__setattr__(self, "pruned_neurons", normalize_pruned(self.pruned_neurons, self.num_hidden_layers,
+                                                                    self.intermediate_size, "pruned_neurons"))
         check_activation(self.hidden_act, "hidden_act")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
@@ -71,6 +76,11 @@ class BertConfig:
         """The original indices of the heads layer `layer` keeps."""
         pruned = dict(self.pruned_heads).get(layer, ())
         return tuple(h for h in range(self.num_attention_heads) if h not in pruned)
+
+    def kept_neurons(self, layer: int) -> tuple[int, ...]:
+        """The original indices of the MLP neurons layer `layer` keeps."""
+        pruned = set(dict(self.pruned_neurons).get(layer, ()))
+        return tuple(n for n in range(self.intermediate_size) if n not in pruned)
 
     # Keys of an HF `config.json` we read into fields, and HF keys whose only supported value we check.
     @classmethod
@@ -87,6 +97,7 @@ class BertConfig:
         hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         del hf["dtype"], hf["num_labels"]
         hf["pruned_heads"] = {str(layer): list(heads) for layer, heads in self.pruned_heads}
+        hf["pruned_neurons"] = {str(layer): list(units) for layer, units in self.pruned_neurons}
         hf["id2label"] = {str(i): name for i, name in self.labels().items()}
         hf["label2id"] = {name: i for i, name in self.labels().items()}
         hf.update(
@@ -104,19 +115,19 @@ class BertConfig:
         return {i: f"LABEL_{i}" for i in range(self.num_labels)}
 
 
-def normalize_pruned_heads(pruned: Any, layers: int, heads: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """{layer: heads} (keys may be strings, as in config.json) or pairs -> sorted ((layer, (head, ...)), ...)."""
+def normalize_pruned(pruned: Any, layers: int, units: int, key: str) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """{layer: units} (keys may be strings, as in config.json) or pairs -> sorted ((layer, (unit, ...)), ...)."""
     items = pruned.items() if isinstance(pruned, dict) else pruned
     out = {}
-    for layer, hs in items:
-        layer, hs = int(layer), tuple(sorted({int(h) for h in hs}))
-        if not 0 <= layer < layers or not all(0 <= h < heads for h in hs):
-            raise ValueError(f"pruned_heads: layer {layer}, heads {list(hs)} outside the model's {layers} layers of "
-                             f"{heads} heads")
-        if len(hs) == heads:
-            raise ValueError(f"pruned_heads: layer {layer} would keep no head; keep at least one per layer")
-        if hs:
-            out[layer] = hs
+    for layer, us in items:
+        layer, us = int(layer), tuple(sorted({int(u) for u in us}))
+        if not 0 <= layer < layers or not all(0 <= u < units for u in us):
+            raise ValueError(f"{key}: layer {layer}, units {list(us)[:8]} outside the model's {layers} layers of "
+                             f"{units}")
+        if len(us) == units:
+            raise ValueError(f"{key}: layer {layer} would keep no head or neuron; keep at least one per layer")
+        if us:
+            out[layer] = us
     return tuple(sorted(out.items()))
 
 
@@ -244,25 +255,32 @@ class BertAttention(nnx.Module):
 
 
 class BertMLP(nnx.Module):
-    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.intermediate = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
-        self.output = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
+    """intermediate -> activation -> output -> post-LN residual; F = the neurons the layer keeps."""
+
+    def __init__(self, cfg: BertConfig, layer: int, *, rngs: nnx.Rngs):
+        width = len(cfg.kept_neurons(layer))
+        self.intermediate = _dense(cfg, cfg.hidden_size, width, rngs)
+        self.output = _dense(cfg, width, cfg.hidden_size, rngs)
         self.layer_norm = _layer_norm(cfg, rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
-    def __call__(self, x_btd):
+    def __call__(self, x_btd, neuron_gates_f=None):
+        """`neuron_gates_f`: (F,) factors on the activations (neuron importance is the gradient there)."""
         h_btf = self.act(self.intermediate(x_btd))
+        if neuron_gates_f is not None:
+            h_btf = h_btf * neuron_gates_f.astype(h_btf.dtype)
         return self.layer_norm(x_btd + self.dropout(self.output(h_btf)))
 
 
 class BertLayer(nnx.Module):
     def __init__(self, cfg: BertConfig, layer: int, *, rngs: nnx.Rngs):
         self.attention = BertAttention(cfg, layer, rngs=rngs)
-        self.mlp = BertMLP(cfg, rngs=rngs)
+        self.mlp = BertMLP(cfg, layer, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b1ts, prefix_kv=None, scores_out: list | None = None, head_gates_n=None):
-        return self.mlp(self.attention(x_btd, mask_b1ts, prefix_kv, scores_out, head_gates_n))
+    def __call__(self, x_btd, mask_b1ts, prefix_kv=None, scores_out: list | None = None, head_gates_n=None,
+                 neuron_gates_f=None):
+        return self.mlp(self.attention(x_btd, mask_b1ts, prefix_kv, scores_out, head_gates_n), neuron_gates_f)
 
     def keys_values(self, x_btd):
         """The keys and values this layer computes from its input (B, T, D), each (B, nh, T, hs): what prefix
@@ -308,6 +326,7 @@ class BertModel(nnx.Module):
         output_hidden_states: bool = False,
         output_attention_scores: bool = False,
         head_gates: list | None = None,
+        neuron_gates: list | None = None,
     ):
         """`segment_ids` (B, T) marks packed rows: several examples side by side in one row, numbered 1, 2,
         ... (0: padding). A token then attends only to tokens of its own example, and `position_ids` must
@@ -317,8 +336,9 @@ class BertModel(nnx.Module):
 
         Returns the last hidden states (B, T, D); with `output_hidden_states`, also the list of the embeddings'
         output and every layer's; with `output_attention_scores` (for distillation), (last, hidden states,
-        every layer's attention scores (B, nh, T, S) before the softmax). `head_gates`: one (nh,) array of
-        factors on each layer's heads (research/compress/heads.py)."""
+        every layer's attention scores (B, nh, T, S) before the softmax). `head_gates`, `neuron_gates`: one (nh,)
+        or (F,) array per layer of factors on its heads' outputs or MLP activations (research/compress/
+        structured.py)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
@@ -361,9 +381,10 @@ class BertModel(nnx.Module):
 
         x_btd = self.embeddings(x_btd, token_type_ids, position_ids)
         hidden, scores = [x_btd], [] if output_attention_scores else None
-        gates = head_gates if head_gates is not None else [None] * len(self.layers)
-        for layer, kv, gate in zip(self.layers, prefix_kv, gates, strict=True):
-            x_btd = layer(x_btd, mask_b1ts, kv, scores, gate)
+        no_gates = [None] * len(self.layers)
+        for layer, kv, head_gate, neuron_gate in zip(self.layers, prefix_kv, head_gates or no_gates,
+                                                     neuron_gates or no_gates, strict=True):
+            x_btd = layer(x_btd, mask_b1ts, kv, scores, head_gate, neuron_gate)
             hidden.append(x_btd)
         if output_attention_scores:
             return x_btd, hidden, scores
@@ -553,39 +574,50 @@ BUFFER_KEYS = {
 # a warning that lists them, the way transformers drops `cls.*` when loading BertForSequenceClassification.
 OTHER_HEAD_PATTERNS = [r"cls\..*", r"classifier\..*", r"qa_outputs\..*", r"pooler\..*"]
 
-# Checkpoint tensors that carry one slice per attention head: the query, key and value projections (rows: their
-# output) and the attention's output projection (columns: its input).
-_HEAD_TENSOR = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.attention\.(?:(self\.(?:query|key|value))\.(?:weight|bias)"
-                          r"|output\.dense\.weight)$")
+# Checkpoint tensors with one slice per attention head (the query, key and value projections, rows: their output;
+# the attention's output projection, columns: its input) or per MLP neuron (the intermediate projection, rows;
+# the MLP's output projection, columns), in torch's (out, in) layout.
+_UNIT_TENSOR = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(?:attention\.(?:(?P<qkv>self\.(?:query|key|value))\."
+                          r"(?:weight|bias)|(?P<attn_out>output\.dense\.weight))|(?P<inter>intermediate\.dense\."
+                          r"(?:weight|bias))|(?P<mlp_out>output\.dense\.weight))$")
 
 
-def _head_slices(cfg: BertConfig, key: str, array: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """(the kept heads' indices along the head axis, that axis) for a per-head tensor of a pruned layer."""
-    m = _HEAD_TENSOR.search(key)
-    if m is None or int(m[1]) not in dict(cfg.pruned_heads):
+def _unit_slices(cfg: BertConfig, key: str) -> tuple[np.ndarray, int, int] | None:
+    """(the kept units' indices along the unit axis, that axis, its full size) for a per-head or per-neuron
+    tensor of a pruned layer; None for any other tensor."""
+    m = _UNIT_TENSOR.search(key)
+    if m is None:
         return None
-    hs = cfg.head_dim
-    index = np.concatenate([np.arange(h * hs, (h + 1) * hs) for h in cfg.kept_heads(int(m[1]))])
-    return index, 0 if m[2] else 1  # torch layout: projections (out, in), so q/k/v rows, output columns
+    layer = int(m[1])
+    axis = 0 if (m["qkv"] or m["inter"]) else 1
+    if m["qkv"] or m["attn_out"]:
+        if layer not in dict(cfg.pruned_heads):
+            return None
+        hs = cfg.head_dim
+        return np.concatenate([np.arange(h * hs, (h + 1) * hs) for h in cfg.kept_heads(layer)]), axis, cfg.hidden_size
+    if layer not in dict(cfg.pruned_neurons):
+        return None
+    return np.asarray(cfg.kept_neurons(layer)), axis, cfg.intermediate_size
 
 
-def compact_heads(cfg: BertConfig, key: str, array: np.ndarray) -> np.ndarray:
-    """A checkpoint tensor at the full width -> its kept heads' rows or columns (already compact: unchanged)."""
-    found = _head_slices(cfg, key, array)
-    if found is None or array.shape[found[1]] != cfg.hidden_size:
+def compact_units(cfg: BertConfig, key: str, array: np.ndarray) -> np.ndarray:
+    """A checkpoint tensor at the full width -> its kept heads' or neurons' rows or columns (already compact:
+    unchanged)."""
+    found = _unit_slices(cfg, key)
+    if found is None or array.shape[found[1]] != found[2]:
         return array
     return np.take(array, found[0], axis=found[1])
 
 
-def expand_heads(cfg: BertConfig, key: str, array: np.ndarray) -> np.ndarray:
-    """The inverse for export: the full width, zeros where the pruned heads were (transformers computes the same:
-    a head whose value and output weights are zero adds nothing)."""
-    found = _head_slices(cfg, key, array)
+def expand_units(cfg: BertConfig, key: str, array: np.ndarray) -> np.ndarray:
+    """The inverse for export: the full width, zeros where the pruned heads or neurons were (transformers computes
+    the same: a unit whose outgoing weights are zero adds nothing)."""
+    found = _unit_slices(cfg, key)
     if found is None:
         return array
-    index, axis = found
+    index, axis, full = found
     shape = list(array.shape)
-    shape[axis] = cfg.hidden_size
+    shape[axis] = full
     out = np.zeros(shape, array.dtype)
     if axis == 0:
         out[index] = array
@@ -612,8 +644,8 @@ FAMILY = Family(
     buffer_keys=BUFFER_KEYS,
     other_head_patterns=OTHER_HEAD_PATTERNS,
     init_if_missing=INIT_IF_MISSING,
-    tensor_from_checkpoint=compact_heads,
-    tensor_to_checkpoint=expand_heads,
+    tensor_from_checkpoint=compact_units,
+    tensor_to_checkpoint=expand_units,
     layer_container="layers",
     embedding_modules=("embeddings",),
     peft_targets={

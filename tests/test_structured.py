@@ -1,6 +1,7 @@
-"""Attention-head pruning (research/compress/heads.py, BertConfig.pruned_heads): Michel et al.'s importance
-against a PyTorch reference, the compact model equal to the gated full one, the zero-padded export that
-transformers loads and ours reads back compact, the choice of heads, and `research prune-heads`."""
+"""Structured pruning (research/compress/structured.py, BertConfig.pruned_heads / pruned_neurons): Michel et
+al.'s importance of heads and MLP neurons against a PyTorch reference, the compact model equal to the gated full
+one, the zero-padded export that transformers loads and ours reads back compact, the choice of units, and
+`research prune`."""
 
 import json
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 import transformers
 from helpers import randomize_, smoke
 
-from research.compress import heads
+from research.compress import structured
 from research.config import ConfigError
 from research.data.split import Split, SplitReport
 from research.models import from_pretrained, save_pretrained
@@ -37,20 +38,28 @@ def split_of(n=10, seed=0):
 
 
 def test_importance_equals_pytorch(pair):
-    # Reference: a gate on each head's context (a pre-hook on the attention's output projection), the absolute
-    # gradient per example, averaged, then each layer divided by its l2 norm. 1e-4 relative.
+    # Reference: a gate on each head's context (a pre-hook on the attention's output projection) and on each MLP
+    # activation (a pre-hook on the MLP's output projection), the absolute gradient per example, averaged, then
+    # each layer divided by its l2 norm. 1e-4 relative.
     theirs, ours, _ = pair
     split = split_of()
-    gates = [torch.ones(4, requires_grad=True) for _ in range(2)]
+    head_gates = [torch.ones(4, requires_grad=True) for _ in range(2)]
+    neuron_gates = [torch.ones(40, requires_grad=True) for _ in range(2)]
 
-    def gate(layer):
+    def gate_heads(layer):
         def hook(module, args):
             x = args[0]
-            return (x.view(*x.shape[:2], 4, 8) * gates[layer][:, None]).view(*x.shape),
+            return (x.view(*x.shape[:2], 4, 8) * head_gates[layer][:, None]).view(*x.shape),
         return hook
 
-    hooks = [theirs.bert.encoder.layer[i].attention.output.dense.register_forward_pre_hook(gate(i)) for i in (0, 1)]
-    total = [torch.zeros(4), torch.zeros(4)]
+    def gate_neurons(layer):
+        return lambda module, args: (args[0] * neuron_gates[layer],)
+
+    encoder = theirs.bert.encoder.layer
+    hooks = [encoder[i].attention.output.dense.register_forward_pre_hook(gate_heads(i)) for i in (0, 1)]
+    hooks += [encoder[i].output.dense.register_forward_pre_hook(gate_neurons(i)) for i in (0, 1)]
+    gates = head_gates + neuron_gates
+    total = [torch.zeros_like(g) for g in gates]
     for i in range(len(split)):
         logits = theirs(input_ids=torch.tensor(split.input_ids[i])[None].long()).logits
         grads = torch.autograd.grad(F.cross_entropy(logits, torch.tensor([int(split.labels[i])])), gates)
@@ -58,55 +67,62 @@ def test_importance_equals_pytorch(pair):
     for h in hooks:
         h.remove()
     expected = [(t / len(split)) / (t / len(split)).norm() for t in total]
-    got = heads.head_importance(ours, split, examples=len(split), pad_id=0, batch_size=4)  # 3 batches, fillers
-    for g, e in zip(got, expected, strict=True):
+    got_heads, got_neurons = structured.importance(ours, split, examples=len(split), pad_id=0, batch_size=4)
+    for g, e in zip([*got_heads, *got_neurons], expected, strict=True):  # 3 batches, the last with fillers
         np.testing.assert_allclose(g, e.numpy(), rtol=1e-4)
 
 
 def test_pruned_model_equals_the_gated_one_and_exports_with_zeros(pair, tmp_path):
     theirs, ours, _ = pair
-    pruned = {0: [1, 3], 1: [2]}
-    small = heads.prune_heads(ours, pruned)
+    heads, neurons = {0: [1, 3], 1: [2]}, {0: list(range(0, 40, 3)), 1: [5, 6]}
+    small = structured.prune(ours, heads, neurons)
     assert [layer.attention.num_heads for layer in small.bert.layers] == [2, 3]
     assert small.bert.layers[0].attention.query.kernel.get_value().shape == (32, 16)  # 2 heads of 8
+    assert small.bert.layers[0].mlp.intermediate.kernel.get_value().shape == (32, 26)  # 40 - 14 neurons
+    assert small.bert.layers[1].mlp.output.kernel.get_value().shape == (38, 32)
     ids = jnp.asarray(np.random.default_rng(1).integers(1, 83, (3, 10)), jnp.int32)
-    gated = ours.head(ours.cls(ours.bert(ids, head_gates=heads.gates_for(ours.config, pruned))))
+    head_gates, neuron_gates = structured.gates_for(ours.config, heads, neurons)
+    gated = ours.head(ours.cls(ours.bert(ids, head_gates=head_gates, neuron_gates=neuron_gates)))
     np.testing.assert_allclose(np.asarray(small(ids)), np.asarray(gated), rtol=0, atol=1e-5)
     save_pretrained(small, tmp_path)
     exported = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
-    weight = exported.bert.encoder.layer[0].attention.self.value.weight.detach().numpy()
-    assert not weight[8:16].any() and not weight[24:32].any() and weight[:8].any()  # heads 1 and 3: zeros
+    layer0 = exported.bert.encoder.layer[0]
+    value = layer0.attention.self.value.weight.detach().numpy()
+    assert not value[8:16].any() and not value[24:32].any() and value[:8].any()  # heads 1 and 3: zeros
+    assert not layer0.output.dense.weight.detach().numpy()[:, ::3].any()  # neurons 0, 3, ...: zero columns
     np.testing.assert_allclose(exported(input_ids=torch.tensor(np.asarray(ids)).long()).logits.detach().numpy(),
                                np.asarray(gated), rtol=0, atol=1e-5)
     back = from_pretrained(tmp_path, "sequence_classification")
     assert dict(back.config.pruned_heads) == {0: (1, 3), 1: (2,)}
+    assert dict(back.config.pruned_neurons)[1] == (5, 6)
     np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(small(ids)))
     # Pruning again counts in original indices, on top of what is gone.
-    smaller = heads.prune_heads(small, {0: [0]})
+    smaller = structured.prune(small, {0: [0]})
     assert dict(smaller.config.pruned_heads) == {0: (0, 1, 3), 1: (2,)}
+    assert smaller.config.pruned_neurons == small.config.pruned_neurons
 
 
 def test_the_least_important_heads_go_never_a_layers_last():
     importance = [np.array([0.9, 0.1, 0.2]), np.array([0.05, 0.01, 0.8])]
-    assert heads.heads_to_prune(importance, 0.5) == {0: [1], 1: [0, 1]}
-    assert heads.heads_to_prune([np.array([0.1, 0.2]), np.array([0.3])], 0.6) == {0: [0]}  # layer 1: its last
+    assert structured.units_to_prune(importance, 0.5) == {0: [1], 1: [0, 1]}
+    assert structured.units_to_prune([np.array([0.1, 0.2]), np.array([0.3])], 0.6) == {0: [0]}  # layer 1: its last
     # A layer that lost heads before: importance covers the remaining ones, the answer is in original indices.
-    assert heads.heads_to_prune([np.array([0.5, 0.1])], 0.5, {0: (0, 1)}) == {0: [3]}
+    assert structured.units_to_prune([np.array([0.5, 0.1])], 0.5, {0: (0, 1)}) == {0: [3]}
     with pytest.raises(ConfigError, match="fraction=1.0"):
-        heads.heads_to_prune(importance, 1.0)
-    with pytest.raises(ValueError, match="would keep no head"):
+        structured.units_to_prune(importance, 1.0)
+    with pytest.raises(ValueError, match="would keep no head or neuron"):
         BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, pruned_heads={"0": [0, 1]})
 
 
-def test_research_prune_heads(tmp_path, capsys):
+def test_research_prune(tmp_path, capsys):
     from research.cli import main
     from research.train import train
 
     train(smoke("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4"), tmp_path / "run")
-    main(["prune-heads", str(tmp_path / "run"), str(tmp_path / "half"), "--fraction", "0.5", "--examples", "64",
-          "--checkpoint", "latest"])
-    assert "pruned 2 of 4 heads" in capsys.readouterr().out
-    about = json.loads((tmp_path / "half" / "heads.json").read_text())
-    assert about["heads_after"] == 2 and set(about["dev"]) == {"before", "after"}
+    main(["prune", str(tmp_path / "run"), str(tmp_path / "half"), "--heads", "0.5", "--neurons", "0.25",
+          "--examples", "64", "--checkpoint", "latest"])
+    assert "pruned 2 of 4 heads and 32 of 128 MLP neurons" in capsys.readouterr().out
+    about = json.loads((tmp_path / "half" / "pruning.json").read_text())
+    assert about["heads_after"] == 2 and about["neurons_after"] == 96 and set(about["dev"]) == {"before", "after"}
     model = from_pretrained(tmp_path / "half", "sequence_classification")
     assert sum(layer.attention.num_heads for layer in model.bert.layers) == 2
