@@ -8,10 +8,7 @@ it was trained with (research/run.py reads the run's config.json back).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import warnings
-from pathlib import Path
 
 from flax import nnx
 
@@ -97,43 +94,10 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True, init_adapter: bool =
 
 
 def model_source(name_or_path: str) -> str:
-    """`data:<folder>` resolved under the data root; a run directory as a Hugging Face directory of its best
-    checkpoint (`run_as_checkpoint`); anything else as it is (see ModelConfig.name_or_path)."""
+    """`data:<folder>` resolved under the data root; anything else as it is (see ModelConfig.name_or_path)."""
     if name_or_path.startswith("data:"):
         return str(data_root() / name_or_path.removeprefix("data:"))
-    if is_run_dir(name_or_path):
-        return str(run_as_checkpoint(Path(name_or_path)))
     return name_or_path
-
-
-def is_run_dir(path: str) -> bool:
-    return (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir()
-
-
-def run_as_checkpoint(workdir: Path, which: str = "best") -> Path:
-    """A run directory's checkpoint exported once as a Hugging Face directory (weights, config and tokenizer
-    files), so a run can be where a new one starts: e.g. a distillation student built from a fine-tuned
-    teacher's layers. Kept under $XDG_CACHE_HOME/research/run_exports, named by a hash of the checkpoint's
-    manifest (its files' sha256 digests): a retrained run exports afresh."""
-    from research.checkpoint import MANIFEST
-    from research.run import export_run, load_trained_model, read_run_config  # run.py builds on this module
-
-    cfg = read_run_config(workdir)
-    if cfg.peft.method != "none" or cfg.qat.method != "none":
-        raise ConfigError(f"model.name_or_path: run {workdir} is a PEFT or quantization-aware run; start from a "
-                          "plain run, or export it (research export --merged) and start from that directory")
-    _, step, _ = load_trained_model(workdir, which)
-    # The checkpoint restored: best/<step> when the run keeps a best one, else checkpoints/<step>.
-    manifest = next(p for p in (workdir / "best" / str(step) / MANIFEST, workdir / "checkpoints" / str(step) / MANIFEST)
-                    if p.is_file())
-    key = hashlib.sha256(f"{workdir.resolve()}:{step}:".encode() + manifest.read_bytes()).hexdigest()[:16]
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    out = Path(base) / "research" / "run_exports" / key
-    if not (out / "model.safetensors").is_file():
-        partial = out.with_name(f"{key}.{os.getpid()}.partial")
-        export_run(workdir, partial, which)
-        partial.replace(out)  # whole or absent
-    return out
 
 
 def build_model(cfg: ExperimentConfig, labels: tuple[str, ...], init_adapter: bool = True,

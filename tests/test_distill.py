@@ -383,19 +383,3 @@ def test_tinybert_on_packed_rows_equals_padded(tmp_path, teacher_dir):
         np.testing.assert_allclose(float(b[1][key]), float(a[1][key]), rtol=1e-5, err_msg=key)
     with pytest.raises(ConfigError, match="set distill.in_step=true"):
         kd_config(teacher_dir, tmp_path, "objective.name=tinybert")
-
-
-def test_a_student_starts_from_a_run_directorys_layers(tmp_path, monkeypatch):
-    # model.name_or_path = a (teacher's) run directory: its best checkpoint, exported once into the cache, is
-    # where the student starts; model.layers picks its layers.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    short = ("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4")
-    train(smoke(*short, "checkpoint.best_metric=dev/accuracy"), tmp_path / "teacher")
-    cfg = smoke(f"model.name_or_path={tmp_path / 'teacher'}", "model.init=pretrained", "model.overrides={}",
-                "model.layers=[1]")
-    student = experiment.build_model(cfg, ("0", "1"))
-    teacher = from_pretrained(experiment.model_source(str(tmp_path / "teacher")), "sequence_classification")
-    assert student.config.num_hidden_layers == 1
-    np.testing.assert_array_equal(np.asarray(student.bert.layers[0].attention.query.kernel.get_value()),
-                                  np.asarray(teacher.bert.layers[1].attention.query.kernel.get_value()))
-    assert len(list((tmp_path / "cache" / "research" / "run_exports").iterdir())) == 1  # exported once

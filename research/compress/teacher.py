@@ -33,7 +33,7 @@ from research import peft
 from research.config import ConfigError, ExperimentConfig
 from research.data.split import Split
 from research.evaluate import make_eval_step, predict, predict_tokens
-from research.experiment import Pieces, is_run_dir, model_source
+from research.experiment import Pieces, model_source
 from research.models import from_pretrained, load_tokenizer
 from research.sharding import make_mesh
 
@@ -44,6 +44,10 @@ class Teacher:
     labels: tuple[str, ...]
     tokenizer_source: str  # where its tokenizer files are
     description: str  # for messages: "run runs/teacher (best checkpoint, step 2105)" or the HF directory
+
+
+def is_run_dir(path: str) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir()
 
 
 def load_teacher(cfg: ExperimentConfig) -> Teacher:
