@@ -51,7 +51,9 @@ def test_every_experiment_file_loads_and_says_how_to_run_it(path):
             node = varied.to_dict()
             for part in key.split("."):
                 node = node[part]
-            assert node == (list(value) if isinstance(value, tuple) else value), f"{path.name}: {name}: {key}"
+            # Sequences compare as lists: a variant may write [0, 2, 4] for a field the config holds as a tuple.
+            as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+            assert as_list(node) == as_list(value), f"{path.name}: {name}: {key}"
 
 
 def test_overrides_parse_json_and_check_types():
