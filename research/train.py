@@ -274,7 +274,7 @@ def _prepare(cfg: ExperimentConfig, workdir: Path, groups: int, resuming: bool
     """The run's pieces, and the config with its label set resolved (a causal LM has none), recorded in the run
     directory (a resumed run must be the same experiment)."""
     t = cfg.train
-    pieces = experiment.prepare(cfg)
+    pieces = experiment.prepare(run_dir.with_run_source(cfg))  # a run directory as the starting model
     if pieces.labels:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))
     train_split = pieces.train

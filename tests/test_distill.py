@@ -383,3 +383,25 @@ def test_tinybert_on_packed_rows_equals_padded(tmp_path, teacher_dir):
         np.testing.assert_allclose(float(b[1][key]), float(a[1][key]), rtol=1e-5, err_msg=key)
     with pytest.raises(ConfigError, match="set distill.in_step=true"):
         kd_config(teacher_dir, tmp_path, "objective.name=tinybert")
+
+
+def test_a_student_starts_from_a_run_directorys_layers(tmp_path, monkeypatch):
+    # model.name_or_path = a (teacher's) run directory: its best checkpoint, exported once into the cache, is
+    # where the student starts; model.layers picks its layers.
+    from research.run import run_as_checkpoint, with_run_source
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    short = ("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4")
+    train(smoke(*short, "checkpoint.best_metric=dev/accuracy"), tmp_path / "teacher")
+    cfg = smoke(f"model.name_or_path={tmp_path / 'teacher'}", "model.init=pretrained", "model.overrides={}",
+                "model.layers=[1]")
+    student = experiment.build_model(with_run_source(cfg), ("0", "1"))
+    teacher = from_pretrained(run_as_checkpoint(tmp_path / "teacher"), "sequence_classification")
+    assert student.config.num_hidden_layers == 1
+    np.testing.assert_array_equal(np.asarray(student.bert.layers[0].attention.query.kernel.get_value()),
+                                  np.asarray(teacher.bert.layers[1].attention.query.kernel.get_value()))
+    # The runner starts from it too, and records the run directory, not the cache.
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=1)), tmp_path / "student")
+    recorded = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert recorded["model"]["name_or_path"] == str(tmp_path / "teacher")
+    assert len(list((tmp_path / "cache" / "research" / "run_exports").iterdir())) == 1  # exported once

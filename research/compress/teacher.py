@@ -46,13 +46,9 @@ class Teacher:
     description: str  # for messages: "run runs/teacher (best checkpoint, step 2105)" or the HF directory
 
 
-def is_run_dir(path: str) -> bool:
-    return (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir()
-
-
 def load_teacher(cfg: ExperimentConfig) -> Teacher:
     """The teacher `distill.teacher` names, for the student's task, in eval mode."""
-    from research.run import load_trained_model, read_run_config  # run.py builds on this package's neighbours
+    from research.run import is_run_dir, load_trained_model, read_run_config  # run.py builds on experiment.py
 
     d = cfg.distill
     if is_run_dir(d.teacher):
