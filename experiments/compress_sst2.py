@@ -12,7 +12,8 @@ decay, clipping at 1.0, one epoch: 2,105 steps, packed batches; dev accuracy eve
 recipe's seed-0 run (dev 0.892 in the PEFT study's record). The variants, each at its paper's usual setting
 where one epoch allows it:
 
-    student3            3 layers (the teacher's layers 0, 2, 4: DistilBERT's initialization), cross-entropy
+    student3            3 layers: the fine-tuned teacher's layers 0, 2, 4 and its head (DistilBERT's initialization,
+                        from the teacher's run directory), cross-entropy
     student3_kd         the same, with Hinton et al.'s logit distillation from the teacher (alpha 0.5, T 2;
                         DistilBERT's temperature), its logits cached
     student3_tinybert   the same, with TinyBERT's hidden-state and attention-score losses beside the logit
@@ -49,7 +50,7 @@ def get_config() -> ExperimentConfig:
     return dataclasses.replace(SST2.get_config(), name="compress_sst2")
 
 
-STUDENT = {"model.layers": [0, 2, 4]}
+STUDENT = {"model.name_or_path": TEACHER, "model.layers": [0, 2, 4]}  # the fine-tuned teacher's layers
 KD = {"objective.name": "kd", "objective.params": {"alpha": 0.5, "temperature": 2.0}, "distill.teacher": TEACHER}
 TINYBERT = {"objective.name": "tinybert", "objective.params": {"alpha": 1.0, "temperature": 1.0},
             "distill.teacher": TEACHER, "distill.in_step": True}
