@@ -1,9 +1,11 @@
 """Helpers the test modules share (fixtures live in conftest.py). No test module imports another: what two
 of them need sits here.
 
-- PyTorch references: `randomize_` gives every parameter of a transformers model random values; `to_numpy`;
+- PyTorch references: `randomize_` gives every parameter of a transformers model random values
+  (`saved_random_bert`: a saved one and ours loaded from it); `tiny_batch`, the objective tests' batch; `to_numpy`;
   `our_grads_by_hf_name` / `assert_grads_match` compare gradients by transformers parameter name (1e-4 of each
   tensor's scale), and `check_objective` an objective's loss (1e-5 relative) and gradients on the tiny BERT pair.
+- `shakespeare_lm`: a tiny causal-LM experiment for the runner tests of GPT-2.
 - The runner on experiments/smoke.py: `smoke(*overrides)`, the run directory's `records`, `deterministic`
   records (timings left out), checkpoint `step_dirs`, `params_of` a run, `run_and_signal` (a real signal at
   a known step, in a subprocess) and `run_on_one_and_eight_devices` (8 simulated CPU devices, in a subprocess).
@@ -48,6 +50,47 @@ def randomize_(torch_model: torch.nn.Module, seed: int = 0, std: float = 0.05) -
             is_norm_scale = name.endswith("weight") and ("LayerNorm" in name or ".ln_" in name or "ln_f" in name)
             p.copy_(1 + 0.1 * noise if is_norm_scale else std * noise)
     return torch_model.eval()
+
+
+def tiny_batch(weights=(1, 1, 1, 1), **fields):
+    """The objective parity tests' padded batch for the tiny BERT pair: 4 rows of 10 tokens (two padded), labels
+    of 3 classes, `weights` per example; `fields` adds to it (e.g. teacher_logits)."""
+    from research.batch import Batch
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 83, (4, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 3:] = 0
+    return Batch(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
+                 labels=np.array([0, 2, 1, 2], np.int32), weights=np.asarray(weights, np.float32), **fields)
+
+
+def saved_random_bert(path, seed: int, **config):
+    """A transformers BERT classifier with every parameter random (`randomize_`, eval mode) saved to `path`,
+    and ours loaded from it: (theirs, ours)."""
+    import transformers
+
+    from research.models import from_pretrained
+
+    cfg = transformers.BertConfig(vocab_size=83, num_hidden_layers=2, num_attention_heads=4, num_labels=3,
+                                  attn_implementation="eager", **config)
+    theirs = randomize_(transformers.BertForSequenceClassification(cfg), seed=seed)
+    theirs.save_pretrained(path)
+    return theirs, from_pretrained(path, "sequence_classification")
+
+
+def shakespeare_lm(model_dir, tmp_path, data_dir, **sections):
+    """A tiny causal-LM experiment: `model_dir`'s GPT-2 on Tiny Shakespeare's first 20,000 characters, windows of
+    32 tokens, batch 8, 4 steps; `sections` replace whole config sections (objective=..., prune=...)."""
+    from research.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+
+    text = Path(tmp_path) / "text.txt"
+    text.write_text((Path(data_dir) / "tinyshakespeare" / "input.txt").read_text()[:20_000])
+    return ExperimentConfig(
+        name="lm_test", model=ModelConfig(name_or_path=str(model_dir), task="causal_lm"),
+        data=DataConfig(train=str(text), dev=str(text), max_length=32, buckets=(16, 32), max_dev_examples=16),
+        **{"train": TrainConfig(batch_size=8, max_steps=4, log_every=1, eval_batch_size=16), **sections})
 
 
 def to_numpy(t) -> np.ndarray:

@@ -30,6 +30,7 @@ from helpers import (
     records,
     run_and_signal,
     smoke,
+    tiny_batch,
 )
 
 from research.batch import Batch
@@ -44,13 +45,7 @@ from research.train import train
 
 @pytest.fixture(scope="module")
 def batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 83, (4, 10)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[3, 3:] = 0
-    return Batch(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
-                 labels=np.array([0, 2, 1, 2], np.int32), weights=np.ones(4, np.float32))
+    return tiny_batch()
 
 
 class Torch:

@@ -13,20 +13,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_objective, our_grads_by_hf_name, params_of, records, smoke
+from helpers import check_objective, our_grads_by_hf_name, params_of, records, shakespeare_lm, smoke, tiny_batch
 
 from research import experiment
 from research.batch import Batch
 from research.compress import teacher as teacher_lib
 from research.config import (
     ConfigError,
-    DataConfig,
     DistillConfig,
-    ExperimentConfig,
-    ModelConfig,
     ObjectiveConfig,
     OptimConfig,
-    TrainConfig,
 )
 from research.models import from_pretrained
 from research.objectives.distillation import KDOptions, distillation_loss, kd
@@ -37,15 +33,9 @@ KEY = jax.random.key(0)
 
 
 @pytest.fixture(scope="module")
-def batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 83, (4, 10)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[3, 3:] = 0
-    return Batch(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
-                 labels=np.array([0, 2, 1, 2], np.int32), weights=np.array([1, 1, 0, 1], np.float32),
-                 teacher_logits=rng.normal(0, 2, (4, 3)).astype(np.float32))
+def batch():  # the third example a filler (weight 0): it must count nowhere
+    teacher_logits = np.random.default_rng(1).normal(0, 2, (4, 3)).astype(np.float32)
+    return tiny_batch(weights=(1, 1, 0, 1), teacher_logits=teacher_logits)
 
 
 def torch_kd(student, teacher, labels, weights, alpha, t):
@@ -290,15 +280,10 @@ def test_distillation_runs_from_a_run_directory_cached_or_in_the_step(tmp_path, 
 def test_gpt2_distils_token_by_token_from_a_teacher_in_the_step(tmp_path, tiny_gpt2_dir, data_dir):
     # The teacher is the student's own starting checkpoint (no dropout): at the first step the two
     # distributions are equal, so the KL term is 0, and it grows as the cross-entropy half moves the student.
-    text = tmp_path / "text.txt"
-    text.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:20_000])
-    cfg = ExperimentConfig(
-        name="lm_kd", model=ModelConfig(name_or_path=str(tiny_gpt2_dir), task="causal_lm"),
-        data=DataConfig(train=str(text), dev=str(text), max_length=32, buckets=(16, 32), max_dev_examples=16),
-        objective=ObjectiveConfig(name="kd", params={"alpha": 0.5, "temperature": 1.0}),
-        distill=DistillConfig(teacher=str(tiny_gpt2_dir), in_step=True),
-        optim=OptimConfig(lr=1e-2, warmup_ratio=0.0),
-        train=TrainConfig(batch_size=8, max_steps=3, log_every=1, eval_batch_size=16))
+    cfg = shakespeare_lm(tiny_gpt2_dir, tmp_path, data_dir,
+                         objective=ObjectiveConfig(name="kd", params={"alpha": 0.5, "temperature": 1.0}),
+                         distill=DistillConfig(teacher=str(tiny_gpt2_dir), in_step=True),
+                         optim=OptimConfig(lr=1e-2, warmup_ratio=0.0))
     train(cfg, tmp_path / "lm")
     kd_terms = [r["train/kd"] for r in records(tmp_path / "lm") if "train/kd" in r]
     assert kd_terms[0] == pytest.approx(0.0, abs=1e-6) and kd_terms[-1] > 1e-4

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import params_of, records, smoke
+from helpers import params_of, records, shakespeare_lm, smoke
 
 from research.compress import pruning
 from research.config import ConfigError, PruneConfig
@@ -166,15 +166,10 @@ def test_a_target_that_matches_nothing_is_refused(tmp_path):
 
 
 def test_gpt2_prunes_its_block_linears(tiny_gpt2_dir, data_dir, tmp_path):
-    from research.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+    from research.config import OptimConfig
 
-    text = tmp_path / "text.txt"
-    text.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:20_000])
-    cfg = ExperimentConfig(
-        name="lm_prune", model=ModelConfig(name_or_path=str(tiny_gpt2_dir), task="causal_lm"),
-        data=DataConfig(train=str(text), dev=str(text), max_length=32, buckets=(16, 32), max_dev_examples=16),
-        optim=OptimConfig(lr=1e-3), prune=PruneConfig(method="magnitude", sparsity=0.5, end=0.5, frequency=1),
-        train=TrainConfig(batch_size=8, max_steps=4, log_every=1, eval_batch_size=16))
+    cfg = shakespeare_lm(tiny_gpt2_dir, tmp_path, data_dir, optim=OptimConfig(lr=1e-3),
+                         prune=PruneConfig(method="magnitude", sparsity=0.5, end=0.5, frequency=1))
     train(cfg, tmp_path / "lm")
     _, params = params_of(tmp_path / "lm")
     kernels = [k for k in params if k.startswith("transformer/h/") and k.endswith("kernel")]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from helpers import randomize_
+from helpers import saved_random_bert
 
 from research.compress import quantize as Q
 from research.config import ConfigError
@@ -36,13 +36,9 @@ def bitsandbytes_nf4(weight_out_in: np.ndarray, block: int = 64) -> tuple[np.nda
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """A random 2-layer, 128-wide BERT classifier (transformers) and ours loaded from it."""
-    cfg = transformers.BertConfig(vocab_size=83, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=256, num_labels=3, attn_implementation="eager")
-    theirs = randomize_(transformers.BertForSequenceClassification(cfg), seed=2)
+    """A random 2-layer, 128-wide BERT classifier saved by transformers, and ours loaded from it."""
     path = tmp_path_factory.mktemp("bert128")
-    theirs.save_pretrained(path)
-    return path, from_pretrained(path, "sequence_classification")
+    return path, saved_random_bert(path, seed=2, hidden_size=128, intermediate_size=256)[1]
 
 
 IDS = np.random.default_rng(0).integers(1, 83, (3, 11)).astype(np.int32)

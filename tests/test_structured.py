@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers import randomize_, smoke
+from helpers import saved_random_bert, smoke
 
 from research.compress import structured
 from research.config import ConfigError
@@ -22,12 +22,8 @@ from research.models.bert import BertConfig
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    cfg = transformers.BertConfig(vocab_size=83, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=40, num_labels=3, attn_implementation="eager")
-    theirs = randomize_(transformers.BertForSequenceClassification(cfg), seed=4)
     path = tmp_path_factory.mktemp("bert")
-    theirs.save_pretrained(path)
-    return theirs, from_pretrained(path, "sequence_classification"), path
+    return (*saved_random_bert(path, seed=4, hidden_size=32, intermediate_size=40), path)
 
 
 def split_of(n=10, seed=0):
