@@ -129,10 +129,10 @@ def generate_command(args: argparse.Namespace) -> None:
     source = Path(args.model)
     if (source / "config.json").is_file() and (source / "checkpoints").is_dir():  # a run directory
         from research.experiment import model_source
-        from research.run import load_trained_model, read_run_config
+        from research.run import load_trained_model, read_run_config, with_run_source
 
         model, step, which = load_trained_model(source, args.checkpoint)
-        tokenizer = load_tokenizer(model_source(read_run_config(source).model.name_or_path))
+        tokenizer = load_tokenizer(model_source(with_run_source(read_run_config(source)).model.name_or_path))
         print(f"{source}: the {which} checkpoint (step {step})")
     else:  # a Hugging Face directory or hub id
         model, tokenizer = from_pretrained(args.model, "causal_lm"), load_tokenizer(args.model)

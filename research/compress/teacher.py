@@ -48,7 +48,7 @@ class Teacher:
 
 def load_teacher(cfg: ExperimentConfig) -> Teacher:
     """The teacher `distill.teacher` names, for the student's task, in eval mode."""
-    from research.run import is_run_dir, load_trained_model, read_run_config  # run.py builds on experiment.py
+    from research.run import is_run_dir, load_trained_model, read_run_config, with_run_source  # run.py: above us
 
     d = cfg.distill
     if is_run_dir(d.teacher):
@@ -57,8 +57,9 @@ def load_teacher(cfg: ExperimentConfig) -> Teacher:
             raise ConfigError(f"distill.teacher: run {d.teacher} trained a {run_cfg.model.task!r} model; the student "
                               f"is {cfg.model.task!r}: distill from a teacher with the student's head")
         model, step, which = load_trained_model(Path(d.teacher), d.teacher_checkpoint)
-        return Teacher(model, tuple(run_cfg.data.labels or ()), model_source(run_cfg.model.name_or_path),
-                       f"run {d.teacher} ({which} checkpoint, step {step})")
+        tokenizer = model_source(with_run_source(run_cfg).model.name_or_path)  # it may have started from a run
+        return Teacher(model, tuple(run_cfg.data.labels or ()), tokenizer, f"run {d.teacher} ({which} checkpoint, "
+                       f"step {step})")
     source = model_source(d.teacher)
     model = from_pretrained(source, cfg.model.task)
     labels = () if cfg.model.task == "causal_lm" else tuple(model.config.labels().values())  # next tokens: none
