@@ -68,3 +68,19 @@ def test_peft_tradeoff_figure_from_the_record(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["peft_tradeoff.py", str(tmp_path), "--out", str(out)])
     fig.main()
     assert out.stat().st_size > 1000
+
+
+def test_compress_frontier_figure_and_its_pareto_front(tmp_path, monkeypatch):
+    fig = load("compress_frontier", monkeypatch)
+    points = [(10.0, 90.0, "teacher"), (5.0, 88.0, "student"), (6.0, 87.0, "worse"), (2.0, 80.0, "tiny"),
+              (5.0, 85.0, "same cost, less accurate")]
+    assert [p[2] for p in fig.pareto(points)] == ["tiny", "student", "teacher"]
+    results = {"teacher": {"accuracy": 0.9, "latency_b32_ms": 10.0, "bytes": 9e7},
+               "student3": {"accuracy": 0.88, "latency_b32_ms": 5.0, "bytes": 5e7},
+               "torch_teacher": {"accuracy": 0.9, "latency_b32_ms": 11.0}}  # no size: the latency panel only
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps({"results": results}))
+    out = tmp_path / "fig.pdf"
+    monkeypatch.setattr(sys, "argv", ["compress_frontier.py", str(frontier), "--out", str(out)])
+    fig.main()
+    assert out.stat().st_size > 1000
