@@ -43,7 +43,7 @@ from safetensors.numpy import load_file, save_file
 from research.config import ConfigError
 from research.models import from_pretrained, save_pretrained
 from research.models.families import family_of
-from research.peft.targets import PeftError, block_linears, parameter_names, task_of
+from research.peft.targets import PeftError, block_linears, module_at, parameter_names, task_of
 
 METHODS: dict[str, dict] = {
     "int8": {"weight_qtype": jnp.int8, "act_qtype": jnp.int8},
@@ -106,10 +106,8 @@ def quantized_kernels(qmodel: nnx.Module) -> dict[tuple, qwix.QArray]:
 
 
 def _node(model: nnx.Module, path: tuple):
-    """The module (or a variable's value) at `path`."""
-    node = model
-    for part in path:
-        node = node[part] if isinstance(part, int) else getattr(node, part)
+    """The module (or a variable's value) at `path`: `module_at`, with a variable unwrapped."""
+    node = module_at(model, path)
     return node.get_value() if isinstance(node, nnx.Variable) else node
 
 
