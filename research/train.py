@@ -44,7 +44,7 @@ from research.data.dialogue import DialogueSplit
 from research.evaluate import evaluate_splits, make_eval_step
 from research.generate import complete
 from research.metrics import MetricWriter, trim_jsonl
-from research.objectives import PAIR_OBJECTIVES, make_objective
+from research.objectives import PAIR_OBJECTIVES, make_objective, objective_modules
 from research.objectives.state import StatefulObjective
 from research.optim import make_optimizer
 from research.sharding import (
@@ -84,7 +84,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
                     state_sharding=None) -> TrainStep:
     """`graphdef` is the model in train mode built with the compute dtype; `rest` its non-parameter state
     (the dropout streams). The state is {"params", "opt_state", "step", "rng"}, plus "objective" for a
-    `StatefulObjective`; batches are laid out (micro-batches, rows, ...) as `put_batch` makes them."""
+    `StatefulObjective` and "objective_params" for an objective's own trained modules; batches are laid out
+    (micro-batches, rows, ...) as `put_batch` makes them."""
     stateful = isinstance(loss_fn, StatefulObjective)
 
     def grads_of(params, rest, micro_batch, key, objective_state):
@@ -110,7 +111,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
 
     def step(state, rest, batch):
         wrapper.traces += 1  # runs only while tracing
-        params = state["params"]
+        # The objective's own parameters (TinyBERT's projection) train with the model's, in one tree: one
+        # optimizer, one clipping norm, as torch's optimizer over both parameter lists.
+        own = state.get("objective_params", {})
+        params = {**state["params"], **own}
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         objective_state = state.get("objective")
         n_micro = batch.weights.shape[0]  # (micro-batches, examples)
@@ -141,7 +145,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: Callable, 
         metrics = {"train/loss": loss, **{f"train/{n}": v for n, v in aux.items() if n != "weight"},
                    "train/grad_norm": optax.tree.norm(grads), "train/update_norm": optax.tree.norm(updates),
                    "train/param_norm": optax.tree.norm(params), "train/lr": schedule(state["step"])}
-        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        new = {"params": {name: p for name, p in params.items() if name not in own}, "opt_state": opt_state,
+               "step": state["step"] + 1, "rng": state["rng"]}
+        if own:
+            new["objective_params"] = {name: params[name] for name in own}
         if stateful:
             new["objective"] = objective_state
         return new, metrics
@@ -187,8 +194,13 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
 
     groups = t.grad_accum * mesh.shape[DATA_AXIS]  # blocks of a batch: one per micro-batch and device shard
     pieces, cfg = _prepare(cfg, workdir, groups, resuming=latest is not None)
-    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype, cfg,
-                                                                        pieces.teacher)
+    # Run in the train step beside the model, never part of it: the frozen teacher (distill.in_step) and the
+    # modules the objective trains (TinyBERT's projection), whose parameters go to the train state's
+    # "objective_params".
+    extras = objective_modules(cfg.objective, pieces.model, pieces.teacher, t.seed)
+    if pieces.teacher is not None:
+        extras["teacher"] = pieces.teacher
+    (eval_graphdef, eval_rest), (graphdef, params, rest) = _model_views(pieces.model, t.compute_dtype, cfg, extras)
     per_epoch = steps_per_epoch(pieces.train, t.batch_size, groups, cfg.data.environment_proportions)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
     tx, schedule = make_optimizer(cfg.optim, pieces.model, params, total, cfg.peft, cfg.prune)
@@ -198,6 +210,9 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
                           "to the column that pairs the training rows")
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(t.seed))}
+    if any(name in params for name in extras):  # the optimizer sees one tree; the checkpoints keep the model's apart
+        state["objective_params"] = {name: params[name] for name in extras if name in params}
+        state["params"] = {name: p for name, p in params.items() if name not in extras}
     if isinstance(objective, StatefulObjective):
         state["objective"] = objective.init_state(params)
     sharding = state_shardings(state, mesh, t.fsdp)  # replicated, or FSDP
@@ -288,28 +303,29 @@ def _prepare(cfg: ExperimentConfig, workdir: Path, groups: int, resuming: bool
     return pieces, cfg
 
 
-def _model_views(model: nnx.Module, compute_dtype: str, cfg: ExperimentConfig, frozen_teacher: nnx.Module | None
+def _model_views(model: nnx.Module, compute_dtype: str, cfg: ExperimentConfig, extras: dict[str, nnx.Module]
                  ) -> tuple[tuple, tuple]:
     """(eval graphdef, eval rest) for evaluation (no dropout) and (graphdef, params as a pure dict, rest) for
     the train step, the graphdef's layers computing in `compute_dtype` over the float32 parameters. Under PEFT
-    the params are the trained ones only; the frozen weights ride in `rest` (research/peft/attach.py). A teacher
-    run in the step (`distill.in_step`) rides there too, as the train model's `teacher`, in eval mode."""
+    the params are the trained ones only; the frozen weights ride in `rest` (research/peft/attach.py). `extras`
+    are attached to the train model under their names: a teacher run in the step (`distill.in_step`) rides in
+    `rest` (frozen, in eval mode), an objective's own modules in `params` under their names."""
     model.eval()
     eval_graphdef, _, eval_rest = nnx.split(model, nnx.Param, ...)
     model.train()
-    if frozen_teacher is not None:  # attached for the split only: evaluation and export never see it
-        model.teacher = frozen_teacher
+    for name, module in extras.items():  # attached for the split only: evaluation and export never see them
+        setattr(model, name, module)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if frozen_teacher is not None:
-        del model.teacher
+    for name in extras:
+        delattr(model, name)
     if compute_dtype != "float32":  # same structure, layers computing in compute_dtype
         low = dataclasses.replace(model.config, dtype=compute_dtype)
         # The same PEFT structure; its initial values do not matter (the parameters come from `model`).
         structure = dataclasses.replace(cfg.peft, init_from=None, prompt_init="random", prompt_init_text=None)
         abstract = nnx.eval_shape(lambda: peft.prepare(type(model)(low, rngs=nnx.Rngs(0)), structure, 0))
         abstract.train()
-        if frozen_teacher is not None:
-            abstract.teacher = frozen_teacher  # the teacher computes in its own dtype (float32)
+        for name, module in extras.items():  # a teacher computes in its own dtype (float32)
+            setattr(abstract, name, module)
         graphdef = nnx.graphdef(abstract)
     return (eval_graphdef, eval_rest), (graphdef, nnx.to_pure_dict(params), rest)
 

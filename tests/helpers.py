@@ -97,7 +97,10 @@ def to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
-def our_grads_by_hf_name(model, loss_fn, task):
+def our_grads_by_hf_name(model, loss_fn, task, beside=()):
+    """The loss and its gradient for every parameter of `model`, by its transformers name; `beside`: attributes
+    holding an `nnx.Linear` attached for the loss (an objective's own module), named as torch's `nn.Linear`
+    attached under the same name would be ("<name>.weight", "<name>.bias")."""
     family = family_of(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # A copy of `rest` per trace: NNX refuses to update (e.g. an inner nnx transform's dropout count)
@@ -107,6 +110,9 @@ def our_grads_by_hf_name(model, loss_fn, task):
     by_path = {path: (key, t) for key, (path, t) in key_table(family, model.config, task).items()}
     out = {}
     for path, g in nnx.to_flat_state(grads):
+        if path[0] in beside:  # (name, "kernel" | "bias"): torch's weight is the kernel transposed
+            out[f"{path[0]}.{'weight' if path[1] == 'kernel' else 'bias'}"] = np.asarray(g[...]).T
+            continue
         key, transpose = by_path[path]
         g = np.asarray(g[...])
         out[_hf_key(family, key, path, task)] = g.T if transpose else g
@@ -129,12 +135,12 @@ def assert_grads_match(ours, torch_model):
         np.testing.assert_allclose(ours[name], g, rtol=0, atol=GRAD_RTOL * scale, err_msg=name)
 
 
-def check_objective(model_pair, objective, torch_loss, batch, key=KEY) -> None:
+def check_objective(model_pair, objective, torch_loss, batch, key=KEY, beside=()) -> None:
     """`objective`'s loss (1e-5 relative) and gradients (GRAD_RTOL) on our half of `model_pair` (torch, ours)
-    equal `torch_loss` and the gradients torch accumulated for it."""
+    equal `torch_loss` and the gradients torch accumulated for it (`beside`: as in our_grads_by_hf_name)."""
     theirs, mine = model_pair
     b = jax.tree.map(jnp.asarray, batch)
-    loss, grads = our_grads_by_hf_name(mine, lambda m: objective(m, b, key)[0], "sequence_classification")
+    loss, grads = our_grads_by_hf_name(mine, lambda m: objective(m, b, key)[0], "sequence_classification", beside)
     np.testing.assert_allclose(loss, float(torch_loss.detach()), rtol=1e-5)
     assert_grads_match(grads, theirs)
 

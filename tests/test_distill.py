@@ -269,12 +269,26 @@ def test_distillation_runs_from_a_run_directory_cached_or_in_the_step(tmp_path, 
     with pytest.raises(ConfigError, match="--resume: this run was distilled from"):
         train(kd_config(teacher_dir, cache, *short, "train.max_steps=8"), tmp_path / "cached", resume=True)
     # TinyBERT's objective in the runner: the loss is its three terms (alpha 1, T 1), each logged.
-    train(kd_config(teacher, cache, *short, "distill.in_step=true", "objective.name=tinybert"), tmp_path / "tinybert")
+    tinybert = kd_config(teacher, cache, *short, "distill.in_step=true", "objective.name=tinybert",
+                         "checkpoint.every_steps=2")
+    train(tinybert, tmp_path / "tinybert")
     logged = [r for r in records(tmp_path / "tinybert") if "train/hidden_mse" in r]
     assert len(logged) == 4 and all(r["train/hidden_mse"] > 0 and r["train/attention_mse"] > 0 for r in logged)
     for r in logged:
         assert r["train/loss"] == pytest.approx(r["train/kd"] + r["train/hidden_mse"] + r["train/attention_mse"],
                                                 rel=1e-5)
+    # Its learned projection W_h trains in the train state, apart from the model: the model's checkpoint and
+    # export never hold it, and --resume carries it on.
+    _, params = params_of(tmp_path / "tinybert")
+    assert not any("projection" in name for name in params)
+    checkpoint = tmp_path / "tinybert" / "checkpoints" / "4"  # orbax's tree metadata names every saved array
+    assert "objective_params" in (checkpoint / "train" / "_METADATA").read_text()
+    assert "distill_projection" not in (checkpoint / "params" / "_METADATA").read_text()
+    train(tinybert, tmp_path / "tinybert", resume=True, resume_step=2)  # steps 3 and 4 again, from step 2's W_h
+    again = [r for r in records(tmp_path / "tinybert") if "train/hidden_mse" in r]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for a, b in zip(logged, again, strict=True):
+        assert b["train/hidden_mse"] == pytest.approx(a["train/hidden_mse"], rel=1e-6), a["step"]
 
 
 def test_gpt2_distils_token_by_token_from_a_teacher_in_the_step(tmp_path, tiny_gpt2_dir, data_dir):
@@ -312,38 +326,83 @@ def torch_intermediates(model, ids, mask):
     return out.logits, out.hidden_states, scores
 
 
-def test_tinybert_matches_pytorch(tiny_bert_pair, batch, tmp_path):
-    # Student: the 2-layer tiny BERT; teacher: a 4-layer one of the same width, so student layer m learns from
-    # teacher layer 2m. Loss 1e-5, every student gradient 1e-4; the filler example (weight 0) counts nowhere.
+@pytest.mark.parametrize("projection", ["none", "learned"])
+def test_tinybert_matches_pytorch(tiny_bert_pair, batch, tmp_path, projection):
+    # Student: the 2-layer tiny BERT (32 wide); teacher: a 4-layer one, so student layer m learns from teacher
+    # layer 2m: as wide without a projection, 48 wide through TinyBERT's learned W_h (one nn.Linear 32 -> 48 on
+    # every hidden state, the embeddings' too, as TinyBERT's fit_dense). Loss 1e-5, every student gradient and
+    # W_h's 1e-4; the filler example (weight 0) counts nowhere.
     import transformers
     from helpers import randomize_
 
-    from research.objectives.distillation import IntermediateOptions, intermediate
+    from research.objectives.distillation import PROJECTION, IntermediateOptions, intermediate, projection_for
 
-    cfg = transformers.BertConfig(vocab_size=83, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+    width = 32 if projection == "none" else 48
+    cfg = transformers.BertConfig(vocab_size=83, hidden_size=width, num_hidden_layers=4, num_attention_heads=4,
                                   intermediate_size=40, num_labels=3, attn_implementation="eager")
     t_teacher = randomize_(transformers.BertForSequenceClassification(cfg), seed=7)
     t_teacher.save_pretrained(tmp_path)
     theirs, mine = tiny_bert_pair
-    o = IntermediateOptions(hidden_weight=0.7, attention_weight=0.3, alpha=0.6, temperature=2.0)
+    o = IntermediateOptions(hidden_weight=0.7, attention_weight=0.3, alpha=0.6, temperature=2.0, projection=projection)
+    teacher = teacher_lib.frozen(from_pretrained(tmp_path, "sequence_classification"))
+    extra = projection_for(o, mine, teacher, seed=3)
+    assert list(extra) == ([] if projection == "none" else [PROJECTION])
+    if extra:  # torch's W_h, the same weights
+        theirs.distill_projection = torch.nn.Linear(32, width)
+        with torch.no_grad():
+            theirs.distill_projection.weight.copy_(torch.tensor(np.asarray(extra[PROJECTION].kernel[...]).T))
+            theirs.distill_projection.bias.copy_(torch.tensor(np.asarray(extra[PROJECTION].bias[...])))
     theirs.zero_grad(set_to_none=True)
     ids, mask = torch.tensor(batch.input_ids).long(), torch.tensor(batch.attention_mask).long()
     logits, hidden_s, scores_s = torch_intermediates(theirs, ids, mask)
+    if extra:
+        hidden_s = [theirs.distill_projection(h) for h in hidden_s]
     with torch.no_grad():
         t_logits, hidden_t, scores_t = torch_intermediates(t_teacher, ids, mask)
     w = torch.tensor(batch.weights)
     w_bt = mask * w[:, None]
     w_bts = mask[:, :, None] * mask[:, None, :] * w_bt[:, :, None]
     pairs = [(0, 0), (1, 2), (2, 4)]
-    hidden = sum((((hidden_s[m] - hidden_t[t]) ** 2).sum(-1) * w_bt).sum() for m, t in pairs) / (w_bt.sum() * 32)
+    hidden = sum((((hidden_s[m] - hidden_t[t]) ** 2).sum(-1) * w_bt).sum() for m, t in pairs) / (w_bt.sum() * width)
     attention = sum((((scores_s[m - 1] - scores_t[t - 1]) ** 2) * w_bts[:, None]).sum() for m, t in pairs[1:])
     attention = attention / (w_bts.sum() * 4)
     loss = (torch_kd(logits, t_logits, torch.tensor(batch.labels).long(), w, o.alpha, o.temperature)
             + o.hidden_weight * hidden + o.attention_weight * attention)
     loss.backward()
-    mine.teacher = teacher_lib.frozen(from_pretrained(tmp_path, "sequence_classification"))
+    mine.teacher = teacher
+    for name, module in extra.items():
+        setattr(mine, name, module)
     try:
-        check_objective(tiny_bert_pair, intermediate(o), loss, batch)
+        check_objective(tiny_bert_pair, intermediate(o), loss, batch, beside=tuple(extra))
+    finally:
+        for name in ("teacher", *extra):
+            delattr(mine, name)
+        if extra:
+            del theirs.distill_projection
+
+
+def test_tinybert_refuses_what_it_cannot_compare(tiny_bert_pair, tmp_path):
+    import transformers
+    from helpers import randomize_
+
+    from research.objectives.distillation import IntermediateOptions, intermediate, projection_for
+
+    _, mine = tiny_bert_pair
+    cfg = transformers.BertConfig(vocab_size=83, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                                  intermediate_size=40, num_labels=3)
+    randomize_(transformers.BertForSequenceClassification(cfg), seed=7).save_pretrained(tmp_path)
+    teacher = from_pretrained(tmp_path, "sequence_classification")
+    with pytest.raises(ConfigError, match="the student has 4 attention heads, the teacher 6"):
+        projection_for(IntermediateOptions(), mine, teacher, 0)
+    with pytest.raises(ConfigError, match="the student is 32 wide, the teacher 48"):
+        projection_for(IntermediateOptions(projection="none", attention_weight=0.0), mine, teacher, 0)
+    assert projection_for(IntermediateOptions(attention_weight=0.0), mine, teacher, 0)  # hidden states alone: fine
+    with pytest.raises(ConfigError, match="'learned' \\(TinyBERT's W_h\\) or 'none'"):
+        IntermediateOptions(projection="identity")
+    mine.teacher = teacher
+    try:  # a learned projection asked for but not attached (the runner attaches it)
+        with pytest.raises(ConfigError, match="lacks `distill_projection`"):
+            intermediate(IntermediateOptions())(mine, tiny_batch(), KEY)
     finally:
         del mine.teacher
 
@@ -361,7 +420,7 @@ def test_tinybert_on_packed_rows_equals_padded(tmp_path, teacher_dir):
     padded = collate(pieces.train, indices, weights, 32, pieces.pad_id)
     packed = pack(pieces.train, indices, weights, 32, pieces.pad_id)
     assert packed.input_ids.shape[0] < 8
-    loss_fn = intermediate(IntermediateOptions(layer_map=(1, 2)))
+    loss_fn = intermediate(IntermediateOptions(layer_map=(1, 2), projection="none"))
     a = loss_fn(model, jax.tree.map(jnp.asarray, padded), KEY)
     b = loss_fn(model, jax.tree.map(jnp.asarray, packed), KEY)
     for key in ("hidden_mse", "attention_mse", "kd", "ce"):

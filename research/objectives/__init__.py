@@ -3,12 +3,15 @@
 `OBJECTIVES` maps a config name to (options dataclass, builder); `make_objective` checks the config's
 `params` against the options, so a misspelt hyper-parameter fails before anything compiles. The builders of
 `ENVIRONMENT_OBJECTIVES` also take the training environments' names (from the data); `PAIR_OBJECTIVES` need
-batches of counterfactual pairs."""
+batches of counterfactual pairs. An objective may also train modules of its own beside the model
+(`objective_modules`: TinyBERT's projection between widths), which are never part of the model."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+
+from flax import nnx
 
 from research.config import ConfigError, ObjectiveConfig, from_dict
 from research.objectives import adversarial, counterfactual, distillation, invariance, supervised
@@ -52,3 +55,15 @@ def objective_options(cfg: ObjectiveConfig) -> dict:
     """The objective's options with defaults filled in (what gets saved in the run's config.json)."""
     options_cls, _ = OBJECTIVES[cfg.name]
     return dataclasses.asdict(from_dict(options_cls, cfg.params, "objective.params."))
+
+
+def objective_modules(cfg: ObjectiveConfig, model: nnx.Module, teacher: nnx.Module | None, seed: int
+                      ) -> dict[str, nnx.Module]:
+    """Modules the objective trains beside `model`, by the attribute the loss finds them under on the train
+    model: TinyBERT's learned projection; none for the others. research/train.py attaches them to the train
+    model only and keeps their parameters in the train state ("objective_params"): optimized with the model's,
+    checkpointed and resumed with it, never in the model's parameters, its best checkpoint or its export."""
+    if cfg.name != "tinybert" or teacher is None:  # no teacher in the step: the loss says what is missing
+        return {}
+    options = from_dict(distillation.IntermediateOptions, cfg.params, "objective.params.")
+    return distillation.projection_for(options, model, teacher, seed)

@@ -95,11 +95,42 @@ class IntermediateOptions:
     # The teacher layer each student layer 1..M learns from (1-based; the embeddings map to the embeddings).
     # None: TinyBERT's uniform map, student layer m <- teacher layer m * N / M.
     layer_map: tuple[int, ...] | None = None
+    # "learned": the student's hidden states pass through TinyBERT's W_h (a linear map from the student's width
+    # to the teacher's, trained with the student, dropped at the end) before the MSE; "none": compared as they
+    # are (equal widths only).
+    projection: str = "learned"
 
     def __post_init__(self):
         KDOptions(self.alpha, self.temperature)  # the same checks
         if self.hidden_weight < 0 or self.attention_weight < 0:
             raise ConfigError("objective.params.hidden_weight and attention_weight must be >= 0")
+        if self.projection not in ("learned", "none"):
+            raise ConfigError(f"objective.params.projection={self.projection!r}: 'learned' (TinyBERT's W_h) or 'none'")
+
+
+PROJECTION = "distill_projection"  # the train model's attribute holding W_h (research/train.py attaches it)
+
+
+def projection_for(options: IntermediateOptions, student: nnx.Module, teacher: nnx.Module, seed: int
+                   ) -> dict[str, nnx.Module]:
+    """TinyBERT's W_h for `student` and `teacher` when the options ask for it: {PROJECTION: Linear(d_s -> d_t)}.
+    One map shared by the embeddings and every layer, as in TinyBERT's code (`fit_dense`), initialized as BERT
+    initializes a linear layer (normal, std 0.02; zero bias). It is trained beside the student but is not part
+    of it: the train step keeps it in the train state, never in the model's checkpoint or export."""
+    d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
+    h_s, h_t = student.config.num_attention_heads, teacher.config.num_attention_heads
+    if options.attention_weight > 0 and h_s != h_t:
+        raise ConfigError(f"objective 'tinybert': the student has {h_s} attention heads, the teacher {h_t}; "
+                          "attention scores are compared head by head, so the counts must match (or set "
+                          "objective.params.attention_weight=0)")
+    if options.projection == "none":
+        if d_s != d_t:
+            raise ConfigError(f"objective 'tinybert': the student is {d_s} wide, the teacher {d_t}; with "
+                              "objective.params.projection='none' hidden states are compared as they are: set "
+                              "projection='learned' (TinyBERT's W_h)")
+        return {}
+    rngs = nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 0x7B))  # a stream of its own: the model's are untouched
+    return {PROJECTION: nnx.Linear(d_s, d_t, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)}
 
 
 def token_weights(batch: Batch[str, jax.Array]) -> jax.Array:
@@ -141,10 +172,11 @@ def intermediate(options: IntermediateOptions):
         if teacher is None or not hasattr(model, "cls") or not hasattr(model, "bert"):
             raise ConfigError("objective 'tinybert' distils a BERT sequence classifier from a BERT teacher run in "
                               "the step: set model.task='sequence_classification' and distill.in_step=true")
-        if teacher.config.hidden_size != model.config.hidden_size:
-            raise ConfigError(f"objective 'tinybert': the student is {model.config.hidden_size} wide, the teacher "
-                              f"{teacher.config.hidden_size}; hidden states are compared as they are, so the widths "
-                              "must match (a learned projection between widths is not built)")
+        project = getattr(model, PROJECTION, None)
+        if (project is None) != (options.projection == "none"):
+            raise ConfigError("objective 'tinybert': objective.params.projection="
+                              f"{options.projection!r} but the train model {'lacks' if project is None else 'has'} "
+                              f"`{PROJECTION}` (attach projection_for(...) to it)")
         inputs = {k: v for k, v in batch.model_inputs().items() if k != "pool_index"}
 
         def run(m):
@@ -153,19 +185,23 @@ def intermediate(options: IntermediateOptions):
 
         logits, hidden_s, scores_s = run(model)
         t_logits, hidden_t, scores_t = jax.lax.stop_gradient(run(teacher))
+        if project is not None:
+            hidden_s = [project(h) for h in hidden_s]  # (B, T, d_s) -> (B, T, d_t)
         pairs = layer_pairs(len(hidden_s) - 1, len(hidden_t) - 1, options.layer_map)
 
         w_bt = token_weights(batch)  # (B, T)
         seg_bt = batch.segments()
         # (B, T, S): both tokens real and of the same example, weighted by the example's weight
         w_bts = (seg_bt[:, :, None] == seg_bt[:, None, :]) * (seg_bt[:, None, :] > 0) * w_bt[:, :, None]
-        d = hidden_s[0].shape[-1]
+        d = hidden_t[0].shape[-1]
         hidden_mse = sum((((hidden_s[m] - hidden_t[t]) ** 2).sum(-1) * w_bt).sum() for m, t in pairs)
         hidden_mse = hidden_mse / jnp.maximum(w_bt.sum() * d, 1.0)
-        valid = w_bts[:, None] > 0  # masked keys hold the dtype's minimum in both: compare only real pairs
-        attention_mse = sum((jnp.where(valid, scores_s[m - 1] - scores_t[t - 1], 0.0) ** 2 * w_bts[:, None]).sum()
-                            for m, t in pairs[1:])
-        attention_mse = attention_mse / jnp.maximum(w_bts.sum() * scores_s[0].shape[1], 1.0)
+        attention_mse = jnp.zeros((), jnp.float32)
+        if options.attention_weight > 0:  # (with a weight of 0 the head counts may differ)
+            valid = w_bts[:, None] > 0  # masked keys hold the dtype's minimum in both: compare only real pairs
+            attention_mse = sum((jnp.where(valid, scores_s[m - 1] - scores_t[t - 1], 0.0) ** 2 * w_bts[:, None]).sum()
+                                for m, t in pairs[1:])
+            attention_mse = attention_mse / jnp.maximum(w_bts.sum() * scores_s[0].shape[1], 1.0)
         kd_loss, aux = distillation_loss(logits, batch.replace(teacher_logits=t_logits),
                                          KDOptions(options.alpha, options.temperature))
         loss = kd_loss + options.hidden_weight * hidden_mse + options.attention_weight * attention_mse
