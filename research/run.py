@@ -380,14 +380,13 @@ def prune_run(workdir: Path, out_dir: Path, heads: float | None = None, neurons:
     found = {}
     for name, model in (("before", pieces.model), ("after", small)):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        eval_step = make_eval_step(graphdef, rest, mesh)
+        eval_step = make_eval_step(graphdef, rest, mesh, token_sums=cfg.model.task == "causal_lm")
         metrics, _ = evaluate_splits(cfg.model.task, eval_step, params, pieces, cfg.train.eval_batch_size,
                                      cfg.data.buckets, mesh)
         found[name] = {k: v for k, v in metrics.items() if k.startswith("dev/")}
     save_pretrained(small, out_dir)
-    count = lambda m, f: sum(f(layer) for layer in m.bert.layers)  # noqa: E731
-    n_heads = lambda m: count(m, lambda layer: layer.attention.num_heads)  # noqa: E731
-    n_neurons = lambda m: count(m, lambda layer: layer.mlp.intermediate.out_features)  # noqa: E731
+    n_heads = lambda m: structured.unit_counts(m.config)[0]  # noqa: E731
+    n_neurons = lambda m: structured.unit_counts(m.config)[1]  # noqa: E731
     about = {"run": str(workdir), "checkpoint": which, "step": step, "heads": heads, "neurons": neurons,
              "examples": examples, "head_importance": [list(map(float, i)) for i in head_importance],
              "pruned_heads": {str(k): v for k, v in pruned_heads.items()},

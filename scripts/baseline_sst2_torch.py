@@ -14,6 +14,13 @@ value, the classifier trained in full), the side-by-side of the PEFT study:
 
     python scripts/baseline_sst2_torch.py --lora --seed 0 --out runs/torch_sst2_lora_s0.json
 
+`--kd DIR` is experiments/compress_sst2.py's `student3_kd` variant: the student is the teacher's layers 0, 2, 4
+with its embeddings, pooler and classifier (DistilBERT's initialization), trained on Hinton et al.'s loss
+(alpha 0.5, T 2) against the teacher's eval-mode logits, computed once before training (as our cache does). DIR
+is the teacher run exported for transformers (`research export runs/compress_teacher runs/compress_teacher_hf`):
+
+    python scripts/baseline_sst2_torch.py --kd runs/compress_teacher_hf --seed 0 --out runs/torch_sst2_kd_s0.json
+
 Prints progress, and writes (and prints as the last line) one JSON object: dev accuracy, wall time (whole
 script, imports included), train time, and the versions.
 """
@@ -35,6 +42,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup  # noqa: E402
+
+from research.config import load_experiment_module  # noqa: E402
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[int]]:
@@ -72,6 +83,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--out", default=None, help="also write the JSON result here")
     parser.add_argument("--lora", action="store_true", help="peft's LoRA, as experiments/peft_sst2.py's lora variant")
+    parser.add_argument("--kd", metavar="TEACHER_DIR", default=None,
+                        help="distil a 3-layer student from this exported teacher, as compress_sst2.py's student3_kd")
     args = parser.parse_args()
 
     if args.model is None:
@@ -87,13 +100,23 @@ def main() -> None:
     dev_enc = tokenizer(dev_text, truncation=True, max_length=64)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     lr = 5e-5
+    teacher_logits = None
+    if args.kd:
+        teacher = AutoModelForSequenceClassification.from_pretrained(args.kd).eval()
+        kd = load_experiment_module(EXPERIMENTS / "compress_sst2.py").VARIANTS["student3_kd"]
+        kept = kd["model.layers"]
+        alpha, temperature = kd["objective.params"]["alpha"], kd["objective.params"]["temperature"]
+        model = AutoModelForSequenceClassification.from_pretrained(args.kd)  # embeddings, pooler, classifier
+        model.bert.encoder.layer = torch.nn.ModuleList([model.bert.encoder.layer[i] for i in kept])
+        model.config.num_hidden_layers = len(kept)
+        with torch.no_grad():  # the teacher's logits over the training set, once (eval mode: exact)
+            teacher_logits = torch.cat([teacher(**{k: v for k, v in b.items() if k != "labels"}).logits for b in
+                                        batches(train_enc, train_y, list(range(len(train_y))), 128, tokenizer)])
+        del teacher
     if args.lora:
         import peft
 
-        from research.config import load_experiment_module
-
-        variant = load_experiment_module(Path(__file__).resolve().parents[1] / "experiments" / "peft_sst2.py"
-                                         ).VARIANTS["lora"]
+        variant = load_experiment_module(EXPERIMENTS / "peft_sst2.py").VARIANTS["lora"]
         lr = variant["optim.lr"]
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=variant["peft.rank"],
                                                            lora_alpha=variant["peft.alpha"],
@@ -116,7 +139,16 @@ def main() -> None:
     t_train = time.perf_counter()
     evals = []
     for step, batch in enumerate(batches(train_enc, train_y, order, batch_size, tokenizer), start=1):
-        loss = model(**batch).loss
+        if teacher_logits is None:
+            loss = model(**batch).loss
+        else:  # alpha * T^2 * KL(teacher / T || student / T) + (1 - alpha) * CE, as research/objectives/distillation.py
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            rows = order[(step - 1) * batch_size : step * batch_size]
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits / temperature, -1),
+                                            torch.log_softmax(teacher_logits[rows] / temperature, -1),
+                                            log_target=True, reduction="batchmean")
+            ce = torch.nn.functional.cross_entropy(logits, batch["labels"])
+            loss = alpha * temperature**2 * kl + (1 - alpha) * ce
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
         optimizer.step()
@@ -132,7 +164,8 @@ def main() -> None:
             break
     train_s = time.perf_counter() - t_train
     result = {
-        "framework": "pytorch", "method": "lora" if args.lora else "full", "lr": lr, "seed": args.seed,
+        "framework": "pytorch", "method": "lora" if args.lora else "student3_kd" if args.kd else "full", "lr": lr,
+        "seed": args.seed,
         "steps": total, "dev_accuracy": evals[-1]["dev/accuracy"],
         "evals": evals, "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - T_START, 1),
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),

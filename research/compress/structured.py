@@ -2,8 +2,8 @@
 MLP neurons, by the same importance.
 
 Each head h has a gate xi_h on its output and each MLP neuron a gate on its activation
-(`BertModel(..., head_gates=..., neuron_gates=...)`, all ones); a unit's importance is the expected absolute
-gradient of the loss with respect to its gate,
+(`BertModel(..., head_gates=..., neuron_gates=...)`, GPT2Model's alike, all ones); a unit's importance is the
+expected absolute gradient of the loss with respect to its gate,
 
     I_u = E_x | dL(x) / d xi_u |,
 
@@ -12,12 +12,15 @@ paper, not per batch), then normalized by each layer's l2 norm (the paper's and 
 script's practice: it evens out layers whose gradients are larger overall). The least important units are
 removed over the whole model until `fraction` of them are gone, never a layer's last one.
 
-The pruned model is physically smaller: `BertConfig.pruned_heads` / `pruned_neurons` give its layers fewer heads
-(narrower query, key, value and output projections) and fewer neurons (narrower intermediate and output
-projections; research/models/bert.py), and its logits equal the full model's with those gates at 0. Exported for
-transformers at the full shapes with zeros for what was pruned (transformers 5 cannot prune heads, and no
-version has per-layer MLP widths), which computes the same; our `from_pretrained` reads the export back as the
-compact model.
+The loss is the task's: cross-entropy of a BERT sequence classifier's label, or a GPT-2 causal LM's mean
+next-token cross-entropy over the example's tokens.
+
+The pruned model is physically smaller: the config's `pruned_heads` / `pruned_neurons` give its layers fewer heads
+(narrower query, key, value and output projections; GPT-2's fused c_attn a third each) and fewer neurons
+(narrower MLP projections; research/models/pruned_units.py), and its logits equal the full model's with those
+gates at 0. Exported for transformers at the full shapes with zeros for what was pruned (transformers 5 cannot
+prune heads, and no version has per-layer MLP widths), which computes the same; our `from_pretrained` reads the
+export back as the compact model.
 """
 
 from __future__ import annotations
@@ -35,13 +38,18 @@ from research.config import ConfigError
 from research.data.batches import collate
 from research.data.split import Split
 from research.models import from_pretrained, save_pretrained
+from research.models.families import family_of
+from research.objectives.supervised import task_loss
 
 Pruned = dict[int, list[int]]  # layer -> original indices of its heads (or neurons)
 
 
 def _check(model: nnx.Module) -> None:
-    if not (hasattr(model, "bert") and hasattr(model, "cls")):
-        raise ConfigError(f"structured pruning works on BERT sequence classifiers; this is a {type(model).__name__}")
+    bert_classifier = hasattr(model, "bert") and hasattr(model, "cls")
+    gpt2_lm = hasattr(model, "transformer") and not hasattr(model, "score")
+    if not (bert_classifier or gpt2_lm):
+        raise ConfigError("structured pruning works on BERT sequence classifiers and GPT-2 causal LMs; this is a "
+                          f"{type(model).__name__}")
     if any(getattr(m, "adapter", None) is not None for _, m in nnx.iter_graph(model)):
         raise ConfigError("pruning a PEFT model: export it merged (research export --merged) and prune that")
 
@@ -53,14 +61,17 @@ def importance(model: nnx.Module, split: Split, examples: int, pad_id: int, seed
     _check(model)
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    gates = ([jnp.ones(layer.attention.num_heads) for layer in model.bert.layers],
-             [jnp.ones(layer.mlp.intermediate.out_features) for layer in model.bert.layers])
+    gates = gates_for(model.config)  # all ones
 
     def example_loss(gates, batch: Batch):  # one example, a padded row (1, T)
         m = nnx.merge(graphdef, params, rest)
-        h_btd = m.bert(batch.input_ids, batch.attention_mask, batch.token_type_ids, head_gates=gates[0],
-                       neuron_gates=gates[1])
-        return optax.softmax_cross_entropy_with_integer_labels(m.head(m.cls(h_btd)), batch.labels).sum()
+        if hasattr(m, "bert"):
+            h_btd = m.bert(batch.input_ids, batch.attention_mask, batch.token_type_ids, head_gates=gates[0],
+                           neuron_gates=gates[1])
+            return optax.softmax_cross_entropy_with_integer_labels(m.head(m.cls(h_btd)), batch.labels).sum()
+        h_btd = m.transformer(batch.input_ids, batch.attention_mask, head_gates=gates[0], neuron_gates=gates[1])
+        logits_btv = m.transformer.wte.attend(h_btd).astype(jnp.float32)  # GPT-2's tied LM head
+        return task_loss(logits_btv, batch)[0]  # the mean over the example's next-token labels
 
     @jax.jit
     def batch_importance(gates, batch: Batch):
@@ -114,7 +125,7 @@ def prune(model: nnx.Module, heads: Pruned | None = None, neurons: Pruned | None
     """A physically smaller copy of `model` without `heads` and `neurons` ({layer: original indices}, added to
     any it had pruned already), in eval mode."""
     _check(model)
-    layers = range(model.config.num_hidden_layers)
+    layers = range(family_of(model).num_layers(model.config))
     merge = lambda before, more: {layer: sorted({*dict(before).get(layer, ()), *(more or {}).get(layer, ())})  # noqa: E731
                                   for layer in layers}
     with tempfile.TemporaryDirectory() as tmp:  # through the export: the same slicing a saved model gets
@@ -129,6 +140,12 @@ def gates_for(config, heads: Pruned | None = None, neurons: Pruned | None = None
     """Gates (1 kept, 0 pruned) over `config`'s remaining heads and neurons that mask `heads` and `neurons`:
     what the pruned model computes."""
     heads, neurons = heads or {}, neurons or {}
-    layers = range(config.num_hidden_layers)
+    layers = range(family_of(config).num_layers(config))
     return ([jnp.asarray([0.0 if h in heads.get(i, ()) else 1.0 for h in config.kept_heads(i)]) for i in layers],
             [jnp.asarray([0.0 if n in neurons.get(i, ()) else 1.0 for n in config.kept_neurons(i)]) for i in layers])
+
+
+def unit_counts(config) -> tuple[int, int]:
+    """(attention heads, MLP neurons) the model of `config` has, over all layers."""
+    layers = range(family_of(config).num_layers(config))
+    return sum(len(config.kept_heads(i)) for i in layers), sum(len(config.kept_neurons(i)) for i in layers)

@@ -20,6 +20,7 @@ from flax import nnx
 from research.models.family import Family
 from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
 from research.models.linear import Linear
+from research.models.pruned_units import UnitSlices, compact, expand, head_columns, kept, normalize_pruned
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -74,13 +75,11 @@ class BertConfig:
 
     def kept_heads(self, layer: int) -> tuple[int, ...]:
         """The original indices of the heads layer `layer` keeps."""
-        pruned = dict(self.pruned_heads).get(layer, ())
-        return tuple(h for h in range(self.num_attention_heads) if h not in pruned)
+        return kept(self.pruned_heads, layer, self.num_attention_heads)
 
     def kept_neurons(self, layer: int) -> tuple[int, ...]:
         """The original indices of the MLP neurons layer `layer` keeps."""
-        pruned = set(dict(self.pruned_neurons).get(layer, ()))
-        return tuple(n for n in range(self.intermediate_size) if n not in pruned)
+        return kept(self.pruned_neurons, layer, self.intermediate_size)
 
     # Keys of an HF `config.json` we read into fields, and HF keys whose only supported value we check.
     @classmethod
@@ -113,22 +112,6 @@ class BertConfig:
         if self.id2label is not None:
             return dict(enumerate(self.id2label))
         return {i: f"LABEL_{i}" for i in range(self.num_labels)}
-
-
-def normalize_pruned(pruned: Any, layers: int, units: int, key: str) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """{layer: units} (keys may be strings, as in config.json) or pairs -> sorted ((layer, (unit, ...)), ...)."""
-    items = pruned.items() if isinstance(pruned, dict) else pruned
-    out = {}
-    for layer, us in items:
-        layer, us = int(layer), tuple(sorted({int(u) for u in us}))
-        if not 0 <= layer < layers or not all(0 <= u < units for u in us):
-            raise ValueError(f"{key}: layer {layer}, units {list(us)[:8]} outside the model's {layers} layers of "
-                             f"{units}")
-        if len(us) == units:
-            raise ValueError(f"{key}: layer {layer} would keep no head or neuron; keep at least one per layer")
-        if us:
-            out[layer] = us
-    return tuple(sorted(out.items()))
 
 
 PRESETS = {
@@ -582,9 +565,8 @@ _UNIT_TENSOR = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(?:attention\.(?:(?P<
                           r"(?:weight|bias))|(?P<mlp_out>output\.dense\.weight))$")
 
 
-def _unit_slices(cfg: BertConfig, key: str) -> tuple[np.ndarray, int, int] | None:
-    """(the kept units' indices along the unit axis, that axis, its full size) for a per-head or per-neuron
-    tensor of a pruned layer; None for any other tensor."""
+def _unit_slices(cfg: BertConfig, key: str) -> UnitSlices | None:
+    """Where a per-head or per-neuron tensor of a pruned layer keeps its units; None for any other tensor."""
     m = _UNIT_TENSOR.search(key)
     if m is None:
         return None
@@ -593,37 +575,20 @@ def _unit_slices(cfg: BertConfig, key: str) -> tuple[np.ndarray, int, int] | Non
     if m["qkv"] or m["attn_out"]:
         if layer not in dict(cfg.pruned_heads):
             return None
-        hs = cfg.head_dim
-        return np.concatenate([np.arange(h * hs, (h + 1) * hs) for h in cfg.kept_heads(layer)]), axis, cfg.hidden_size
+        return UnitSlices(head_columns(cfg.kept_heads(layer), cfg.head_dim), axis, cfg.hidden_size)
     if layer not in dict(cfg.pruned_neurons):
         return None
-    return np.asarray(cfg.kept_neurons(layer)), axis, cfg.intermediate_size
+    return UnitSlices(np.asarray(cfg.kept_neurons(layer)), axis, cfg.intermediate_size)
 
 
 def compact_units(cfg: BertConfig, key: str, array: np.ndarray) -> np.ndarray:
-    """A checkpoint tensor at the full width -> its kept heads' or neurons' rows or columns (already compact:
-    unchanged)."""
-    found = _unit_slices(cfg, key)
-    if found is None or array.shape[found[1]] != found[2]:
-        return array
-    return np.take(array, found[0], axis=found[1])
+    """A checkpoint tensor at the full width -> its kept heads' or neurons' rows or columns."""
+    return compact(_unit_slices(cfg, key), array)
 
 
 def expand_units(cfg: BertConfig, key: str, array: np.ndarray) -> np.ndarray:
-    """The inverse for export: the full width, zeros where the pruned heads or neurons were (transformers computes
-    the same: a unit whose outgoing weights are zero adds nothing)."""
-    found = _unit_slices(cfg, key)
-    if found is None:
-        return array
-    index, axis, full = found
-    shape = list(array.shape)
-    shape[axis] = full
-    out = np.zeros(shape, array.dtype)
-    if axis == 0:
-        out[index] = array
-    else:
-        out[:, index] = array
-    return out
+    """The inverse for export: the full width, zeros where the pruned heads or neurons were."""
+    return expand(_unit_slices(cfg, key), array)
 
 
 # ------------------------------------------------------------------------------------- the family record

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from research.models.family import Family
 from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
 from research.models.linear import Linear
+from research.models.pruned_units import UnitSlices, compact, expand, head_columns, kept, normalize_pruned
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -52,10 +55,18 @@ class GPT2Config:
     num_labels: int = 2
     id2label: tuple[str, ...] | None = None  # label names by id; None: LABEL_0 .. LABEL_{n-1}
     dtype: str = "float32"
+    # Attention heads and MLP neurons removed from each layer (research/compress/structured.py), as BertConfig's
+    # (research/models/pruned_units.py): such a layer is built narrower, and exported at full shape with zeros.
+    pruned_heads: Any = ()
+    pruned_neurons: Any = ()
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        object.__setattr__(self, "pruned_heads", normalize_pruned(self.pruned_heads, self.n_layer, self.n_head,
+                                                                  "pruned_heads"))
+        object.__setattr__(self, "pruned_neurons", normalize_pruned(self.pruned_neurons, self.n_layer,
+                                                                    self.inner_dim, "pruned_neurons"))
         check_activation(self.activation_function, "activation_function")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
@@ -69,6 +80,14 @@ class GPT2Config:
     @property
     def inner_dim(self) -> int:
         return self.n_inner or 4 * self.n_embd
+
+    def kept_heads(self, layer: int) -> tuple[int, ...]:
+        """The original indices of the heads layer `layer` keeps."""
+        return kept(self.pruned_heads, layer, self.n_head)
+
+    def kept_neurons(self, layer: int) -> tuple[int, ...]:
+        """The original indices of the MLP neurons layer `layer` keeps."""
+        return kept(self.pruned_neurons, layer, self.inner_dim)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> GPT2Config:
@@ -84,6 +103,8 @@ class GPT2Config:
     def to_hf_config(self, architecture: str) -> dict[str, Any]:
         hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         del hf["dtype"], hf["num_labels"]
+        hf["pruned_heads"] = {str(layer): list(heads) for layer, heads in self.pruned_heads}
+        hf["pruned_neurons"] = {str(layer): list(units) for layer, units in self.pruned_neurons}
         hf["id2label"] = {str(i): name for i, name in self.labels().items()}
         hf["label2id"] = {name: i for i, name in self.labels().items()}
         hf.update(
@@ -144,7 +165,7 @@ class KVCache(NamedTuple):
     common length, so every row writes its next token into the same slot.
     """
 
-    keys: tuple[jax.Array, ...]  # per layer (B, nh, S, hs)
+    keys: tuple[jax.Array, ...]  # per layer (B, nh, S, hs); nh the heads that layer keeps
     values: tuple[jax.Array, ...]  # per layer (B, nh, S, hs)
     valid: jax.Array  # (B, S) bool
     index: jax.Array  # () int32, the next slot to write
@@ -153,8 +174,8 @@ class KVCache(NamedTuple):
     def create(cls, cfg: GPT2Config, batch: int, max_length: int) -> KVCache:
         if max_length > cfg.n_positions:
             raise ValueError(f"cache length {max_length} exceeds n_positions={cfg.n_positions}")
-        shape = (batch, cfg.n_head, max_length, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer))
+        zeros = tuple(jnp.zeros((batch, len(cfg.kept_heads(i)), max_length, cfg.head_dim), cfg.dtype)
+                      for i in range(cfg.n_layer))
         return cls(zeros, zeros, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
 
 
@@ -162,10 +183,14 @@ class KVCache(NamedTuple):
 
 
 class GPT2Attention(nnx.Module):
+    """Causal self-attention. A layer with pruned heads (`cfg.pruned_heads`) has fewer of them: its fused
+    projection is 3 * nh * hs wide and its output projection reads nh * hs features."""
+
     def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
-        self.num_heads, self.head_dim = cfg.n_head, cfg.head_dim
-        self.c_attn = _dense(cfg, cfg.n_embd, 3 * cfg.n_embd, rngs)  # fused q, k, v (HF's Conv1D layout)
-        self.c_proj = _dense(cfg, cfg.n_embd, cfg.n_embd, rngs)
+        self.num_heads, self.head_dim = len(cfg.kept_heads(layer_idx)), cfg.head_dim
+        inner = self.num_heads * self.head_dim
+        self.c_attn = _dense(cfg, cfg.n_embd, 3 * inner, rngs)  # fused q, k, v (HF's Conv1D layout)
+        self.c_proj = _dense(cfg, inner, cfg.n_embd, rngs)
         self.attn_dropout = nnx.Dropout(cfg.attn_pdrop, rngs=rngs)
         self.resid_dropout = nnx.Dropout(cfg.resid_pdrop, rngs=rngs)
         scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
@@ -181,15 +206,16 @@ class GPT2Attention(nnx.Module):
             # Heads-major layout: XLA's CPU batched matmul is ~3.5x faster than contracting (B, T, nh, hs).
             return y_btd.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-        q_btd, k_btd, v_btd = jnp.split(self.c_attn(x_btd), 3, axis=-1)  # (B, T, 3D) -> 3 x (B, T, D)
+        q_btd, k_btd, v_btd = jnp.split(self.c_attn(x_btd), 3, axis=-1)  # (B, T, 3 nh hs) -> 3 x (B, T, nh hs)
         return split_heads(q_btd), split_heads(k_btd), split_heads(v_btd)
 
-    def __call__(self, x_btd, mask_b1ts, kv=None, index=None, prefix_kv=None):
+    def __call__(self, x_btd, mask_b1ts, kv=None, index=None, prefix_kv=None, head_gates_n=None):
         """`mask_b1ts[b, 0, t, s]` says whether query t may attend to key s. With `kv=(k, v)` of shape
         (B, nh, S, hs), the new keys and values are written at slot `index` and attention runs over all S
         slots; the updated (k, v) is returned alongside the output. `prefix_kv`: prefix tuning's (keys, values)
-        for this layer, each (B, nh, P, hs), placed before the tokens' own (without a cache)."""
-        B, T, D = x_btd.shape
+        for this layer, each (B, nh, P, hs), placed before the tokens' own (without a cache). `head_gates_n`:
+        (nh,) factors on each head's output (Michel et al.'s gates; 0 masks a head)."""
+        B, T, _ = x_btd.shape
         q_bnth, k_bnsh, v_bnsh = self.project(x_btd)
         if prefix_kv is not None:  # (B, nh, P, hs) ++ (B, nh, T, hs) -> (B, nh, P + T, hs)
             k_bnsh = jnp.concatenate([prefix_kv[0], k_bnsh], axis=2)
@@ -206,7 +232,10 @@ class GPT2Attention(nnx.Module):
         probs_bnts = jax.nn.softmax(scores_bnts.astype(jnp.float32), axis=-1).astype(x_btd.dtype)
         probs_bnts = self.attn_dropout(probs_bnts)
         ctx_bnth = jnp.einsum("bnts,bnsh->bnth", probs_bnts, v_bnsh)
-        ctx_btd = ctx_bnth.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        if head_gates_n is not None:
+            ctx_bnth = ctx_bnth * head_gates_n[None, :, None, None].astype(ctx_bnth.dtype)
+        # (B, nh, T, hs) -> (B, T, nh*hs)
+        ctx_btd = ctx_bnth.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim)
         return self.resid_dropout(self.c_proj(ctx_btd)), kv
 
 
@@ -214,14 +243,21 @@ class GPT2Attention(nnx.Module):
 
 
 class GPT2MLP(nnx.Module):
-    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
-        self.c_fc = _dense(cfg, cfg.n_embd, cfg.inner_dim, rngs)
-        self.c_proj = _dense(cfg, cfg.inner_dim, cfg.n_embd, rngs)
+    """c_fc -> activation -> c_proj; F = the neurons the layer keeps (`cfg.pruned_neurons`)."""
+
+    def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+        width = len(cfg.kept_neurons(layer_idx))
+        self.c_fc = _dense(cfg, cfg.n_embd, width, rngs)
+        self.c_proj = _dense(cfg, width, cfg.n_embd, rngs)
         self.dropout = nnx.Dropout(cfg.resid_pdrop, rngs=rngs)
         self.act = ACTIVATIONS[cfg.activation_function]
 
-    def __call__(self, x_btd):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x_btd))))
+    def __call__(self, x_btd, neuron_gates_f=None):
+        """`neuron_gates_f`: (F,) factors on the activations (neuron importance is the gradient there)."""
+        h_btf = self.act(self.c_fc(x_btd))
+        if neuron_gates_f is not None:
+            h_btf = h_btf * neuron_gates_f.astype(h_btf.dtype)
+        return self.dropout(self.c_proj(h_btf))
 
 
 class GPT2Block(nnx.Module):
@@ -229,12 +265,13 @@ class GPT2Block(nnx.Module):
         self.ln_1 = _layer_norm(cfg, rngs)
         self.attn = GPT2Attention(cfg, layer_idx, rngs=rngs)
         self.ln_2 = _layer_norm(cfg, rngs)
-        self.mlp = GPT2MLP(cfg, rngs=rngs)
+        self.mlp = GPT2MLP(cfg, layer_idx, rngs=rngs)
 
-    def __call__(self, x_btd, mask_b1ts, kv=None, index=None, prefix_kv=None):
-        a_btd, kv = self.attn(self.ln_1(x_btd), mask_b1ts, kv, index, prefix_kv)
+    def __call__(self, x_btd, mask_b1ts, kv=None, index=None, prefix_kv=None, head_gates_n=None,
+                 neuron_gates_f=None):
+        a_btd, kv = self.attn(self.ln_1(x_btd), mask_b1ts, kv, index, prefix_kv, head_gates_n)
         x_btd = x_btd + a_btd
-        return x_btd + self.mlp(self.ln_2(x_btd)), kv
+        return x_btd + self.mlp(self.ln_2(x_btd), neuron_gates_f), kv
 
     def keys_values(self, x_btd):
         """The keys and values this block computes from its input (B, T, D), each (B, nh, T, hs): what prefix
@@ -298,7 +335,11 @@ class GPT2Model(nnx.Module):
         *,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        head_gates: list | None = None,
+        neuron_gates: list | None = None,
     ):
+        """`head_gates`, `neuron_gates`: one (nh,) / (F,) array of gates per layer (research/compress/structured.py
+        takes the gradient there), or None."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
@@ -342,9 +383,11 @@ class GPT2Model(nnx.Module):
             mask_b1ts = jnp.concatenate([jnp.ones((B, 1, T, prefix), bool), mask_b1ts], axis=-1)  # (B, 1, T, P + S)
 
         hidden, new_keys, new_values = [x_btd], [], []
+        no_gates = [None] * len(self.h)
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x_btd, kv = block(x_btd, mask_b1ts, kv, None if cache is None else cache.index, prefix_kv[i])
+            x_btd, kv = block(x_btd, mask_b1ts, kv, None if cache is None else cache.index, prefix_kv[i],
+                              (head_gates or no_gates)[i], (neuron_gates or no_gates)[i])
             hidden.append(x_btd)
             if kv is not None:
                 new_keys.append(kv[0])
@@ -477,6 +520,44 @@ BUFFER_KEYS = {
 
 OTHER_HEAD_PATTERNS = [r"score\..*", r"multiple_choice_head\..*", r"qa_outputs\..*", r"classifier\..*"]
 
+# Checkpoint tensors with one slice per attention head (the fused query/key/value projection, columns: its
+# output, a third each; the attention's output projection, rows: its input) or per MLP neuron (c_fc, columns;
+# the MLP's c_proj, rows), in HF's Conv1D (in, out) layout; biases along their only axis.
+_UNIT_TENSOR = re.compile(r"(?:^|\.)h\.(\d+)\.(?:attn\.(?:(?P<qkv>c_attn\.(?P<qkv_part>weight|bias))|"
+                          r"(?P<attn_out>c_proj\.weight))|mlp\.(?:(?P<fc>c_fc\.(?P<fc_part>weight|bias))|"
+                          r"(?P<mlp_out>c_proj\.weight)))$")
+
+
+def _unit_slices(cfg: GPT2Config, key: str) -> UnitSlices | None:
+    """Where a per-head or per-neuron tensor of a pruned layer keeps its units; None for any other tensor."""
+    m = _UNIT_TENSOR.search(key)
+    if m is None:
+        return None
+    layer = int(m[1])
+    if m["qkv"] or m["attn_out"]:
+        if layer not in dict(cfg.pruned_heads):
+            return None
+        heads, hs, d = cfg.kept_heads(layer), cfg.head_dim, cfg.n_embd
+        if m["attn_out"]:
+            return UnitSlices(head_columns(heads, hs), 0, d)
+        index = np.concatenate([head_columns(heads, hs, offset=part * d) for part in range(3)])  # q, k, v thirds
+        return UnitSlices(index, 1 if m["qkv_part"] == "weight" else 0, 3 * d)
+    if layer not in dict(cfg.pruned_neurons):
+        return None
+    axis = 1 if m["fc_part"] == "weight" else 0  # c_fc's weight (D, F) and bias (F,); c_proj's weight (F, D)
+    return UnitSlices(np.asarray(cfg.kept_neurons(layer)), axis, cfg.inner_dim)
+
+
+def compact_units(cfg: GPT2Config, key: str, array: np.ndarray) -> np.ndarray:
+    """A checkpoint tensor at the full width -> its kept heads' or neurons' rows or columns."""
+    return compact(_unit_slices(cfg, key), array)
+
+
+def expand_units(cfg: GPT2Config, key: str, array: np.ndarray) -> np.ndarray:
+    """The inverse for export: the full width, zeros where the pruned heads or neurons were."""
+    return expand(_unit_slices(cfg, key), array)
+
+
 # ------------------------------------------------------------------------------------- the family record
 
 FAMILY = Family(
@@ -494,6 +575,8 @@ FAMILY = Family(
     tied_keys=TIED_KEYS,
     buffer_keys=BUFFER_KEYS,
     other_head_patterns=OTHER_HEAD_PATTERNS,
+    tensor_from_checkpoint=compact_units,
+    tensor_to_checkpoint=expand_units,
     layer_container="h",
     embedding_modules=("wte", "wpe"),
     peft_targets={

@@ -71,6 +71,9 @@ def _attach_virtual(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
     base, c = base_of(model), model.config
     heads, width = family.num_heads(c), family.width(c)
     if cfg.method == "prefix":
+        if getattr(c, "pruned_heads", ()):  # peft's prefix table has every head of every layer
+            raise PeftError(f"prefix tuning on a model with pruned attention heads ({dict(c.pruned_heads)}): peft's "
+                            "prefix layout needs every layer's full head count; use another method, or prune after")
         prefix = Prefix(cfg.num_virtual_tokens, family.num_layers(c), heads, width // heads, cfg.prefix_projection,
                         cfg.prefix_hidden_size or width, rngs=rngs)
         if cfg.prefix_init == "vocab":
