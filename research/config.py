@@ -424,14 +424,16 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.pack_length={d.pack_length} must be at least data.max_length={d.max_length} (every "
                           "example must fit one packed row)")
     if cfg.model.task != "sequence_classification":
-        # Token-level tasks read their own file formats, padded, without the sentence-level data features.
-        what = {"token_classification": "reads CoNLL-style files, padded",
+        # Token-level tasks read their own file formats, without the sentence-level data features; tagging packs
+        # its sentences (research/data/batches.py), a causal LM's windows are full already.
+        what = {"token_classification": "reads CoNLL-style files",
                 "causal_lm": "reads text into token windows"}[cfg.model.task]
-        fields = {"data.pack_length": d.pack_length, "data.text_pair_column": d.text_pair_column,
+        fields = {"data.text_pair_column": d.text_pair_column,
                   "data.environment_column": d.environment_column, "data.environment_files": d.environment_files,
                   "data.spurious": d.spurious, "data.pair_column": d.pair_column}
         if cfg.model.task == "causal_lm":
             fields["data.labels"] = d.labels  # next tokens, no label set
+            fields["data.pack_length"] = d.pack_length
         unsupported = [k for k, v in fields.items() if v is not None]
         if unsupported or d.source != "files":
             raise ConfigError(f"model.task={cfg.model.task!r} {what}: unset "

@@ -100,6 +100,10 @@ def main() -> None:
     dev_enc = tokenizer(dev_text, truncation=True, max_length=64)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     lr = 5e-5
+    batch_size = 32
+    steps = math.ceil(len(train_y) / batch_size)
+    total = min(steps, args.max_steps) if args.max_steps else steps
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed)).tolist()
     teacher_logits = None
     if args.kd:
         teacher = AutoModelForSequenceClassification.from_pretrained(args.kd).eval()
@@ -109,9 +113,15 @@ def main() -> None:
         model = AutoModelForSequenceClassification.from_pretrained(args.kd)  # embeddings, pooler, classifier
         model.bert.encoder.layer = torch.nn.ModuleList([model.bert.encoder.layer[i] for i in kept])
         model.config.num_hidden_layers = len(kept)
-        with torch.no_grad():  # the teacher's logits over the training set, once (eval mode: exact)
-            teacher_logits = torch.cat([teacher(**{k: v for k, v in b.items() if k != "labels"}).logits for b in
-                                        batches(train_enc, train_y, list(range(len(train_y))), 128, tokenizer)])
+        # The teacher's logits for every example the student will see, once (eval mode: exact), in batches of
+        # similar lengths (little padding).
+        needed = sorted(set(order[: total * batch_size]), key=lambda i: len(train_enc["input_ids"][i]))
+        teacher_logits = torch.zeros(len(train_y), teacher.config.num_labels)
+        with torch.no_grad():
+            for batch in batches(train_enc, train_y, needed, 128, tokenizer):
+                batch.pop("labels")
+                teacher_logits[needed[: len(batch["input_ids"])]] = teacher(**batch).logits
+                needed = needed[len(batch["input_ids"]) :]
         del teacher
     if args.lora:
         import peft
@@ -123,9 +133,6 @@ def main() -> None:
                                                            target_modules=["query", "value"]))
     model.train()
 
-    batch_size = 32
-    steps = math.ceil(len(train_y) / batch_size)
-    total = min(steps, args.max_steps) if args.max_steps else steps
     no_decay = ("bias", "LayerNorm.weight")
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # all, or LoRA's and the head's
     groups = [
@@ -135,7 +142,6 @@ def main() -> None:
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * steps), steps)
 
-    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed)).tolist()
     t_train = time.perf_counter()
     evals = []
     for step, batch in enumerate(batches(train_enc, train_y, order, batch_size, tokenizer), start=1):

@@ -29,6 +29,13 @@ from research.models.hf import _hf_key, key_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.py"
+CONLL = ROOT / "experiments" / "conll2003_minilm.py"
+# experiments/conll2003_minilm.py shrunk: a 2-layer 32-wide BERT from scratch (MiniLM's vocabulary), 96 training
+# sentences, windows of 32 tokens (so some sentences are cut), 3 steps.
+CONLL_TINY = ('model.init="scratch"', 'model.overrides={"hidden_size": 32, "num_hidden_layers": 2, '
+              '"num_attention_heads": 2, "intermediate_size": 64}', "data.max_train_examples=96",
+              "data.max_dev_examples=64", 'data.test={"test": "conll2003/test.txt"}', "data.max_length=32",
+              "data.buckets=[16, 32]", "train.max_steps=3", "train.log_every=1", "checkpoint.every_steps=3")
 # Per-step values; throughput and compile counts depend on the machine and the process, not the math.
 TIMING_KEYS = ("train/examples_per_s", "train/tokens_per_s", "train/compilations")
 GRAD_RTOL = 1e-4  # per tensor: |ours - torch| <= GRAD_RTOL * max|torch|
@@ -152,6 +159,11 @@ def smoke(*overrides):
     return apply_overrides(load_experiment(SMOKE), list(overrides))
 
 
+def conll(*overrides):
+    """The tiny CoNLL-2003 tagging experiment (CONLL_TINY), with `overrides`."""
+    return apply_overrides(load_experiment(CONLL), [*CONLL_TINY, *overrides])
+
+
 def step_dirs(workdir):
     """The checkpoint step directories (checkpoints/ also holds its FORMAT file)."""
     return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
@@ -236,10 +248,10 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def run_on_one_and_eight_devices(tmp_path, *overrides, fsdp=False):
-    """Runs of smoke.py on 1 and 8 simulated devices (and on 8 with FSDP when asked)."""
+def run_on_one_and_eight_devices(tmp_path, *overrides, fsdp=False, experiment=SMOKE):
+    """Runs of `experiment` (smoke.py) on 1 and 8 simulated devices (and on 8 with FSDP when asked)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(SMOKE), str(tmp_path),
+    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(experiment), str(tmp_path),
                            "fsdp" if fsdp else "replicated", *overrides], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -6,13 +6,17 @@
   control: without the segment mask they are not);
 - training: a packed run equals a padded one (no dropout: same math), also with gradient accumulation and
   on 8 simulated devices;
-- a model that cannot take packed rows is refused before anything compiles.
+- a model that cannot take packed rows is refused before anything compiles;
+- tagging (token classification) packs too: the same token logits, targets and weights, and the same training
+  runs, with accumulation and on 8 devices.
 """
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import records, run_on_one_and_eight_devices, smoke
+from helpers import CONLL, CONLL_TINY, conll, records, run_on_one_and_eight_devices, smoke
 
 from research.config import ConfigError
 from research.data.batches import collate, pack
@@ -142,3 +146,56 @@ def test_gpt2_batches_carry_no_token_types(data_dir, monkeypatch):
     assert pieces.train.token_type_ids is None and pieces.dev.token_type_ids is None
     batch = collate(pieces.dev, np.arange(4), np.ones(4), 32, pieces.pad_id)
     assert batch.token_type_ids is None and batch.input_ids.shape == (4, 32)
+
+
+# ------------------------------------------------------------------------------------------ token tasks
+
+
+def test_packed_token_logits_targets_and_weights_equal_padded_on_real_minilm(minilm_dir):
+    model = from_pretrained(minilm_dir, "token_classification", num_labels=5)
+    model.eval()
+    split = random_split(32, 40)
+    rng = np.random.default_rng(3)  # a tag on some pieces, -1 elsewhere ([CLS], [SEP], continuation pieces)
+    targets = [np.where(rng.random(len(x)) < 0.6, rng.integers(0, 5, len(x)), -1).astype(np.int32)
+               for x in split.input_ids]
+    for x in targets:
+        x[[0, -1]] = -1
+    split = dataclasses.replace(split, token_targets=targets, labels=np.full(len(split), -1, np.int32))
+    indices, weights = np.arange(32), np.where(np.arange(32) == 5, 0, 1).astype(np.float32)  # example 5: a filler
+    padded, packed = collate(split, indices, weights, 40, 0), pack(split, indices, weights, 64, 0)
+    assert packed.input_ids.size < padded.input_ids.size * 0.8  # it did pack
+    logits_padded = np.asarray(model(**{k: jnp.asarray(v) for k, v in padded.model_inputs().items()}))
+    logits_packed = np.asarray(model(**{k: jnp.asarray(v) for k, v in packed.model_inputs().items()}))
+    for j, i in enumerate(indices):  # every example's tokens: the same logits, targets and weights
+        row, start = packed.pool_index[j]
+        n = len(split.input_ids[i])
+        np.testing.assert_allclose(logits_packed[row, start : start + n], logits_padded[j, :n], atol=1e-5)
+        np.testing.assert_array_equal(packed.labels[row, start : start + n], padded.labels[j, :n])
+        np.testing.assert_array_equal(packed.label_weights[row, start : start + n], padded.label_weights[j, :n])
+    assert packed.label_weights.sum() == padded.label_weights.sum() > 0
+
+
+def test_a_packed_tagging_run_equals_a_padded_run(tmp_path, data_dir):
+    # With 3 micro-batches: each packs its own examples, and the accumulated step equals the padded one.
+    no_dropout = ["model.overrides.hidden_dropout_prob=0", "model.overrides.attention_probs_dropout_prob=0",
+                  "train.eval_every=null", "train.grad_accum=3", "train.batch_size=12", "data.test={}",
+                  "data.max_dev_examples=32"]
+    train(conll(*no_dropout), tmp_path / "padded")
+    train(conll(*no_dropout, "data.pack_length=64"), tmp_path / "packed")
+    padded = [r for r in records(tmp_path / "padded") if "train/loss" in r]
+    packed = [r for r in records(tmp_path / "packed") if "train/loss" in r]
+    assert len(packed) == 3
+    for key in ("train/loss", "train/accuracy", "train/grad_norm", "train/update_norm", "train/param_norm"):
+        np.testing.assert_allclose([r[key] for r in packed], [r[key] for r in padded], rtol=1e-5, err_msg=key)
+    final = [r for r in records(tmp_path / "packed") if "dev/entity_f1" in r]
+    assert final and final[-1]["dev/entity_f1"] == pytest.approx(
+        [r for r in records(tmp_path / "padded") if "dev/entity_f1" in r][-1]["dev/entity_f1"], abs=1e-6)
+
+
+def test_packed_tagging_on_eight_simulated_devices_matches_one(tmp_path, data_dir):
+    overrides = [*CONLL_TINY, "model.overrides.hidden_dropout_prob=0", "model.overrides.attention_probs_dropout_prob=0",
+                 "data.pack_length=64", "train.batch_size=16", "data.test={}", "data.max_dev_examples=16"]
+    one, eight = run_on_one_and_eight_devices(tmp_path, *overrides, experiment=CONLL)
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+    for name in one["params"]:
+        np.testing.assert_allclose(eight["params"][name], one["params"][name], rtol=1e-4, atol=1e-6, err_msg=name)

@@ -2,10 +2,10 @@
 malformed lines refused or counted, labels on first word pieces, long sentences cut into windows that lose no
 word, and entity scores equal to seqeval's (conlleval's rules) on the real dev tags."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import conll
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 from research.data.split import DataError, SplitReport
@@ -110,19 +110,6 @@ def test_entity_scores_equal_seqeval_on_conll_dev(data_dir):
 # ------------------------------------------------------------------------------------------ the runner
 
 
-def conll(*overrides):
-    """experiments/conll2003_minilm.py shrunk: a 2-layer 32-wide BERT from scratch (MiniLM's vocabulary), 96
-    training sentences, windows of 32 tokens (so some sentences are cut), 3 steps."""
-    from research.config import apply_overrides, load_experiment
-
-    tiny = ['model.init="scratch"', 'model.overrides={"hidden_size": 32, "num_hidden_layers": 2, '
-            '"num_attention_heads": 2, "intermediate_size": 64}', "data.max_train_examples=96",
-            "data.max_dev_examples=64", 'data.test={"test": "conll2003/test.txt"}', "data.max_length=32",
-            "data.buckets=[16, 32]", "train.max_steps=3", "train.log_every=1", "checkpoint.every_steps=3"]
-    path = Path(__file__).resolve().parents[1] / "experiments" / "conll2003_minilm.py"
-    return apply_overrides(load_experiment(path), [*tiny, *overrides])
-
-
 def test_token_classification_runs_through_the_runner_and_eval(tmp_path, data_dir):
     """Train, then `research eval`: entity scores for dev and test land in metrics.jsonl, the evaluation of
     the saved checkpoint reproduces the in-training one, and the per-token batch ignores what it must."""
@@ -154,5 +141,5 @@ def test_token_classification_runs_through_the_runner_and_eval(tmp_path, data_di
 def test_token_classification_config_errors():
     from research.config import ConfigError
 
-    with pytest.raises(ConfigError, match="token_classification.*unset data.pack_length"):
-        conll("data.pack_length=32")
+    with pytest.raises(ConfigError, match="token_classification.*unset data.text_pair_column"):
+        conll('data.text_pair_column="x"')

@@ -73,7 +73,9 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
     ones), and the dense layers pay for every slot. Packed, each row holds several examples; `segment_ids`
     (1, 2, ... per example, 0 for padding) keep attention inside each example and `position_ids` restart at
     0, so every example's logits are those of the padded layout (tested). The examples stay the batch's
-    examples: labels, weights and `pool_index` (E, 2), the (row, position) of each example's first token.
+    examples: labels, weights and `pool_index` (E, 2), the (row, position) of each example's first token. A
+    token task (tagging) packs its token targets the same way: `labels` and `label_weights` (R, L) follow the
+    tokens, each weighted by its example's weight.
 
     The batch is cut into `micro_batches * shards` consecutive groups of examples (the layout `put_batch`
     makes: micro-batch a, device shard d is group a * shards + d), and each group is packed into its own
@@ -118,6 +120,8 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
     }
     if split.token_type_ids is not None:
         fields["token_type_ids"] = np.zeros(shape, np.int32)
+    if split.token_targets is not None:  # token targets (R, L): -1 (no target, padding) weighs 0
+        targets, token_weights = np.full(shape, -1, np.int32), np.zeros(shape, np.float32)
     token_teacher = _token_teacher(split, shape)
     for g, rows in enumerate(layout):
         for r, members in enumerate(rows):
@@ -129,6 +133,9 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
                 if split.token_type_ids is not None:
                     fields["token_type_ids"][row, start:end] = split.token_type_ids[i]
                 fields["position_ids"][row, start:end] = np.arange(lengths[j])
+                if split.token_targets is not None:
+                    targets[row, start:end] = split.token_targets[i]
+                    token_weights[row, start:end] = fields["weights"][j]
                 if token_teacher is not None:
                     token_teacher[row, start:end] = split.teacher_logits[i]
                 fields["segment_ids"][row, start:end] = segment
@@ -136,6 +143,9 @@ def pack(split: Split, indices: np.ndarray, weights: np.ndarray, row_length: int
                 start = end
     if token_teacher is not None:
         fields["teacher_logits"] = token_teacher
+    if split.token_targets is not None:
+        fields["label_weights"] = (targets >= 0) * token_weights
+        fields["labels"] = np.maximum(targets, 0)  # a valid index everywhere; the weight says what counts
     return Batch(**fields)
 
 

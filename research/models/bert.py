@@ -442,7 +442,10 @@ class BertForTokenClassification(nnx.Module):
         return self.bert.embed(input_ids_bt)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 inputs_embeds=None, *, segment_ids=None):
+                 inputs_embeds=None, *, segment_ids=None, pool_index=None):
+        """Packed rows (`segment_ids`, positions restarting) give every token the logits it has alone in a padded
+        row; `pool_index` (where each example starts) is not needed: every token has its own logits."""
+        del pool_index
         h_btd = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                           segment_ids=segment_ids)[:, self.bert.prompt_length:]  # the input's own positions
         return self.classifier(self.dropout(h_btd)).astype(jnp.float32)
@@ -621,6 +624,7 @@ FAMILY = Family(
         "houlsby": (r".*attention\.output\.dense", r".*layer\.\d+\.output\.dense"),
         "pfeiffer": (r".*layer\.\d+\.output\.dense",),
     },
-    packing_tasks=frozenset({"sequence_classification"}),  # features() reads each example's own [CLS]
+    # features() reads each example's own [CLS]; token logits need no pooling.
+    packing_tasks=frozenset({"sequence_classification", "token_classification"}),
     has_token_types=True,
 )
