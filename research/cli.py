@@ -7,6 +7,9 @@
     research prune WORKDIR OUT_DIR [--heads F] [--neurons F] [--examples N] [--checkpoint best|latest]
     research demo      the real all-MiniLM-L6-v2 weights in our Flax BERT, ranking sentences by similarity
 
+Every command keeps XLA's compiled programs in a persistent cache (research/compilation_cache.py:
+~/.cache/research/xla; RESEARCH_COMPILATION_CACHE=DIR moves it, =off switches it off).
+
 Errors a user can fix (bad config keys, bad data, bad checkpoints, an existing run) end with one line naming
 the problem, not a traceback.
 """
@@ -19,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from research import compilation_cache
 from research.config import ConfigError
 from research.data.split import DataError
 from research.models.hf import CheckpointError
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         args = argparse.Namespace(command="sweep", func=sweep_command, arguments=argv[1:])
     else:
         args = parser.parse_args(argv)
+    compilation_cache.configure()  # before anything compiles
     try:
         args.func(args)
     except (ConfigError, DataError, CheckpointError, PeftError, RunError, RunDirBusyError, NonFiniteLossError,

@@ -24,8 +24,8 @@ checkpoints: stop the sweep at any time and start it again. Runs go seed by seed
 seed, then of the next), so a sweep cut short still compares every variant at the same seeds. The summary is
 `<out>/summary.md` and `<out>/summary.json` (mean +- std per metric and variant).
 
-The runs share one persistent XLA compilation cache, `<workdirs>/.xla_cache` (unless
-JAX_COMPILATION_CACHE_DIR is set): the seeds of a variant, and the evaluations of every variant, compile the
+The runs share the persistent XLA compilation cache of every `research` command
+(research/compilation_cache.py): the seeds of a variant, and the evaluations of every variant, compile the
 same programs for the same bucket shapes, and a cache hit loads the executable XLA built the first time
 (keyed by the program, its shapes and the compiler version and flags: the numbers cannot change).
 """
@@ -72,11 +72,6 @@ def train_run(experiment: Path, sets: list[str], workdir: Path, log: Path) -> No
     if done.returncode:
         raise SweepError(f"research train into {workdir} failed (exit status {done.returncode}); its output is in "
                            f"{log}. Fix the cause and run the sweep again: finished runs are kept, this one resumes")
-
-
-def share_compilation_cache(workdirs: Path) -> None:
-    """Point this process's children (the runs and their evaluations) at one XLA cache under `workdirs`."""
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str((workdirs / ".xla_cache").resolve()))
 
 
 def last_record_with(workdir: Path, key: str) -> dict:
@@ -179,7 +174,6 @@ def run_study(study: Study, variants: list[str], seeds: list[int], out: Path, wo
     require_data_dir()
     out.mkdir(parents=True, exist_ok=True)
     workdirs.mkdir(parents=True, exist_ok=True)
-    share_compilation_cache(workdirs)
     cells = {(v, s): run_cell(study.experiment, v, variant_overrides(study.variants[v]), s, out, workdirs,
                               study.summarize)
              for s in seeds for v in variants}

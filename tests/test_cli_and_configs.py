@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import SMOKE
 
 from research.cli import DEMO_CANDIDATES, main
 from research.models import from_config
@@ -74,3 +75,30 @@ def test_from_config_builds_every_task():
         assert from_config(gpt, task).config.n_layer == 1
     with pytest.raises(ValueError, match="task 'masked_lm' is not available"):
         from_config(gpt, "masked_lm")
+
+
+def test_every_command_compiles_through_one_persistent_cache(tmp_path, monkeypatch, data_dir):
+    # Where the cache is: RESEARCH_COMPILATION_CACHE (a directory, or off), else JAX's variable, else the
+    # user's cache directory.
+    from research import compilation_cache
+
+    monkeypatch.setenv(compilation_cache.ENV, "off")
+    assert compilation_cache.cache_dir() is None
+    monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "mine"))
+    assert compilation_cache.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(compilation_cache.ENV)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    assert compilation_cache.cache_dir() == tmp_path / "home" / "research" / "xla"
+    # The same command twice (an evaluation of the smoke model: the cheapest that compiles): the first fills the
+    # cache, the second compiles nothing new (every program a hit).
+    cache = tmp_path / "xla"
+    env = {**os.environ, compilation_cache.ENV: str(cache), "RESEARCH_DATA_DIR": str(data_dir)}
+    entries = []
+    for _ in range(2):
+        done = subprocess.run(["research", "eval", str(SMOKE), "--set", "data.max_dev_examples=16"], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        entries.append(sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache")))
+    assert len(entries[0]) >= 1
+    assert entries[1] == entries[0]

@@ -95,7 +95,6 @@ def test_a_sweep_runs_each_cell_once_and_records_it(tmp_path, monkeypatch):
     assert table == "| variant | dev/accuracy |\n|---|---:|\n| erm | 70.0 +- 14.1 |\n| irm | 80.0 +- 14.1 |"
     assert sorted(p.name for p in (record / "irm_s1").iterdir()) == ["config.json", "metrics.jsonl", "result.json"]
     assert (record / "irm_s1" / "metrics.jsonl").read_text() == (runs / "irm_s1" / "metrics.jsonl").read_text()
-    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str((runs / ".xla_cache").resolve())
 
     shutil.rmtree(runs)  # a fresh checkout: the record alone says which runs are finished
     again, _ = run_study(study, ["irm"], [0, 1], record, runs)
