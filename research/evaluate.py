@@ -20,22 +20,30 @@ from jax.sharding import Mesh
 from research.batch import Batch
 from research.data.batches import eval_batches
 from research.data.split import Split
+from research.objectives.supervised import chunked_token_sums
 from research.sharding import place_rest, put_batch, replicated
+
+EVAL_LM_CHUNK = 1024  # tokens per chunk of a causal LM's output layer at evaluation
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, token_sums: bool = False) -> Callable:
     """(params, batch) -> logits (B, C) or (B, T, C) float32, with the model in eval mode (no dropout).
 
     `token_sums`: instead of logits, the batch's sums over its weighted token targets, {"nll", "targets",
-    "correct"}; a causal LM's logits, (B, T, 50257), are too large to bring to the host."""
+    "correct"}; a causal LM's logits, (B, T, 50257), are too large to bring to the host, or even to hold at
+    once: a model with an `output_embedding` (GPT-2's LM head) computes them `EVAL_LM_CHUNK` tokens at a time."""
 
     def step(params, rest, batch: Batch):
         model = nnx.merge(graphdef, params, rest)
         mb = jax.tree.map(lambda x: x[0], batch)  # (1, B, ...) -> (B, ...): eval batches are never split
+        w = mb.label_weights  # (B, T)
+        if token_sums and hasattr(model, "output_embedding"):
+            nll, correct = chunked_token_sums(model.features(**mb.model_inputs()), model.output_embedding(),
+                                              mb.labels, w, EVAL_LM_CHUNK)
+            return {"nll": nll, "targets": w.sum(), "correct": correct}
         logits = model(**mb.model_inputs())
         if not token_sums:
             return logits
-        w = mb.label_weights  # (B, T)
         log_probs = jax.nn.log_softmax(logits, axis=-1)  # (B, T, V)
         nll = -jnp.take_along_axis(log_probs, mb.labels[..., None], axis=-1)[..., 0]  # (B, T)
         correct = (logits.argmax(-1) == mb.labels).astype(jnp.float32)

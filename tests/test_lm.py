@@ -4,6 +4,7 @@ with transformers' own tokenizer, and a GPT-2 trained through the runner."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ import transformers
 
 from research.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from research.data.lm import token_stream, windows
+from research.models import from_pretrained
 
 
 @pytest.mark.parametrize("length, max_length, stride", [(100, 16, 15), (100, 16, 4), (17, 16, 15), (16, 16, 15),
@@ -168,3 +170,41 @@ def test_dialogue_run_writes_response_samples_beside_references(tiny_gpt2_dir, d
     assert [s["reference"] for s in samples] == ["There are no mathcing records found for that request",
                                                  "There are no matching records found for that request."]
     assert all(s["prompt"].endswith("System:") for s in samples)
+
+
+@pytest.mark.parametrize(("chunk", "smoothing"), [(7, 0.0), (1024, 0.1)])
+def test_chunked_lm_loss_equals_the_full_logits(tiny_gpt2_dir, chunk, smoothing):
+    # The output layer and the cross-entropy `chunk` tokens at a time (7: chunks that do not divide the 30
+    # tokens, the last one padded; 1024: one chunk) against the full (B, T, V) logits: loss and accuracy 1e-5,
+    # every gradient 1e-4 of its largest entry, on a batch with padding and label smoothing.
+    import jax
+    from flax import nnx
+
+    from research.batch import Batch
+    from research.objectives.supervised import CrossEntropyOptions, cross_entropy
+
+    model = from_pretrained(tiny_gpt2_dir, "causal_lm")
+    model.eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50257, (3, 10)).astype(np.int32)
+    mask = np.ones((3, 10), np.int32)
+    mask[2, 6:] = 0  # a shorter row, right-padded
+    labels = np.concatenate([ids[:, 1:], np.zeros((3, 1), np.int32)], axis=1)
+    label_weights = (mask * np.concatenate([mask[:, 1:], np.zeros((3, 1), np.int32)], axis=1)).astype(np.float32)
+    batch = jax.tree.map(jnp.asarray, Batch(input_ids=ids, attention_mask=mask, labels=labels,
+                                            weights=np.ones(3, np.float32), label_weights=label_weights))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def run(lm_chunk):
+        objective = cross_entropy(CrossEntropyOptions(label_smoothing=smoothing, lm_chunk=lm_chunk))
+        return jax.value_and_grad(lambda p: objective(nnx.merge(graphdef, p, rest), batch, None), has_aux=True)(
+            params)
+
+    (full_loss, full_aux), full_grads = run(0)
+    (loss, aux), grads = run(chunk)
+    np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["accuracy"]), float(full_aux["accuracy"]), rtol=1e-5)
+    assert float(aux["weight"]) == float(full_aux["weight"]) == label_weights.sum()
+    for (path, g), (_, f) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(full_grads), strict=True):
+        g, f = np.asarray(g[...]), np.asarray(f[...])
+        np.testing.assert_allclose(g, f, rtol=0, atol=1e-4 * max(np.abs(f).max(), 1e-12), err_msg=str(path))

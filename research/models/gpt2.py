@@ -424,6 +424,19 @@ class GPT2LMHeadModel(nnx.Module):
         logits_btv = self.transformer.wte.attend(h_btd).astype(jnp.float32)  # (B, T, D) @ (V, D)^T
         return logits_btv if cache is None else (logits_btv, cache)
 
+    def features(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None) -> jax.Array:
+        """What the LM head reads: the final hidden states (B, T, D) of the input's own positions. With
+        `output_embedding` they give the logits a block of tokens at a time (research/objectives/supervised.py's
+        chunked loss), never all (B, T, V) of them at once."""
+        h_btd = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        return h_btd[:, self.transformer.prompt_length:]
+
+    def output_embedding(self) -> jax.Array:
+        """(V, D) the LM head's weights (tied to `wte`), in the dtype `attend` computes in."""
+        wte = self.transformer.wte
+        return wte.embedding.get_value().astype(wte.dtype)
+
 
 class GPT2ForSequenceClassification(nnx.Module):
     """`score` (no bias) on the last real token of each row, as transformers'
