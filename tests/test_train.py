@@ -33,7 +33,7 @@ def test_run_directory_and_metrics(smoke_run):
     config = json.loads((workdir / "config.json").read_text())
     assert config["name"] == "smoke" and config["data"]["labels"] == ["0", "1"]
     assert config["provenance"]["versions"]["jax"] == jax.__version__ and "git" in config["provenance"]
-    assert config["objective"]["params"] == {"label_smoothing": 0.0}  # defaults recorded
+    assert config["objective"]["params"] == {"label_smoothing": 0.0, "lm_chunk": 1024}  # defaults recorded
     report = json.loads((workdir / "data_report.json").read_text())
     assert report["train"]["used"] == 256 and report["dev"]["used"] == 64
     rs = records(workdir)
