@@ -16,7 +16,8 @@ where one epoch allows it:
                         from the teacher's run directory), cross-entropy
     student3_kd         the same, with Hinton et al.'s logit distillation from the teacher (alpha 0.5, T 2;
                         DistilBERT's temperature), its logits cached
-    student3_tinybert   the same, with TinyBERT's hidden-state and attention-score losses beside the logit
+    student3_tinybert   the same, with TinyBERT's hidden-state (through its learned projection W_h, trained
+                        beside the student and dropped at the end) and attention-score losses beside the logit
                         term, uniform layer map (student m <- teacher 2m), the teacher in the step
     magnitude50/90      full fine-tuning with magnitude pruning of the encoder's linear layers to 50% / 90%,
                         Zhu & Gupta's cubic schedule over the first 70% of training, masks every 10 steps
@@ -27,6 +28,10 @@ The record keeps, per run: final and best dev accuracy, the parameters a dense m
 pruned, and the size of its weights on disk. Latency at batch 1 and 32 (median of repeated jitted calls, the
 same machine and run for every model), post-training int8 / int8-weights / int4 / NF4 quantization and
 head pruning to half the heads (Michel et al.) of the teacher are scripts/bench_compress.py's.
+
+The PyTorch side: `python scripts/baseline_sst2_torch.py --kd runs/compress_teacher_hf --seed N` (the teacher
+exported by `research export runs/compress_teacher runs/compress_teacher_hf`) is student3_kd's recipe in
+PyTorch, and scripts/bench_compress.py measures `torch.ao.quantization.quantize_dynamic` int8 beside ours.
 
 Expected, from the papers (BERT-base there, MiniLM-L6 here, one epoch): a 3-layer student a point or two below
 the teacher, logit KD recovering part of that (DistilBERT keeps 97% of BERT's GLUE score with half the layers),
