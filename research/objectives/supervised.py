@@ -107,11 +107,6 @@ def _fused_sums(h_kcd, embedding_vd, y_kc, w_kc, label_smoothing):
     return _sums(h_kcd, embedding_vd, y_kc, w_kc, label_smoothing)
 
 
-def _fused_sums_fwd(h_kcd, embedding_vd, y_kc, w_kc, label_smoothing):
-    sums, grads = _forward(h_kcd, embedding_vd, y_kc, w_kc, label_smoothing)
-    return sums, grads
-
-
 def _fused_sums_bwd(label_smoothing, grads, cotangents):
     del label_smoothing
     dh_kcd, d_embedding_vd = grads
@@ -119,7 +114,7 @@ def _fused_sums_bwd(label_smoothing, grads, cotangents):
     return (g * dh_kcd).astype(dh_kcd.dtype), (g * d_embedding_vd).astype(d_embedding_vd.dtype), None, None
 
 
-_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
+_fused_sums.defvjp(_forward, _fused_sums_bwd)  # the forward keeps the gradients
 
 
 def weights_for(logits: jax.Array, batch: Batch[str, jax.Array]) -> jax.Array:
