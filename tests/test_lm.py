@@ -172,10 +172,10 @@ def test_dialogue_run_writes_response_samples_beside_references(tiny_gpt2_dir, d
     assert all(s["prompt"].endswith("System:") for s in samples)
 
 
-@pytest.mark.parametrize(("chunk", "smoothing"), [(7, 0.0), (1024, 0.1)])
+@pytest.mark.parametrize(("chunk", "smoothing"), [(8, 0.0), (1024, 0.1)])
 def test_chunked_lm_loss_equals_the_full_logits(tiny_gpt2_dir, chunk, smoothing):
-    # The output layer and the cross-entropy `chunk` tokens at a time (7: chunks that do not divide the 30
-    # tokens, the last one padded; 1024: one chunk) against the full (B, T, V) logits: loss and accuracy 1e-5,
+    # The output layer and the cross-entropy `chunk` tokens at a time (8: four chunks for the 30 tokens, the
+    # last with 2 padding slots; 1024: one chunk of 30) against the full (B, T, V) logits: loss and accuracy 1e-5,
     # every gradient 1e-4 of its largest entry, on a batch with padding and label smoothing.
     import jax
     from flax import nnx

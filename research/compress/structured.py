@@ -39,8 +39,9 @@ from research.data.batches import collate
 from research.data.split import Split
 from research.models import from_pretrained, save_pretrained
 from research.models.families import family_of
-from research.objectives.supervised import task_loss
+from research.objectives.supervised import chunked_token_sums
 
+LM_CHUNK = 1024  # tokens per chunk of GPT-2's output layer in the importance loss
 Pruned = dict[int, list[int]]  # layer -> original indices of its heads (or neurons)
 
 
@@ -70,8 +71,10 @@ def importance(model: nnx.Module, split: Split, examples: int, pad_id: int, seed
                            neuron_gates=gates[1])
             return optax.softmax_cross_entropy_with_integer_labels(m.head(m.cls(h_btd)), batch.labels).sum()
         h_btd = m.transformer(batch.input_ids, batch.attention_mask, head_gates=gates[0], neuron_gates=gates[1])
-        logits_btv = m.transformer.wte.attend(h_btd).astype(jnp.float32)  # GPT-2's tied LM head
-        return task_loss(logits_btv, batch)[0]  # the mean over the example's next-token labels
+        # The mean over the example's next-token labels, the output layer a chunk at a time (no (T, V) logits)
+        w = batch.label_weights
+        loss_sum, _ = chunked_token_sums(h_btd, m.output_embedding(), batch.labels, w, LM_CHUNK)
+        return loss_sum / jnp.maximum(w.sum(), 1.0)
 
     @jax.jit
     def batch_importance(gates, batch: Batch):
