@@ -29,8 +29,8 @@ Array = Any  # a NumPy array on the host, a jax.Array on the device: the same ba
 class Batch:
     input_ids: Array  # (R, T) int32 token ids, padding with the model's pad id
     attention_mask: Array  # (R, T) int32: 1 on real tokens, 0 on padding
-    # (E,) int32 class ids of a sequence task; (R, T) int32 token targets of a token task (tagging, causal LM),
-    # a valid index everywhere: `label_weights` says which count.
+    # (E,) int32 class ids of a sequence task (float32 scores for a regression); (R, T) int32 token targets of a
+    # token task (tagging, causal LM), a valid index everywhere: `label_weights` says which count.
     labels: Array
     weights: Array  # (E,) float32: 1 for a real example, 0 for a filler row (counts in no loss and no metric)
     # (R, T) int32 segment (sentence A/B) ids; None for families without token types (GPT-2: given zeros it

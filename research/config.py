@@ -36,6 +36,10 @@ class ModelConfig:
     # data.tag_column; research/data/tagging.py) and reports entity-level scores.
     # causal_lm reads text into next-token windows (research/data/lm.py) and reports perplexity.
     task: Literal["sequence_classification", "token_classification", "causal_lm"] = "sequence_classification"
+    # sequence_classification only, as transformers' `problem_type`: "regression" gives the head one output,
+    # trained with mean-squared error against float labels (data.label_column, e.g. STS-B's 0-5 similarity
+    # scores), evaluated by Pearson and Spearman correlation, and exported with problem_type="regression".
+    problem_type: Literal["single_label_classification", "regression"] = "single_label_classification"
     # "pretrained": the checkpoint's weights; "scratch": its config.json (plus overrides), random weights.
     init: Literal["pretrained", "scratch"] = "pretrained"
     # Model config overrides, e.g. {"hidden_dropout_prob": 0.2}; unknown names fail in from_pretrained.
@@ -79,12 +83,17 @@ class DataConfig:
     dev: str = "sst2/dev.tsv"
     source: str = "files"  # "files", or "hf:glue/sst2" for the hub
     text_column: str = "sentence"
+    # The column names of .tsv/.csv files that have no header row (GLUE CoLA's train and dev files:
+    # ["source", "label", "marker", "sentence"]); None: the first row names the columns.
+    columns: tuple[str, ...] | None = None
     # Token classification (model.task): CoNLL-style files, one token per line, whitespace-separated columns
     # (CoNLL-2003: word POS chunk NER). Column indices; negative counts from the end.
     token_column: int = 0
     tag_column: int = -1
     tag_scheme: Literal["iob2", "iob1"] = "iob2"  # iob1 files are rewritten to iob2 on reading
-    skip_malformed: bool = False  # a line with too few columns: error (False) or drop its sentence, counted
+    # A malformed line (a CoNLL line with too few columns, a .tsv/.csv row with the wrong number of fields): an
+    # error naming it (False), or dropped and counted (True; a CoNLL line drops its whole sentence).
+    skip_malformed: bool = False
     # Causal LM (model.task): a .txt file is one document, or several cut at `document_separator`; .jsonl/.tsv/
     # .csv files hold one per row (text_column). `holdout_fraction`: train and dev name one file, and dev is
     # its last fraction of characters. `eval_stride`: windows of dev/test start this many tokens apart (each
@@ -423,6 +432,27 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if d.pack_length is not None and d.pack_length < d.max_length:
         raise ConfigError(f"data.pack_length={d.pack_length} must be at least data.max_length={d.max_length} (every "
                           "example must fit one packed row)")
+    if cfg.model.problem_type == "regression":
+        # A score per example: no label set, and nothing that compares or pairs classes.
+        fields = {"data.labels": d.labels, "data.spurious": d.spurious}
+        if cfg.model.task != "sequence_classification":
+            raise ConfigError(f"model.problem_type='regression' is for model.task='sequence_classification' (one "
+                              f"score per example), not {cfg.model.task!r}")
+        set_ = [k for k, v in fields.items() if v is not None]
+        if set_:
+            raise ConfigError(f"model.problem_type='regression' reads float scores, not classes: unset "
+                              f"{', '.join(set_)}")
+        # The objectives whose loss is `task_loss` (mean-squared error here) and whose divergence has a regression
+        # form; the environment, pair and distillation losses are written for class distributions.
+        regression_objectives = ("cross_entropy", "fgm", "pgd", "freelb", "smart", "vat")
+        best = cfg.checkpoint.best_metric
+        if best is not None and best.split("/")[-1] in ("accuracy", "f1", "f1_macro", "mcc"):
+            raise ConfigError(f"checkpoint.best_metric={best!r} is a classification metric; a regression is "
+                              "evaluated by pearson, spearman and mse: set e.g. checkpoint.best_metric='dev/pearson'")
+        if cfg.objective.name not in regression_objectives:
+            raise ConfigError(f"objective.name={cfg.objective.name!r} compares class distributions and has no "
+                              f"regression form; with model.problem_type='regression' use one of "
+                              f"{list(regression_objectives)}")
     if cfg.model.task != "sequence_classification":
         # Token-level tasks read their own file formats, without the sentence-level data features; tagging packs
         # its sentences (research/data/batches.py), a causal LM's windows are full already.

@@ -1,8 +1,9 @@
 """Evaluation: a jit-compiled forward over a split, then metrics on the host.
 
-Sequence classification: accuracy, per-class and macro precision/recall/F1 and the loss, from the confusion
-matrix; `tests/test_train.py` checks them against scikit-learn's `classification_report`, which we do not
-depend on at run time for five lines of arithmetic. Token classification: entity-level precision/recall/F1
+Sequence classification: accuracy, per-class and macro precision/recall/F1, Matthews' correlation and the loss,
+from the confusion matrix; the tests check them against scikit-learn's `classification_report`, `f1_score` and
+`matthews_corrcoef`, which we do not depend on at run time for a few lines of arithmetic. Regression: scipy's
+Pearson and Spearman correlation, and the mean-squared error. Token classification: entity-level precision/recall/F1
 (micro, and F1 per entity type) by conlleval's rules (below, checked against seqeval),
 plus the loss and accuracy over the tokens that carry a label (each word's first piece).
 """
@@ -128,6 +129,8 @@ def evaluate_split(task: str, eval_step: Callable, params: dict, split: Split, n
                                names)
     if task == "causal_lm":
         return lm_metrics(eval_step, params, split, batch_size, buckets, pad_id, mesh)
+    if task == "sequence_classification" and np.issubdtype(split.labels.dtype, np.floating):  # regression
+        return regression_metrics(predict(eval_step, params, split, batch_size, buckets, pad_id, mesh), split.labels)
     if task == "sequence_classification":
         return classification_metrics(predict(eval_step, params, split, batch_size, buckets, pad_id, mesh),
                                       split.labels, names)
@@ -148,7 +151,10 @@ def evaluate_splits(task: str, eval_step: Callable, params: dict, pieces, batch_
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> tuple[dict, str]:
-    """Scalars {accuracy, loss, precision_macro, recall_macro, f1_macro} and a per-class report."""
+    """Scalars {accuracy, loss, precision_macro, recall_macro, f1_macro, mcc} and a per-class report; a binary
+    task also gets `f1`, the F1 of label id 1 (scikit-learn's `f1_score` default, and GLUE's MRPC F1: MRPC's
+    labels sort as "0", "1", paraphrase last). `mcc` is Matthews' correlation (GLUE's CoLA metric), in its
+    multi-class form (Gorodkin 2004, as scikit-learn's `matthews_corrcoef`)."""
     n = len(names)
     pred = logits.argmax(-1)
     confusion = np.zeros((n, n), np.int64)  # rows: true label, columns: predicted
@@ -163,7 +169,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[
     log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
     loss = float(-np.asarray(log_probs)[np.arange(len(labels)), labels].mean())
     scalars = {"accuracy": float(tp.sum() / len(labels)), "loss": loss, "precision_macro": float(precision.mean()),
-               "recall_macro": float(recall.mean()), "f1_macro": float(f1.mean())}
+               "recall_macro": float(recall.mean()), "f1_macro": float(f1.mean()), "mcc": matthews(confusion)}
+    if n == 2:
+        scalars["f1"] = float(f1[1])
     width = max(len(x) for x in (*names, "macro avg"))
     lines = [f"{'':>{width}}  precision  recall  f1-score  support"]
     for i, name in enumerate(names):
@@ -171,7 +179,39 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, names: tuple[
     lines.append(f"{'macro avg':>{width}}  {precision.mean():9.4f}  {recall.mean():6.4f}  {f1.mean():8.4f}  "
                  f"{support.sum():7d}")
     lines.append(f"{'accuracy':>{width}}  {scalars['accuracy']:.4f} of {len(labels)}")
+    lines.append(f"{'mcc':>{width}}  {scalars['mcc']:.4f}")
     return scalars, "\n".join(lines)
+
+
+def matthews(confusion: np.ndarray) -> float:
+    """Matthews' correlation from a confusion matrix (rows true, columns predicted), in the multi-class form
+    cov(true, pred) / sqrt(cov(true, true) cov(pred, pred)) over one-hot vectors; 0 when either side is
+    constant (scikit-learn's convention)."""
+    c = confusion.astype(np.float64)
+    s, correct = c.sum(), np.trace(c)
+    t, p = c.sum(1), c.sum(0)  # true and predicted counts per class
+    denominator = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((correct * s - t @ p) / denominator) if denominator else 0.0
+
+
+def regression_metrics(logits: np.ndarray, scores: np.ndarray) -> tuple[dict, str]:
+    """Scalars {pearson, spearman, mse, loss} of the one output (E, 1) against the gold scores (E,), and a
+    report. The correlations are scipy's (GLUE's STS-B metrics); loss is the mean-squared error, the training
+    loss. A constant prediction has no correlation: NaN, as scipy gives, and the report says so."""
+    from scipy import stats  # a dependency of jax; imported here, where it is used
+
+    predicted = logits[:, 0].astype(np.float64)
+    gold = scores.astype(np.float64)
+    mse = float(((predicted - gold) ** 2).mean())
+    constant = bool(np.ptp(predicted) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pearson = float("nan") if constant else float(stats.pearsonr(predicted, gold).statistic)
+        spearman = float("nan") if constant else float(stats.spearmanr(predicted, gold).statistic)
+    scalars = {"pearson": pearson, "spearman": spearman, "mse": mse, "loss": mse}
+    report = (f"{len(gold):,} scores: Pearson {pearson:.4f}, Spearman {spearman:.4f}, mean-squared error {mse:.4f}; "
+              f"predicted mean {predicted.mean():.3f} (gold {gold.mean():.3f})"
+              + (" -- every prediction is the same value, so there is no correlation" if constant else ""))
+    return scalars, report
 
 
 # --------------------------------------------------------------------------------------------- scoring

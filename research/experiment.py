@@ -49,11 +49,16 @@ def prepare(cfg: ExperimentConfig, with_train: bool = True, init_adapter: bool =
             if data.lm_format == "camrest676":
                 return dialogue.load_split(data, name, tok, eos_id)
             return lm.load_split(data, name, tok, eos_id)
+    elif cfg.model.problem_type == "regression":  # a float score per example
+        def load_split(data, name, tok, labels, seed):
+            return classification.load_split(data, name, tok, None, seed, regression=True)
     else:
         load_split = classification.load_split
     train = load_split(cfg.data, "train", tokenizer, cfg.data.labels, cfg.train.seed) if with_train else None
     if cfg.model.task == "causal_lm":
         labels = ()
+    elif cfg.model.problem_type == "regression":
+        labels = (cfg.data.label_column,)  # the one output, named after the score it predicts
     elif cfg.data.labels is not None:
         labels = cfg.data.labels
     elif train is not None:
@@ -117,7 +122,11 @@ def build_model(cfg: ExperimentConfig, labels: tuple[str, ...], init_adapter: bo
 
 def _base_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
     m = cfg.model
+    if m.problem_type == "regression":  # one output, named after the score it predicts (prepare's labels)
+        labels = (cfg.data.label_column,)
     label_args = {"num_labels": len(labels), "id2label": labels} if labels else {}  # none for causal LM
+    if m.problem_type == "regression":
+        label_args["problem_type"] = "regression"  # kept in the config, so an export loads as a regressor
     source = model_source(m.name_or_path)
     if m.init == "pretrained":
         with warnings.catch_warnings(record=True) as caught:

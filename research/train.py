@@ -286,11 +286,11 @@ def _train(cfg: ExperimentConfig, workdir: Path, resume: bool, resume_step: int 
 
 def _prepare(cfg: ExperimentConfig, workdir: Path, groups: int, resuming: bool
              ) -> tuple[experiment.Pieces, ExperimentConfig]:
-    """The run's pieces, and the config with its label set resolved (a causal LM has none), recorded in the run
-    directory (a resumed run must be the same experiment)."""
+    """The run's pieces, and the config with its label set resolved (a causal LM and a regression have none),
+    recorded in the run directory (a resumed run must be the same experiment)."""
     t = cfg.train
     pieces = experiment.prepare(run_dir.with_run_source(cfg))  # a run directory as the starting model
-    if pieces.labels:
+    if pieces.labels and cfg.model.problem_type != "regression":
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=pieces.labels))
     train_split = pieces.train
     if train_split.environments is not None and train_split.pair_ids is None:  # say what stratifying costs

@@ -2,6 +2,7 @@
 messages), the classification data pipeline (labels checked, rows accounted for, batches deterministic and
 bucketed), evaluation metrics against scikit-learn, and the optimizer against transformers' schedule."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -115,11 +116,14 @@ def test_every_row_is_accounted_for(tmp_path, tokenizer):
     long = " ".join(["wonderful"] * 40)
     path = _tsv(tmp_path, ["good film\t1", "\t0", "too\tmany\tfields", f"{long}\t1", 'a "quoted" one\t0'])
     cfg = DataConfig(train=path, dev=path, labels=("0", "1"), max_length=16, buckets=(16,))
-    split = load_split(cfg, "train", tokenizer, cfg.labels, seed=0)
+    # A malformed row is an error naming its line, unless data.skip_malformed asks to skip (and count) it.
+    with pytest.raises(DataError, match=r"train.tsv line 4: 3 fields where the header has 2 .*data.skip_malformed"):
+        load_split(cfg, "train", tokenizer, cfg.labels, seed=0)
+    split = load_split(dataclasses.replace(cfg, skip_malformed=True), "train", tokenizer, cfg.labels, seed=0)
     r = split.report
     assert (r.rows, r.used) == (5, 3)
-    assert r.skipped == {"empty text": 1, "malformed row (3 fields, header has 2)": 1}
-    assert r.skipped_rows == {"empty text": [3], "malformed row (3 fields, header has 2)": [4]}
+    assert r.skipped == {"empty text": 1, "malformed row (3 fields, the header has 2)": 1}
+    assert r.skipped_rows == {"empty text": [3], "malformed row (3 fields, the header has 2)": [4]}
     assert (r.truncated_examples, r.truncated_tokens) == (1, 42 - 16)  # [CLS] + 40 + [SEP] = 42 tokens
     assert split.texts[2] == 'a "quoted" one'  # TSV quotes are text, not CSV quoting
     assert max(len(x) for x in split.input_ids) == 16 and split.input_ids[1][-1] == tokenizer.token_to_id("[SEP]")

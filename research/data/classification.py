@@ -18,9 +18,11 @@ from research.data import spurious
 from research.data.split import DataError, Split, SplitReport, read_rows
 
 
-def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int) -> Split:
+def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] | None, seed: int,
+               regression: bool = False) -> Split:
     """Read, check and tokenize one split: "train", "dev" or a name of `cfg.test`. `labels` None infers them
-    (training split only)."""
+    (training split only). `regression`: the label column holds a float score per example (STS-B), and
+    `labels` is ignored; the split's labels are then (N,) float32."""
     source, rows = read_rows(cfg, split)
     report = SplitReport(split, source)
     # Environments and pairs shape training batches: they are read for the training split only.
@@ -38,7 +40,7 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
         if absent:
             raise DataError(f"{source} row {row_number} has no column {absent[0]!r} (columns: {sorted(row)}); "
                             f"set data.text_column / data.label_column / data.environment_column / "
-                            "data.pair_column")
+                            "data.pair_column, or data.columns if the file has no header row")
         text = str(row[cfg.text_column]).strip()
         if not text:
             if pair_column:  # skipping one member would orphan the other
@@ -57,14 +59,18 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
         if pair_column:
             pair_keys.append((str(row[pair_column]).strip(), row_number))
 
-    if labels is None:
-        labels = tuple(sorted({label for label, _ in raw_labels}))
-    index = {name: i for i, name in enumerate(labels)}
-    for label, row_number in raw_labels:
-        if label not in index:
-            raise DataError(f"{source} row {row_number}: label {label!r} is not in the label set {list(labels)}; "
-                            "fix the file or set data.labels to the full label set")
-    label_ids = np.array([index[label] for label, _ in raw_labels], np.int32)
+    if regression:
+        labels = ()
+        label_ids = _scores(raw_labels, source, cfg.label_column)
+    else:
+        if labels is None:
+            labels = tuple(sorted({label for label, _ in raw_labels}))
+        index = {name: i for i, name in enumerate(labels)}
+        for label, row_number in raw_labels:
+            if label not in index:
+                raise DataError(f"{source} row {row_number}: label {label!r} is not in the label set "
+                                f"{list(labels)}; fix the file or set data.labels to the full label set")
+        label_ids = np.array([index[label] for label, _ in raw_labels], np.int32)
     pair_ids = _pair_ids(pair_keys, source) if pair_column else None
     if env_column:
         env_names = cfg.environments or tuple(sorted({e for e, _ in raw_envs}))
@@ -105,7 +111,11 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
 
     input_ids, token_types = _tokenize(tokenizer, texts, pairs, cfg.max_length, report)
     report.used = len(texts)
-    report.label_counts = {name: int((label_ids == i).sum()) for i, name in enumerate(labels)}
+    if regression:
+        report.score_stats = {"min": float(label_ids.min()), "mean": float(label_ids.mean()),
+                              "max": float(label_ids.max())} if len(label_ids) else {}
+    else:
+        report.label_counts = {name: int((label_ids == i).sum()) for i, name in enumerate(labels)}
     if env_ids is not None:
         report.environment_counts = {name: int((env_ids == i).sum()) for i, name in enumerate(env_names)}
     if pair_ids is not None:
@@ -115,6 +125,21 @@ def load_split(cfg: DataConfig, split: str, tokenizer, labels: tuple[str, ...] |
     if not texts:
         raise DataError(f"{source}: no usable examples ({report.summary()})")
     return Split(split, input_ids, token_types, label_ids, texts, report, env_ids, tuple(env_names), pair_ids)
+
+
+def _scores(raw_labels: list[tuple[str, int]], source: str, column: str) -> np.ndarray:
+    """A regression split's labels, (N,) float32; a value that is not a finite number is an error."""
+    out = np.zeros(len(raw_labels), np.float32)
+    for i, (label, row_number) in enumerate(raw_labels):
+        try:
+            out[i] = float(label)
+        except ValueError:
+            out[i] = np.nan
+        if not np.isfinite(out[i]):
+            raise DataError(f"{source} row {row_number}: {column} {label!r} is not a finite number, and "
+                            "model.problem_type='regression' trains on a score per example; fix the file or check "
+                            "data.label_column")
+    return out
 
 
 def _pair_ids(pair_keys: list[tuple[str, int]], source: str) -> np.ndarray:

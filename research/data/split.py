@@ -51,6 +51,7 @@ class SplitReport:
     truncated_examples: int = 0
     truncated_tokens: int = 0
     label_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    score_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # regression: min, mean, max label
     length_percentiles: dict[str, int] = dataclasses.field(default_factory=dict)  # tokens, before truncation
     environment_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     # Training with environments: draws per example per epoch (above 1: oversampled to keep the proportions).
@@ -87,7 +88,10 @@ class SplitReport:
             parts.append(f"left {self.context_turns_left_out:,} earlier turns out of contexts (token budget: whole "
                          "turns, the most recent kept)")
         parts.append(f"truncated {self.truncated_examples:,} examples ({self.truncated_tokens:,} tokens)")
-        parts.append("labels " + ", ".join(f"{k}: {v:,}" for k, v in self.label_counts.items()))
+        if self.score_stats:
+            parts.append("scores min/mean/max " + "/".join(f"{v:.3g}" for v in self.score_stats.values()))
+        else:
+            parts.append("labels " + ", ".join(f"{k}: {v:,}" for k, v in self.label_counts.items()))
         parts.append("length p50/p95/max " + "/".join(str(v) for v in self.length_percentiles.values()))
         if self.environment_counts:
             parts.append("environments " + ", ".join(f"{k}: {v:,}" for k, v in self.environment_counts.items()))
@@ -110,7 +114,7 @@ class Split:
     # None for models without token types (GPT-2): HF's GPT-2 tokenizer returns none, and GPT-2 given zeros
     # would add the embedding of token 0 to every position.
     token_type_ids: list[np.ndarray] | None
-    labels: np.ndarray  # (N,) int32
+    labels: np.ndarray  # (N,) int32 label ids, or (N,) float32 scores for regression
     texts: list[str]
     report: SplitReport
     environments: np.ndarray | None = None  # (N,) int32 environment ids, when the data has environments
@@ -141,7 +145,8 @@ def read_rows(cfg: DataConfig, split: str) -> tuple[str, Iterator[tuple[int, dic
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".csv", ".jsonl"):
         raise DataError(f"{setting}: {path} is not .tsv, .csv or .jsonl")
-    return str(path), (_jsonl_rows(path) if suffix == ".jsonl" else _delimited_rows(path, suffix))
+    rows = _jsonl_rows(path) if suffix == ".jsonl" else _delimited_rows(path, suffix, cfg.columns, cfg.skip_malformed)
+    return str(path), rows
 
 
 def split_path(cfg: DataConfig, split: str) -> Path:
@@ -157,18 +162,32 @@ def split_path(cfg: DataConfig, split: str) -> Path:
     return path
 
 
-def _delimited_rows(path: Path, suffix: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with path.open(newline="", encoding="utf-8") as f:
+def _delimited_rows(path: Path, suffix: str, columns: tuple[str, ...] | None = None, skip_malformed: bool = False
+                    ) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """Rows of a .tsv or .csv file as (line number, {column: value}), the columns named by its header row or,
+    for a file without one, by `columns`. A row with the wrong number of fields is an error naming its line,
+    or with `skip_malformed` a problem string the reader counts."""
+    # utf-8-sig: a byte-order mark before the header (GLUE's MRPC files have one) is not part of the first
+    # column's name; without a mark it reads as plain UTF-8.
+    with path.open(newline="", encoding="utf-8-sig") as f:
         # GLUE TSVs are not quoted: a literal " belongs to the sentence (QUOTE_NONE keeps it).
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else csv.reader(f)
-        header = next(reader, None)
+        header = list(columns) if columns is not None else next(reader, None)
         if header is None:
-            raise DataError(f"{path} is empty (a header row naming the columns is expected)")
-        for row_number, row in enumerate(reader, start=2):  # 1-based file lines; line 1 is the header
-            if len(row) != len(header):
-                yield row_number, f"malformed row ({len(row)} fields, header has {len(header)})"
-            else:
-                yield row_number, dict(zip(header, row, strict=True))
+            raise DataError(f"{path} is empty (a header row naming the columns is expected, or set data.columns "
+                            "for a file without one)")
+        named = "data.columns" if columns is not None else "the header"
+        for row in reader:
+            line = reader.line_num  # the file line the row ends on (1-based; a quoted CSV field may span lines)
+            if len(row) == len(header):
+                yield line, dict(zip(header, row, strict=True))
+                continue
+            problem = f"malformed row ({len(row)} fields, {named} has {len(header)})"
+            if not skip_malformed:
+                raise DataError(f"{path} line {line}: {len(row)} fields where {named} has {len(header)} "
+                                f"({header}); fix the file, set data.columns if it has no header row, or set "
+                                "data.skip_malformed=true to skip such rows (they are counted)")
+            yield line, problem
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:

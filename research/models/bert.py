@@ -18,7 +18,13 @@ import numpy as np
 from flax import nnx
 
 from research.models.family import Family
-from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
+from research.models.hf_config import (
+    ACTIVATIONS,
+    build_config,
+    check_activation,
+    check_problem_type,
+    normalize_labels,
+)
 from research.models.linear import Linear
 from research.models.pruned_units import UnitSlices, compact, expand, head_columns, kept, normalize_pruned
 
@@ -43,6 +49,9 @@ class BertConfig:
     classifier_dropout: float | None = None  # None: use hidden_dropout_prob, as transformers does
     num_labels: int = 2
     id2label: tuple[str, ...] | None = None  # label names by id; None: LABEL_0 .. LABEL_{n-1}
+    # transformers' problem_type for the sequence-classification head: "regression" (one output, mean-squared
+    # error), or "single_label_classification" / None (softmax over num_labels). Kept so an export loads the same.
+    problem_type: str | None = None
     dtype: str = "float32"  # parameter and compute dtype: "float32" or "bfloat16"
     # Attention heads removed from each layer (research/compress/structured.py), HF's {"layer": [heads]}, held as
     # ((layer, (head, ...)), ...) to stay hashable. Such a layer keeps its other heads, with query, key, value and
@@ -68,6 +77,7 @@ class BertConfig:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
         # HF-style {id: name} dicts become a tuple: the config must stay hashable (static under jit).
         object.__setattr__(self, "id2label", normalize_labels(self.id2label, self.num_labels))
+        check_problem_type(self.problem_type, self.num_labels)
 
     @property
     def head_dim(self) -> int:

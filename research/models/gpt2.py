@@ -25,7 +25,13 @@ import numpy as np
 from flax import nnx
 
 from research.models.family import Family
-from research.models.hf_config import ACTIVATIONS, build_config, check_activation, normalize_labels
+from research.models.hf_config import (
+    ACTIVATIONS,
+    build_config,
+    check_activation,
+    check_problem_type,
+    normalize_labels,
+)
 from research.models.linear import Linear
 from research.models.pruned_units import UnitSlices, compact, expand, head_columns, kept, normalize_pruned
 
@@ -54,6 +60,9 @@ class GPT2Config:
     pad_token_id: int | None = None
     num_labels: int = 2
     id2label: tuple[str, ...] | None = None  # label names by id; None: LABEL_0 .. LABEL_{n-1}
+    # transformers' problem_type for the sequence-classification head: "regression" (one output, mean-squared
+    # error), or "single_label_classification" / None (softmax over num_labels). Kept so an export loads the same.
+    problem_type: str | None = None
     dtype: str = "float32"
     # Attention heads and MLP neurons removed from each layer (research/compress/structured.py), as BertConfig's
     # (research/models/pruned_units.py): such a layer is built narrower, and exported at full shape with zeros.
@@ -72,6 +81,7 @@ class GPT2Config:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use 'float32' or 'bfloat16'")
         # HF-style {id: name} dicts become a tuple: the config must stay hashable (static under jit).
         object.__setattr__(self, "id2label", normalize_labels(self.id2label, self.num_labels))
+        check_problem_type(self.problem_type, self.num_labels)
 
     @property
     def head_dim(self) -> int:

@@ -44,7 +44,7 @@ HF_BOOKKEEPING_KEYS = frozenset(
         "torch_dtype", "dtype", "use_cache", "gradient_checkpointing", "return_dict", "output_hidden_states",
         "output_attentions", "torchscript", "use_bfloat16", "pruned_heads", "tie_word_embeddings",
         "is_encoder_decoder", "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task",
-        "problem_type", "label2id", "tokenizer_class", "prefix", "bos_token_id", "eos_token_id",
+        "label2id", "tokenizer_class", "prefix", "bos_token_id", "eos_token_id",
         "sep_token_id", "decoder_start_token_id", "task_specific_params", "max_length", "min_length",
         "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
         "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
@@ -103,6 +103,16 @@ def build_config(
     elif "num_labels" not in kwargs and kwargs.get("id2label"):
         kwargs["num_labels"] = len(kwargs["id2label"])
     return cls(**kwargs)
+
+
+def check_problem_type(problem_type: str | None, num_labels: int) -> None:
+    """The problem types our heads train: single-label classification, and regression with one output."""
+    if problem_type not in (None, "single_label_classification", "regression"):
+        raise ValueError(f"problem_type={problem_type!r} is not supported (multi-label classification is not "
+                         "implemented); use 'single_label_classification' or 'regression'")
+    if problem_type == "regression" and num_labels != 1:
+        raise ValueError(f"problem_type='regression' predicts one score, but num_labels={num_labels}; set "
+                         "num_labels=1")
 
 
 def normalize_labels(id2label: Any, num_labels: int) -> tuple[str, ...] | None:

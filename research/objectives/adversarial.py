@@ -17,7 +17,8 @@ Shared rules, tested against PyTorch implementations of each paper's algorithm (
 
 The task loss is `supervised.task_loss`: sequence-classification logits (E, C) or token-level logits
 (B, T, C) (token classification; causal LM with next-token labels). SMART and VAT compare predictions with
-the symmetric / one-sided KL divergence, weighted over the same examples or positions.
+the symmetric / one-sided KL divergence, weighted over the same examples or positions (a regression: the
+squared difference of the predictions, as SMART does for regression).
 """
 
 from __future__ import annotations
@@ -40,14 +41,21 @@ TINY = 1e-8  # the floor under a gradient norm before dividing by it (FreeLB's r
 
 
 def kl_divergence(logits_p: jax.Array, logits_q: jax.Array, batch: Batch) -> jax.Array:
-    """Weighted mean over positions of KL(p || q), p and q the softmax of the two logits."""
+    """Weighted mean over positions of KL(p || q), p and q the softmax of the two logits. A regression's one
+    output (E, 1) has no distribution: there the divergence is the squared difference of the two predictions,
+    SMART's choice for regression tasks (Jiang et al. 2020, section 3.1)."""
     w = weights_for(logits_p, batch)
+    if logits_p.ndim == 2 and logits_p.shape[-1] == 1:
+        return (((logits_p - logits_q)[:, 0] ** 2) * w).sum() / jnp.maximum(w.sum(), 1.0)
     log_p, log_q = jax.nn.log_softmax(logits_p, -1), jax.nn.log_softmax(logits_q, -1)
     kl = (jnp.exp(log_p) * (log_p - log_q)).sum(-1)
     return (kl * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
 def symmetric_kl(logits_p: jax.Array, logits_q: jax.Array, batch: Batch) -> jax.Array:
+    """KL(p || q) + KL(q || p); for a regression, the squared difference (already symmetric), once."""
+    if logits_p.ndim == 2 and logits_p.shape[-1] == 1:
+        return kl_divergence(logits_p, logits_q, batch)
     return kl_divergence(logits_p, logits_q, batch) + kl_divergence(logits_q, logits_p, batch)
 
 
@@ -153,7 +161,7 @@ def fgm(options: FGMOptions):
                                       jnp.zeros_like(embeds))
         delta = jax.lax.stop_gradient(o.epsilon * normalize(g, batch, o.norm))
         adversarial, adv_aux = task_loss(logits_at(model, embeds + delta, inputs), batch, o.label_smoothing)
-        aux.update(clean_loss=clean, adversarial_loss=adversarial, adversarial_accuracy=adv_aux["accuracy"],
+        aux.update(clean_loss=clean, adversarial_loss=adversarial, **_prefixed(adv_aux, "adversarial_"),
                    **_norm_stats(delta, batch, o.norm))
         return clean + o.adversarial_weight * adversarial, aux
 
@@ -206,7 +214,7 @@ def pgd(options: PGDOptions):
         if o.clean_weight > 0:
             clean, clean_aux = task_loss(logits_at(model, embeds, inputs), batch, o.label_smoothing)
             loss = o.clean_weight * clean + adversarial
-            aux.update(clean_loss=clean, adversarial_accuracy=aux["accuracy"], accuracy=clean_aux["accuracy"])
+            aux.update(clean_loss=clean, **_prefixed(aux, "adversarial_"), **_prefixed(clean_aux, ""))
         return loss, aux
 
     return loss_fn
@@ -373,6 +381,11 @@ def vat(options: VATOptions):
         return o.supervised_weight * task + o.alpha * smoothness, aux
 
     return loss_fn
+
+
+def _prefixed(aux: dict, prefix: str) -> dict:
+    """A task loss's metrics (accuracy, or a regression's mse) under `prefix`, without its weight total."""
+    return {prefix + k: v for k, v in aux.items() if k != "weight"}
 
 
 def _norm_stats(delta: jax.Array, batch: Batch, norm: Literal["l2", "linf"]) -> dict[str, jax.Array]:

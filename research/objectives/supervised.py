@@ -1,4 +1,5 @@
-"""Supervised objectives: weighted cross-entropy on a classification or language-model head.
+"""Supervised objectives: weighted cross-entropy on a classification or language-model head (mean-squared
+error on a regression head).
 
 An objective is a pure function `loss_fn(model, batch, rng) -> (loss, aux)`. `loss` is the weighted mean over
 the batch's real examples (`batch.weights`: 1 for real rows, 0 for fillers); `aux` holds scalar metrics,
@@ -124,19 +125,30 @@ def weights_for(logits: jax.Array, batch: Batch[str, jax.Array]) -> jax.Array:
 
 def task_loss(logits: jax.Array, batch: Batch[str, jax.Array], label_smoothing: float = 0.0
               ) -> tuple[jax.Array, dict]:
-    """Weighted mean cross-entropy and accuracy of `logits` against `batch.labels`.
+    """Weighted mean cross-entropy and accuracy of `logits` against `batch.labels`, or for regression (float
+    labels) the weighted mean squared error of the one output, as transformers' `problem_type="regression"`.
 
-    Sequence classification: logits (E, C), labels and `weights` (E,). Token level (token classification,
-    causal LM with next-token labels): logits (B, T, C), labels and `label_weights` (B, T). `aux["weight"]` is
-    the weight total, so the train step can combine micro-batches exactly."""
+    Sequence classification: logits (E, C), labels and `weights` (E,). Regression: logits (E, 1), labels (E,)
+    float. Token level (token classification, causal LM with next-token labels): logits (B, T, C), labels and
+    `label_weights` (B, T). `aux["weight"]` is the weight total, so the train step can combine micro-batches
+    exactly."""
     w = weights_for(logits, batch)
+    total = jnp.maximum(w.sum(), 1.0)  # an all-filler micro-batch gives 0, not NaN
+    if jnp.issubdtype(batch.labels.dtype, jnp.floating):
+        if logits.shape[-1] != 1 or logits.ndim != 2:
+            raise ValueError(f"float labels are regression targets, which take logits (E, 1); got {logits.shape}")
+        if label_smoothing:
+            raise ValueError("label smoothing spreads probability over classes: a regression has none (set "
+                             "objective.params.label_smoothing=0)")
+        squared = (logits[:, 0].astype(jnp.float32) - batch.labels) ** 2  # (E,)
+        mse = (squared * w).sum() / total
+        return mse, {"mse": mse, "weight": w.sum()}
     if label_smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(batch.labels, logits.shape[-1]), label_smoothing)
         losses = optax.softmax_cross_entropy(logits, targets)
     else:  # no (B, T, C) one-hot: for GPT-2's 50,257 classes that is an 823 MB array per 16 x 256 batch
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
     correct = (logits.argmax(-1) == batch.labels).astype(jnp.float32)
-    total = jnp.maximum(w.sum(), 1.0)  # an all-filler micro-batch gives 0, not NaN
     return (losses * w).sum() / total, {"accuracy": (correct * w).sum() / total, "weight": w.sum()}
 
 
