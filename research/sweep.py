@@ -22,7 +22,8 @@ sessions and machines, and anyone can rebuild it, or draw its figure, from the r
 it. A run that has a record is skipped; one cut short (killed, even with SIGKILL) is resumed from its
 checkpoints: stop the sweep at any time and start it again. Runs go seed by seed (every variant of the first
 seed, then of the next), so a sweep cut short still compares every variant at the same seeds. The summary is
-`<out>/summary.md` and `<out>/summary.json` (mean +- std per metric and variant).
+`<out>/summary.md` and `<out>/summary.json` (mean +- std per metric and variant). Each result.json also keeps the
+run's `wall_s` (the `research train` command end to end) and whether it `resumed` an earlier, cut invocation.
 
 The runs share the persistent XLA compilation cache of every `research` command
 (research/compilation_cache.py): the seeds of a variant, and the evaluations of every variant, compile the
@@ -40,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -62,16 +64,20 @@ def require_data_dir() -> None:
         sys.exit("set RESEARCH_DATA_DIR (e.g. RESEARCH_DATA_DIR=../shared/data)")
 
 
-def train_run(experiment: Path, sets: list[str], workdir: Path, log: Path) -> None:
-    """`research train experiment --set s ... --workdir workdir`, resumed if it has checkpoints."""
+def train_run(experiment: Path, sets: list[str], workdir: Path, log: Path) -> dict:
+    """`research train experiment --set s ... --workdir workdir`, resumed if it has checkpoints; returns its
+    `wall_s` (the whole command, start-up and compilation included) and whether it `resumed` a run cut short
+    (whose earlier time is then not in `wall_s`)."""
     resume = ["--resume"] if (workdir / "checkpoints").is_dir() else []
     overrides = [x for s in sets for x in ("--set", s)]
+    start = time.perf_counter()
     with log.open("a") as out:
         done = subprocess.run(["research", "train", str(experiment), *overrides, "--workdir", str(workdir), *resume],
                               stdout=out, stderr=subprocess.STDOUT)
     if done.returncode:
         raise SweepError(f"research train into {workdir} failed (exit status {done.returncode}); its output is in "
                            f"{log}. Fix the cause and run the sweep again: finished runs are kept, this one resumes")
+    return {"wall_s": round(time.perf_counter() - start, 1), "resumed": bool(resume)}
 
 
 def last_record_with(workdir: Path, key: str) -> dict:
@@ -114,8 +120,8 @@ def run_cell(experiment: Path, method: str, sets: list[str], seed: int, out: Pat
     if done.exists():  # recorded; metric names as today's (research/metrics.py)
         return renamed(json.loads(done.read_text()), split_names(record / "config.json"))
     workdir = workdirs / name
-    train_run(experiment, [*sets, f"train.seed={seed}"], workdir, workdirs / f"{name}.log")
-    result = {"method": method, "seed": seed, **summarize(workdir)}
+    timing = train_run(experiment, [*sets, f"train.seed={seed}"], workdir, workdirs / f"{name}.log")
+    result = {"method": method, "seed": seed, **summarize(workdir), **timing}
     record.mkdir(parents=True, exist_ok=True)
     for file in RECORD_FILES:
         if (workdir / file).exists():
@@ -161,7 +167,8 @@ def last_evaluation(workdir: Path) -> dict:
 
 def mean_std_table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
     """The default table: one row per variant, one column per metric the records keep, mean +- std in %."""
-    keys = sorted({k for rs in results.values() for r in rs for k in r} - {"method", "seed", "step"})
+    bookkeeping = {"method", "seed", "step", "wall_s", "resumed"}
+    keys = sorted({k for rs in results.values() for r in rs for k in r} - bookkeeping)
     return ["variant", *keys], [[v, *[mean_std([r[k] for r in rs if k in r]) for k in keys]]
                                 for v, rs in results.items()]
 

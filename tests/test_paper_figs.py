@@ -84,3 +84,28 @@ def test_compress_frontier_figure_and_its_pareto_front(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["compress_frontier.py", str(frontier), "--out", str(out)])
     fig.main()
     assert out.stat().st_size > 1000
+
+
+def test_glue_table_and_gap_figure_from_the_records(tmp_path, monkeypatch):
+    for task, metric, full, lora in [("rte", "accuracy", (0.62, 0.60), (0.58, 0.59)),
+                                     ("stsb", "pearson", (0.87, 0.86), (0.86, 0.86))]:
+        for method, scores in (("full", full), ("lora", lora)):
+            for seed, score in enumerate(scores):
+                run = tmp_path / f"glue_{task}" / f"{method}_s{seed}"
+                run.mkdir(parents=True)
+                extra = {"spearman": score - 0.01} if task == "stsb" else {}
+                (run / "result.json").write_text(json.dumps({metric: score, "wall_s": 100.0, **extra}))
+        (tmp_path / "glue_torch").mkdir(exist_ok=True)
+        (tmp_path / "glue_torch" / f"{task}_s0.json").write_text(json.dumps({metric: full[0], "wall_s": 250.0}))
+    fig = load("glue_table", monkeypatch)
+    found = fig.collect(tmp_path)
+    assert sorted(found["rte"]) == ["full", "lora", "torch"] and found["rte"]["torch"][0]["wall_s"] == 250.0
+    gaps = fig.gaps(found, "rte", "lora")  # seed by seed: 58 - 62, 59 - 60
+    assert [round(g, 6) for g in gaps] == [-4.0, -1.0]
+    text = fig.table(found)
+    assert "| RTE | accuracy | 61.0 +- 1.4 (2 seeds) | 58.5 +- 0.7 (2 seeds) | - | 62.0 +- 0.0 (1 seeds) | 2.50x |" \
+        in text and "+7.9" in text  # Hu et al.'s RTE gap: 86.6 - 78.7
+    out, md = tmp_path / "fig.pdf", tmp_path / "table.md"
+    monkeypatch.setattr(sys, "argv", ["glue_table.py", str(tmp_path), "--out", str(out), "--table", str(md)])
+    fig.main()
+    assert out.stat().st_size > 1000 and md.read_text().strip() == text

@@ -77,6 +77,7 @@ def test_a_sweep_runs_each_cell_once_and_records_it(tmp_path, monkeypatch):
         (workdir / "metrics.jsonl").write_text(json.dumps({"step": 5, "dev/accuracy": 0.5 + len(launched) / 10}))
         (workdir / "config.json").write_text(json.dumps({"seed": len(launched)}))
         (workdir / "checkpoints").mkdir()  # large: stays in the run directory
+        return {"wall_s": 1.5, "resumed": False}
 
     monkeypatch.setattr(sweep, "train_run", fake_train)
     monkeypatch.setenv("RESEARCH_DATA_DIR", str(tmp_path))
@@ -91,7 +92,8 @@ def test_a_sweep_runs_each_cell_once_and_records_it(tmp_path, monkeypatch):
                         ("irm_s0", ['objective.name="irm"', "optim.reset_at_step=3", "train.seed=0"]),
                         ("erm_s1", ["train.seed=1"]),
                         ("irm_s1", ['objective.name="irm"', "optim.reset_at_step=3", "train.seed=1"])]
-    assert payload["results"]["irm"][1] == {"method": "irm", "seed": 1, "step": 5, "dev/accuracy": 0.9}
+    assert payload["results"]["irm"][1] == {"method": "irm", "seed": 1, "step": 5, "dev/accuracy": 0.9, "wall_s": 1.5,
+                                            "resumed": False}  # the run's time: not a column of the table
     assert table == "| variant | dev/accuracy |\n|---|---:|\n| erm | 70.0 +- 14.1 |\n| irm | 80.0 +- 14.1 |"
     assert sorted(p.name for p in (record / "irm_s1").iterdir()) == ["config.json", "metrics.jsonl", "result.json"]
     assert (record / "irm_s1" / "metrics.jsonl").read_text() == (runs / "irm_s1" / "metrics.jsonl").read_text()
@@ -134,6 +136,7 @@ def test_a_sweep_killed_with_sigkill_resumes_and_finishes(tmp_path, data_dir):
     reference = train(smoke(), tmp_path / "reference")
     result = json.loads((out / "base_s0" / "result.json").read_text())
     assert result["step"] == 16 and result["dev/accuracy"] == reference["dev/accuracy"]
+    assert result["resumed"] is True and result["wall_s"] > 0  # the finishing invocation's time, said to be so
     assert deterministic(records(runs / "base_s0")) == deterministic(records(tmp_path / "reference"))
     assert "| base |" in (out / "summary.md").read_text() and "| base |" in done.stdout
 
