@@ -424,6 +424,9 @@ def evaluate_run(workdir: Path, which: str = "best", attacks: tuple[str, ...] = 
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from ['char', 'pgd']")
     cfg = read_run_config(workdir)
+    if attacks and cfg.model.problem_type == "regression":
+        raise ValueError(f"{workdir} is a regression: the attacks count examples whose predicted class flips, and "
+                         "a score has no class; evaluate it without --attack")
     # tokenizer, checked dev split, model: as trained
     pieces = prepare(with_run_source(cfg), with_train=False, init_adapter=False)
     step = restore_params(workdir, cfg, pieces.model, which)

@@ -31,7 +31,7 @@ from research.data.split import DataError
 from research.evaluate import classification_metrics, regression_metrics
 from research.models import from_pretrained, load_tokenizer
 from research.objectives import adversarial, supervised
-from research.run import export_run
+from research.run import evaluate_run, export_run
 from research.train import train
 
 
@@ -190,6 +190,11 @@ def test_a_regression_run_trains_scores_and_exports_for_transformers(tmp_path, d
     assert {"dev/pearson", "dev/spearman", "dev/mse", "dev/loss"} <= set(final) and final["step"] == 4
     assert all("train/mse" in r for r in records if "train/loss" in r)  # the regression's train metric
     assert json.loads((workdir / "config.json").read_text())["model"]["problem_type"] == "regression"
+
+    metrics, report = evaluate_run(workdir, "latest")  # `research eval` of the run: the same scores again
+    assert metrics["eval_latest/pearson"] == pytest.approx(final["dev/pearson"], abs=1e-6) and "Pearson" in report
+    with pytest.raises(ValueError, match="is a regression: the attacks count examples whose predicted class"):
+        evaluate_run(workdir, "latest", attacks=("pgd",))
 
     export_run(workdir, tmp_path / "hf", "latest")
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
