@@ -54,9 +54,10 @@ def test_lora_run_trains_the_adapters_alone_and_resumes_exactly(tmp_path, tiny_b
     assert described["modules_to_save"] == ["classifier"]
     assert described["trained_parameters"] == 4 * (32 * 4 + 4 * 32) + (32 * 2 + 2)  # 4 x (A, B) + the classifier
 
-    # The checkpoints hold the trained parameters and their Adam moments (13 KB; Orbax's metadata makes the rest),
-    # nothing of the frozen 1M (4 MB).
-    assert sizes(workdir / "checkpoints" / "16") < 100_000 < sizes(tiny_base) / 40
+    # The checkpoints hold the trained parameters and their Adam moments (13 KB; Orbax's metadata makes the rest,
+    # 90-105 KB as its OCDBT files land: some data files appear twice, under d/ and ocdbt.process_0/d/), nothing
+    # of the frozen 1M (4 MB).
+    assert sizes(workdir / "checkpoints" / "16") < 150_000 < sizes(tiny_base) / 25
     step, params = params_of(workdir)
     assert step == 16 and all("lora" in name or name.startswith("classifier") for name in params)
     assert all(np.abs(v).max() > 0 for name, v in params.items() if "lora_b" in name)  # B left zero: it trained
