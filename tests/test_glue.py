@@ -256,3 +256,21 @@ def test_glue_metrics_equal_scikit_learn_and_independent_correlations():
     np.testing.assert_allclose(found["mse"], np.mean((predicted.astype(np.float32) - gold) ** 2), rtol=1e-5)
     flat, flat_report = regression_metrics(np.ones((10, 1), np.float32), gold[:10].astype(np.float32))
     assert np.isnan(flat["pearson"]) and "no correlation" in flat_report
+
+
+def test_a_glue_record_keeps_the_tasks_metrics_last_and_best(tmp_path):
+    from research.data.glue import run_summary
+
+    lines = [{"step": 10, "train/loss": 0.6, "train/examples_per_s": 5.0},  # the first window: compiling
+             {"step": 20, "train/loss": 0.5, "train/examples_per_s": 40.0},
+             {"step": 20, "dev/f1": 0.80, "dev/accuracy": 0.70, "dev/mcc": 0.3},
+             {"step": 30, "train/loss": 0.4, "train/examples_per_s": 50.0},
+             {"step": 40, "train/loss": 0.3, "train/examples_per_s": 60.0},
+             {"step": 40, "dev/f1": 0.78, "dev/accuracy": 0.74, "dev/mcc": 0.35}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert run_summary(tmp_path, "mrpc") == {"f1": 0.78, "accuracy": 0.74, "best_f1": 0.80, "best_accuracy": 0.74,
+                                             "examples_per_s": 50.0, "steps": 40}
+    assert run_summary(tmp_path, "cola")["mcc"] == 0.35 and run_summary(tmp_path, "cola")["accuracy"] == 0.74
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(RuntimeError, match="no dev evaluation: did the run finish"):
+        run_summary(tmp_path, "rte")
