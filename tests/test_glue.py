@@ -274,3 +274,18 @@ def test_a_glue_record_keeps_the_tasks_metrics_last_and_best(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
     with pytest.raises(RuntimeError, match="no dev evaluation: did the run finish"):
         run_summary(tmp_path, "rte")
+
+
+def test_adversarial_objectives_train_a_regression(tmp_path):
+    """FGM, PGD (with a clean term) and VAT on a regression head: finite losses, and the regression's metric
+    (mse) where a classifier logs accuracy, under the same names."""
+    _, ours = regression_pair(tmp_path)
+    batch = jax.tree.map(jnp.asarray, tiny_batch().replace(labels=np.array([0.5, 4.2, 2.0, 3.3], np.float32)))
+    for objective, expected in [
+            (adversarial.fgm(adversarial.FGMOptions()), {"mse", "adversarial_mse", "clean_loss", "adversarial_loss"}),
+            (adversarial.pgd(adversarial.PGDOptions(clean_weight=0.5)),
+             {"mse", "adversarial_mse", "clean_loss", "adversarial_loss", "first_step_loss"}),
+            (adversarial.vat(adversarial.VATOptions()), {"mse", "task_loss", "vat_loss"})]:
+        loss, aux = objective(ours, batch, jax.random.key(0))
+        assert np.isfinite(float(loss)) and expected <= set(aux) and "accuracy" not in aux
+        assert not any(k.startswith("adversarial_adversarial") or k.startswith("adversarial_first") for k in aux)

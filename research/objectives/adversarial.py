@@ -208,13 +208,14 @@ def pgd(options: PGDOptions):
             delta = project(delta + o.alpha * normalize(g, batch, o.norm), batch, o.epsilon, o.norm)
         delta = jax.lax.stop_gradient(delta)
         adversarial, aux = task_loss(logits_at(model, embeds + delta, inputs), batch, o.label_smoothing)
+        task_metrics = _prefixed(aux, "adversarial_")  # the adversarial batch's accuracy (or mse), before the rest
         loss = adversarial
         aux.update(adversarial_loss=adversarial, first_step_loss=losses[0] if losses else adversarial,
                    **_norm_stats(delta, batch, o.norm))
         if o.clean_weight > 0:
             clean, clean_aux = task_loss(logits_at(model, embeds, inputs), batch, o.label_smoothing)
             loss = o.clean_weight * clean + adversarial
-            aux.update(clean_loss=clean, **_prefixed(aux, "adversarial_"), **_prefixed(clean_aux, ""))
+            aux.update(clean_loss=clean, **task_metrics, **_prefixed(clean_aux, ""))
         return loss, aux
 
     return loss_fn
