@@ -122,11 +122,10 @@ def build_model(cfg: ExperimentConfig, labels: tuple[str, ...], init_adapter: bo
 
 def _base_model(cfg: ExperimentConfig, labels: tuple[str, ...]) -> nnx.Module:
     m = cfg.model
-    if m.problem_type == "regression":  # one output, named after the score it predicts (prepare's labels)
-        labels = (cfg.data.label_column,)
     label_args = {"num_labels": len(labels), "id2label": labels} if labels else {}  # none for causal LM
-    if m.problem_type == "regression":
-        label_args["problem_type"] = "regression"  # kept in the config, so an export loads as a regressor
+    if m.problem_type == "regression":  # one output, named after the score it predicts (as prepare's labels);
+        # problem_type is kept in the model config, so an export loads in transformers as a regressor
+        label_args = {"num_labels": 1, "id2label": (cfg.data.label_column,), "problem_type": "regression"}
     source = model_source(m.name_or_path)
     if m.init == "pretrained":
         with warnings.catch_warnings(record=True) as caught:
