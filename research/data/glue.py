@@ -50,7 +50,6 @@ TASKS = {
     "rte": GlueTask("RTE", "sentence1", "label", ("accuracy",), text_pair_column="sentence2",
                     labels=("entailment", "not_entailment")),
     "stsb": GlueTask("STS-B", "sentence1", "score", ("pearson", "spearman"), text_pair_column="sentence2"),
-    "sst2": GlueTask("SST-2", "sentence", "label", ("accuracy",), labels=("0", "1")),
 }
 
 
@@ -59,8 +58,7 @@ def glue_data(task: str, **changes: Any) -> DataConfig:
     if task not in TASKS:
         raise KeyError(f"GLUE task {task!r} is not known; choose from {sorted(TASKS)}")
     t = TASKS[task]
-    folder = "sst2" if task == "sst2" else f"glue/{t.folder}"  # SST-2 sits at the data root's top level
-    return DataConfig(train=f"{folder}/train.tsv", dev=f"{folder}/dev.tsv", text_column=t.text_column,
+    return DataConfig(train=f"glue/{t.folder}/train.tsv", dev=f"glue/{t.folder}/dev.tsv", text_column=t.text_column,
                       text_pair_column=t.text_pair_column, label_column=t.label_column, labels=t.labels,
                       columns=t.columns, **changes)
 
