@@ -30,6 +30,7 @@ from helpers import (
     records,
     run_and_signal,
     smoke,
+    step_dirs,
     tiny_batch,
 )
 
@@ -346,14 +347,17 @@ def test_objectives_train_through_the_runner(tmp_path, data_dir, name):
 
 def test_smart_teacher_state_is_checkpointed_and_resumes_bit_exactly(tmp_path, data_dir):
     # SMART with the proximal point carries a teacher copy of the parameters in the train state: a run killed
-    # with SIGKILL and resumed must equal an uninterrupted one, teacher included.
-    objective = ["--set", "objective.name=\"smart\"", "--set", "objective.params={\"epsilon\": 0.01}"]
+    # with SIGKILL and resumed must equal an uninterrupted one, teacher included. Half the smoke run (8 steps,
+    # killed after step 6, resumed from step 4's checkpoint) in one bucket: three processes compile one step.
+    objective = ["--set", "objective.name=\"smart\"", "--set", "objective.params={\"epsilon\": 0.01}",
+                 "--set", "train.max_steps=8", "--set", "data.buckets=[32]"]
     reference = tmp_path / "reference"
     done = subprocess.run([sys.executable, "-m", "research.cli", "train", str(SMOKE), "--workdir", str(reference),
                            *objective], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     killed = run_and_signal(tmp_path / "killed", 6, "SIGKILL", *objective)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert step_dirs(tmp_path / "killed") == [4]  # killed between checkpoints: the resume redoes steps 5 and 6
     done = subprocess.run([sys.executable, "-m", "research.cli", "train", str(SMOKE), "--workdir",
                            str(tmp_path / "killed"), "--resume", *objective], capture_output=True, text=True,
                           timeout=600)
