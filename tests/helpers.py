@@ -234,7 +234,9 @@ runs = ((1, False), (8, False), (8, True)) if sys.argv[3] == "fsdp" else ((1, Fa
 for n, fsdp in runs:
     devices = jax.devices()[:n]
     train_module.make_mesh = lambda devices=devices: sharding.make_mesh(devices)
-    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null", *sys.argv[4:],
+    # One bucket: each of the three runs compiles one train step for 8 devices, not one per bucket.
+    cfg = apply_overrides(load_experiment(sys.argv[1]), ["train.max_steps=4", "train.eval_every=null",
+                                                         "data.buckets=[32]", *sys.argv[4:],
                                                          f"train.fsdp={str(fsdp).lower()}"])
     workdir = Path(sys.argv[2]) / f"d{n}{'fsdp' if fsdp else ''}"
     train_module.train(cfg, workdir)
