@@ -1,8 +1,9 @@
 """Multi-host data parallelism through `jax.distributed` on one machine: two processes on localhost (CPU
-collectives over gloo), two simulated devices each, train experiments/smoke.py for 8 steps. Process 1 is
-SIGKILLed after step 6, which takes the job down (the coordination service aborts process 0) after the step-4
-checkpoint; both restart with --resume from it. The result equals a single-process run of the same 8 steps:
-the checkpoint was written and restored across processes, and only process 0 wrote metrics (each step once).
+collectives over gloo), two simulated devices each, train experiments/smoke.py for 8 steps (in one bucket).
+Process 1 is SIGKILLed after step 6, which takes the job down (the coordination service aborts process 0)
+after the step-4 checkpoint; both restart with --resume from it. The result equals a single-process run of the
+same 8 steps: the checkpoint was written and restored across processes, and only process 0 wrote metrics (each
+step once).
 """
 
 import json
@@ -55,7 +56,8 @@ def two_processes(workdir: Path, *args: str, kill_at: int = -1) -> list[subproce
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
         procs.append(subprocess.Popen(
             [sys.executable, "-c", KILL_PROCESS, "1", str(kill_at), "train", str(SMOKE), "--workdir", str(workdir),
-             "--set", "train.max_steps=8", *args], env=env, stdout=(workdir.parent / f"log{i}.txt").open("w"),
+             "--set", "train.max_steps=8", "--set", "data.buckets=[32]", *args], env=env,
+            stdout=(workdir.parent / f"log{i}.txt").open("w"),
             stderr=subprocess.STDOUT))  # a file, not a pipe: nobody reads while the job runs
     # As a job scheduler does: when one task dies, the rest of the job is killed (rather than left to notice
     # through the coordination service's heartbeat timeout).
@@ -76,7 +78,8 @@ def records(workdir):
 
 def test_two_processes_killed_and_resumed_equal_one_process(tmp_path, data_dir):
     single = tmp_path / "single"
-    train(apply_overrides(load_experiment(SMOKE), ["train.max_steps=8"]), single)
+    # One bucket (here and in two_processes): each process compiles its step once.
+    train(apply_overrides(load_experiment(SMOKE), ["train.max_steps=8", "data.buckets=[32]"]), single)
 
     run = tmp_path / "two"
     killed = two_processes(run, kill_at=6)
