@@ -20,6 +20,26 @@ from pathlib import Path
 import jax
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch. When torch is installed (the test extra, the
+    baselines), tensorboardX imports it on import only to accept torch tensors as values, which costs ~3 s per
+    `research` process and which we never use: we log Python floats. Hiding torch for that one import makes
+    tensorboardX fall back to numpy (its own `except ImportError`); torch stays importable afterwards, and a
+    process that already imported it keeps it."""
+    import sys
+
+    if sys.modules.get("torch") is not None:  # already imported by this process: nothing to save
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     def __init__(self, workdir: Path, resume_step: int | None = None):
         self.active = jax.process_index() == 0
@@ -29,8 +49,7 @@ class MetricWriter:
             return
         if resume_step is not None:
             trim_jsonl(self.path, resume_step)
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         purge = resume_step + 1 if resume_step is not None else None
         self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge, flush_secs=10)
 

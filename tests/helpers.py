@@ -252,7 +252,8 @@ print("RESULT" + json.dumps(out))
 
 def run_on_one_and_eight_devices(tmp_path, *overrides, fsdp=False, experiment=SMOKE):
     """Runs of `experiment` (smoke.py) on 1 and 8 simulated devices (and on 8 with FSDP when asked)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
     done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(experiment), str(tmp_path),
                            "fsdp" if fsdp else "replicated", *overrides], env=env, capture_output=True, text=True,
                           timeout=600)

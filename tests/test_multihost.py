@@ -52,7 +52,8 @@ def two_processes(workdir: Path, *args: str, kill_at: int = -1) -> list[subproce
     port = free_port()
     procs = []
     for i in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
         procs.append(subprocess.Popen(
             [sys.executable, "-c", KILL_PROCESS, "1", str(kill_at), "train", str(SMOKE), "--workdir", str(workdir),

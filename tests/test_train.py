@@ -58,6 +58,34 @@ def test_run_directory_and_metrics(smoke_run):
     assert tb_loss == [(r["step"], pytest.approx(r["train/loss"], rel=1e-6)) for r in train_rs]
 
 
+# A process that never imported torch writes its metrics without importing it (tensorboardX would, for seconds),
+# and can import it afterwards.
+METRICS_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+from research.metrics import MetricWriter
+writer = MetricWriter(Path(sys.argv[1]))
+writer.write(1, {"train/loss": 0.25})
+writer.close()
+assert "torch" not in sys.modules, "tensorboardX imported torch"
+import torch
+print("torch", torch.__version__)
+"""
+
+
+def test_metrics_are_written_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = subprocess.run([sys.executable, "-c", METRICS_WITHOUT_TORCH, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "torch 2." in done.stdout, done.stdout + done.stderr
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.25)]
+
 def test_eval_and_export_agree_with_transformers(smoke_run, tmp_path, capsys):
     import torch
     from transformers import AutoModelForSequenceClassification
