@@ -17,16 +17,20 @@ if _worker is not None:
     os.sched_setaffinity(0, _share)
     _cpus = _share
 
-# One persistent XLA compilation cache per worker, for its tests and the subprocesses they start (they inherit
-# the variable): the runner tests compile the same small models' steps over and over in fresh processes, and
-# a cache hit loads the same executable instead of compiling it again (numbers unchanged; the compile counts
-# the tests check are traces, which a cache hit still makes). Per worker because JAX writes an entry in place,
-# not atomically: another process could read half of it. A cache dir set before pytest started is kept.
-_owner = _worker or "main"
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get("RESEARCH_TESTS_XLA_CACHE_OF", _owner) != _owner:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"research-tests-xla-cache-{_owner}-")
-    os.environ["RESEARCH_TESTS_XLA_CACHE_OF"] = _owner  # a worker replaces the dir it inherits from the controller
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small models compile in under 1 s
+# One persistent XLA compilation cache for the whole session: both workers, their tests and the subprocesses
+# they start (all inherit the variables). The runner tests compile the same small models' steps over and over in
+# fresh processes and in other test files; a hit loads the same executable instead of compiling it again
+# (numbers unchanged; the compile counts the tests check are traces, which a hit still makes). A size bound
+# turns on JAX's file lock around every read and write (and a last-access file per entry), so no process reads
+# an entry another is still writing. Only programs that take 0.1 s or more to compile are kept: every eager op
+# (thousands of them, a few ms each) would make each write's scan of the directory, which bounding does, slow.
+# The process that starts pytest makes the directory and removes it at the end (pytest_unconfigure); a cache
+# dir set before pytest started is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="research-tests-xla-cache-")
+    os.environ["RESEARCH_TESTS_XLA_CACHE_OF"] = str(os.getpid())  # made here: removed at the end
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 # XLA's backend optimizations (LLVM at -O2 and its expensive passes) cost more than they save on the tests'
 # tiny models: most of a runner test is compiling train and eval steps that then run a handful of times. Off,
 # the packed-vs-padded runner test takes 36 s instead of 53 (2-core EPYC, 2026-12-03). The programs compute
@@ -99,3 +103,11 @@ def tiny_bert_pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert")
     theirs.save_pretrained(path)
     return theirs, from_pretrained(path, "sequence_classification")
+
+
+def pytest_unconfigure(config):
+    """The process that made the session's XLA cache directory removes it (module top)."""
+    if os.environ.get("RESEARCH_TESTS_XLA_CACHE_OF") == str(os.getpid()):
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
