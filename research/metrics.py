@@ -22,7 +22,7 @@ import jax
 
 def _summary_writer_class() -> type:
     """tensorboardX's SummaryWriter, imported without PyTorch. When torch is installed (the test extra, the
-    baselines), tensorboardX imports it on import only to accept torch tensors as values, which costs ~3 s per
+    baselines), tensorboardX imports it on import only to accept torch tensors as values, which costs 3-5 s per
     `research` process and which we never use: we log Python floats. Hiding torch for that one import makes
     tensorboardX fall back to numpy (its own `except ImportError`); torch stays importable afterwards, and a
     process that already imported it keeps it."""

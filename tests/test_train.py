@@ -86,6 +86,7 @@ def test_metrics_are_written_without_importing_torch(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.25)]
 
+
 def test_eval_and_export_agree_with_transformers(smoke_run, tmp_path, capsys):
     import torch
     from transformers import AutoModelForSequenceClassification
