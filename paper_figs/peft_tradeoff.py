@@ -1,6 +1,6 @@
 """Figure: SST-2 dev accuracy against trained parameters (log scale), one point per fine-tuning method (mean over
-seeds, bars +- std), from `research sweep experiments/peft_sst2.py`'s committed record (experiments/results/peft)
-or its run directories.
+seeds, bars +- std, each seed a faint dot), from `research sweep experiments/peft_sst2.py`'s committed record
+(experiments/results/peft) or its run directories.
 
     python paper_figs/peft_tradeoff.py --out paper_figs/peft_tradeoff.pdf
 
@@ -38,8 +38,10 @@ def plot(found: dict[str, dict], out: Path) -> None:
     for method, entry in sorted(found.items(), key=lambda item: item[1]["trained"]):
         acc = [100 * a for a in entry["accuracy"]]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        ax.errorbar(entry["trained"], statistics.mean(acc), yerr=std, fmt="o", capsize=3,
-                    color="black" if method == "full" else None)
+        bar = ax.errorbar(entry["trained"], statistics.mean(acc), yerr=std, fmt="o", capsize=3,
+                          color="black" if method == "full" else None)
+        # Each seed too, small and faint: a mean +- std hides a seed that collapsed (Houlsby's seed 1 did).
+        ax.scatter([entry["trained"]] * len(acc), acc, s=9, alpha=0.45, color=bar.lines[0].get_color(), zorder=3)
         ax.annotate(method, (entry["trained"], statistics.mean(acc)), textcoords="offset points", xytext=(5, 4),
                     fontsize=8)
     ax.set_xscale("log")
