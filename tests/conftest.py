@@ -13,7 +13,9 @@ _worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under xdist
 _cpus = sorted(os.sched_getaffinity(0))
 if _worker is not None:
     _count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    _share = _cpus[int(_worker.removeprefix("gw")) % _count :: _count] or _cpus
+    _index = int(_worker.removeprefix("gw"))
+    # More workers than CPUs: worker i shares CPU i mod n with the others pinned there.
+    _share = _cpus[_index % _count :: _count] if _count <= len(_cpus) else [_cpus[_index % len(_cpus)]]
     os.sched_setaffinity(0, _share)
     _cpus = _share
 
