@@ -5,10 +5,10 @@ import os
 import tempfile
 from pathlib import Path
 
-# The suite runs on every core (pytest-xdist, `-n` in pyproject.toml), one worker per core: each worker is
-# pinned to its own share of the CPUs before JAX and PyTorch start, so XLA sizes its thread pool to that share
-# (it reads the affinity mask) and two workers never fight over one core. Subprocesses the tests start
-# inherit the pinning. Much of the suite is XLA compilation, which runs on one core: two workers halve it.
+# The suite runs on every core (pytest-xdist, `-n` in pyproject.toml): each worker is pinned to its own share
+# of the CPUs before JAX and PyTorch start, so XLA sizes its thread pool to that share (it reads the affinity
+# mask). Subprocesses the tests start inherit the pinning. Much of the suite is XLA compilation, which runs on
+# one core; with more workers than cores (three on the 2-core CI machine) two share a core.
 _worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under xdist; unset in a plain run
 _cpus = sorted(os.sched_getaffinity(0))
 if _worker is not None:
