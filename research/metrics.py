@@ -28,15 +28,14 @@ def _summary_writer_class() -> type:
     process that already imported it keeps it."""
     import sys
 
-    if sys.modules.get("torch") is not None:  # already imported by this process: nothing to save
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    hide = "torch" not in sys.modules  # a process that already imported it keeps it: nothing to save
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide:
+            del sys.modules["torch"]
     return SummaryWriter
 
 

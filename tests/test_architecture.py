@@ -79,10 +79,9 @@ def test_batch_consumers_import_no_task_reader(consumer):
 
 def test_nothing_sniffs_the_model_family():
     sniffing = re.compile(r"sys\.modules|inspect\.signature|hasattr\([^,]*config\b")  # hasattr(model.config, ...
-    # research/metrics.py hides torch from tensorboardX's import (it costs seconds and we log floats): a
-    # sys.modules entry for torch, the one module that is not a model family.
-    hides_torch = re.compile(r'sys\.modules(\["torch"\]|\.get\("torch"\))')
+    # research/metrics.py hides torch from tensorboardX's import (it costs seconds and we log floats): its
+    # sys.modules lines name torch, which is not a model family.
     found = [f"{name}: {line.strip()}" for name, path in MODULES.items()
              for line in path.read_text().splitlines() if sniffing.search(line)
-             and not (name == "research.metrics" and hides_torch.search(line))]
+             and not (name == "research.metrics" and '"torch"' in line)]
     assert not found, "ask the family record (research/models/family.py) instead:\n" + "\n".join(found)
