@@ -93,7 +93,10 @@ def test_every_command_compiles_through_one_persistent_cache(tmp_path, monkeypat
     # The same command twice (an evaluation of the smoke model: the cheapest that compiles): the first fills the
     # cache, the second compiles nothing new (every program a hit).
     cache = tmp_path / "xla"
-    env = {**os.environ, compilation_cache.ENV: str(cache), "RESEARCH_DATA_DIR": str(data_dir)}
+    # Every program kept (the suite keeps only those over 0.1 s, and a compile time near it would make the test
+    # depend on the machine's load).
+    env = {**os.environ, compilation_cache.ENV: str(cache), "RESEARCH_DATA_DIR": str(data_dir),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     entries = []
     for _ in range(2):
         done = subprocess.run(["research", "eval", str(SMOKE), "--set", "data.max_dev_examples=16"], env=env,
