@@ -23,6 +23,13 @@ is the teacher run exported for transformers (`research export runs/compress_tea
 
 Prints progress, and writes (and prints as the last line) one JSON object: dev accuracy, wall time (whole
 script, imports included), train time, and the versions.
+
+Resumable: with `--out X.json`, the loop's whole state (weights, AdamW's moments, the schedule, the dropout
+generator, the evaluations so far) is written to `X.partial.pt` at every evaluation and removed at the end. The
+same command run again continues from it, and ends as the uninterrupted run would (the same batches and dropout
+draws: equal numbers on the CPU). A run takes up to two hours on the 2-core machine, longer than is left of many
+work sessions. The record then says `"segments": n`, and `train_s` sums the segments' training time (loading and
+tokenizing, redone by each, are in no one's train time).
 """
 
 from __future__ import annotations
@@ -142,9 +149,26 @@ def main() -> None:
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * steps), steps)
 
+    # What must match for a saved loop state to be this run's (the output path names the file).
+    settings = {"seed": args.seed, "model": args.model, "max_steps": args.max_steps, "eval_every": args.eval_every,
+                "lora": args.lora, "kd": args.kd, "data": str(data)}
+    partial = Path(args.out).with_suffix(".partial.pt") if args.out else None
+    start, evals, train_s_before, segments = 0, [], 0.0, 1
+    if partial is not None and partial.exists():
+        saved = torch.load(partial, weights_only=True)  # tensors, numbers and strings only
+        if saved["settings"] != settings:
+            raise SystemExit(f"{partial} holds the state of another run ({saved['settings']}, this one: {settings}): "
+                             "rerun with that run's arguments, or delete the file to start over")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])  # dropout continues with the draws the uninterrupted run makes
+        start, evals, train_s_before, segments = saved["step"], saved["evals"], saved["train_s"], saved["segments"] + 1
+        print(f"resumed from {partial} at step {start} (segment {segments})", flush=True)
+
     t_train = time.perf_counter()
-    evals = []
-    for step, batch in enumerate(batches(train_enc, train_y, order, batch_size, tokenizer), start=1):
+    remaining = order[start * batch_size :]  # the batches the saved run had not yet taken
+    for step, batch in enumerate(batches(train_enc, train_y, remaining, batch_size, tokenizer), start=start + 1):
         if teacher_logits is None:
             loss = model(**batch).loss
         else:  # alpha * T^2 * KL(teacher / T || student / T) + (1 - alpha) * CE, as research/objectives/distillation.py
@@ -161,18 +185,26 @@ def main() -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            rate = step / (time.perf_counter() - t_train)
+            rate = (step - start) / (time.perf_counter() - t_train)
             print(f"step {step}/{total} loss {loss.item():.4f} ({rate:.2f} steps/s)", flush=True)
         if step % args.eval_every == 0 or step == total:
             evals.append({"step": step, "dev/accuracy": evaluate(model, dev_enc, dev_y, tokenizer)})
             print(f"step {step}: dev accuracy {evals[-1]['dev/accuracy']:.4f}", flush=True)
+            if partial is not None and step < total:
+                state = {"settings": settings, "step": step, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": torch.get_rng_state(), "evals": evals, "segments": segments,
+                         "train_s": train_s_before + time.perf_counter() - t_train}
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(state, partial.with_suffix(".tmp"))
+                os.replace(partial.with_suffix(".tmp"), partial)  # a kill mid-write leaves the previous state whole
         if step == total:
             break
-    train_s = time.perf_counter() - t_train
+    train_s = train_s_before + time.perf_counter() - t_train
     result = {
         "framework": "pytorch", "method": "lora" if args.lora else "student3_kd" if args.kd else "full", "lr": lr,
         "seed": args.seed,
-        "steps": total, "dev_accuracy": evals[-1]["dev/accuracy"],
+        "steps": total, "dev_accuracy": evals[-1]["dev/accuracy"], "final_loss": loss.item(), "segments": segments,
         "evals": evals, "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - T_START, 1),
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
@@ -180,6 +212,8 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        if partial.exists():
+            partial.unlink()  # finished: the record is written
     print(json.dumps(result))
 
 
