@@ -47,6 +47,11 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1" and "xla_cpu_use_fusion_emitters" not in os.environ.get(
         "XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+# XLA splits each program's machine code into several modules to compile them on parallel threads; a worker has
+# one CPU (or half of one), so the split only adds work: the smoke train step compiled in 2.65 s of CPU instead
+# of 3.02 with one module (three fresh processes each, 2026-12-03). The same code comes out, so the numbers too.
+if "xla_cpu_parallel_codegen_split_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_parallel_codegen_split_count=1").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
