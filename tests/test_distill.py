@@ -258,7 +258,7 @@ def test_distillation_runs_from_a_run_directory_cached_or_in_the_step(tmp_path, 
     cached, in_step = records(tmp_path / "cached"), records(tmp_path / "in_step")
     # The teacher's logits come from padded eval batches or from the step's packed rows: equal to float32
     # rounding. The KL between two nearly equal distributions is ~1e-6 and a difference of such roundings, so it
-    # gets an absolute tolerance too (it moved by 2e-9 between runs pinned to one CPU and to two).
+    # gets an absolute tolerance too (the two were 2e-9 apart with XLA on two threads, in a plain `-n 0` run).
     for a, b in zip(cached, in_step, strict=True):
         for key in ("train/loss", "train/kd", "train/ce", "dev/accuracy"):
             if key in a:
