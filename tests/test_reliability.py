@@ -182,7 +182,7 @@ def test_restoring_into_another_shape_lists_every_mismatch(reference):
     from research.run import read_run_config, restore_params
 
     cfg = read_run_config(reference)
-    wider = apply_overrides(cfg, ['model.overrides={"hidden_size": 48, "num_hidden_layers": 2, '
+    wider = apply_overrides(cfg, ['model.overrides={"hidden_size": 48, "num_hidden_layers": 1, '
                                   '"num_attention_heads": 2, "intermediate_size": 64}'])
     with pytest.raises(CheckpointError, match=r"does not fit the state it is restored into \((\d+) mismatched\)") as e:
         restore_params(reference, wider, build_model(wider, cfg.data.labels), "latest")

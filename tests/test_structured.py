@@ -119,11 +119,11 @@ def test_research_prune(tmp_path, capsys):
     train(smoke("train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=4"), tmp_path / "run")
     main(["prune", str(tmp_path / "run"), str(tmp_path / "half"), "--heads", "0.5", "--neurons", "0.25",
           "--examples", "64", "--checkpoint", "latest"])
-    assert "pruned 2 of 4 heads and 32 of 128 MLP neurons" in capsys.readouterr().out
+    assert "pruned 1 of 2 heads and 16 of 64 MLP neurons" in capsys.readouterr().out
     about = json.loads((tmp_path / "half" / "pruning.json").read_text())
-    assert about["heads_after"] == 2 and about["neurons_after"] == 96 and set(about["dev"]) == {"before", "after"}
+    assert about["heads_after"] == 1 and about["neurons_after"] == 48 and set(about["dev"]) == {"before", "after"}
     model = from_pretrained(tmp_path / "half", "sequence_classification")
-    assert sum(layer.attention.num_heads for layer in model.bert.layers) == 2
+    assert sum(layer.attention.num_heads for layer in model.bert.layers) == 1
 
 
 # ---------------------------------------------------------------------------------------------------- GPT-2

@@ -1,4 +1,4 @@
-"""The runner end to end on experiments/smoke.py (a 2-layer, 32-wide BERT on 256 SST-2 sentences):
+"""The runner end to end on experiments/smoke.py (a 1-layer, 32-wide BERT on 256 SST-2 sentences):
 
 - the run directory holds what DESIGN.md promises, TensorBoard's own reader sees the metrics.jsonl values,
   and the step compiles once per length bucket;
