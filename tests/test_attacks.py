@@ -58,7 +58,7 @@ def test_pgd_at_zero_is_clean_accuracy_and_a_large_ball_breaks_the_model(trained
 
 
 def test_character_attack_on_real_minilm(data_dir):
-    cfg = smoke("model.init=\"pretrained\"", "model.overrides={}", "data.max_dev_examples=48")
+    cfg = smoke("model.init=\"pretrained\"", "model.overrides={}", "data.max_dev_examples=24")
     pieces = prepare(cfg, with_train=False)
     result = char_attack(pieces.model, pieces.tokenizer, pieces.dev, cfg.data.max_length, cfg.data.buckets,
                          pieces.pad_id, max_words=3, batch_size=32)
