@@ -30,9 +30,9 @@ from research.models.hf import _hf_key, key_table
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.py"
 CONLL = ROOT / "experiments" / "conll2003_minilm.py"
-# experiments/conll2003_minilm.py shrunk: a 2-layer 32-wide BERT from scratch (MiniLM's vocabulary), 96 training
+# experiments/conll2003_minilm.py shrunk: a 1-layer 32-wide BERT from scratch (MiniLM's vocabulary), 96 training
 # sentences, windows of 32 tokens (so some sentences are cut), 3 steps.
-CONLL_TINY = ('model.init="scratch"', 'model.overrides={"hidden_size": 32, "num_hidden_layers": 2, '
+CONLL_TINY = ('model.init="scratch"', 'model.overrides={"hidden_size": 32, "num_hidden_layers": 1, '
               '"num_attention_heads": 2, "intermediate_size": 64}', "data.max_train_examples=96",
               "data.max_dev_examples=64", 'data.test={"test": "conll2003/test.txt"}', "data.max_length=32",
               "data.buckets=[16, 32]", "train.max_steps=3", "train.log_every=1", "checkpoint.every_steps=3")
