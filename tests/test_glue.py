@@ -166,11 +166,11 @@ def test_regression_divergences_are_squared_differences(tmp_path):
 
 
 def stsb_tiny(*overrides) -> ExperimentConfig:
-    """experiments/glue_stsb.py shrunk: a 2-layer 32-wide BERT from scratch (MiniLM's vocabulary), 64 training
+    """experiments/glue_stsb.py shrunk: a 1-layer 32-wide BERT from scratch (MiniLM's vocabulary), 64 training
     pairs, 64 dev pairs, 4 steps."""
     cfg = load_experiment(ROOT / "experiments" / "glue_stsb.py")
     cfg = dataclasses.replace(cfg, train=TrainConfig(batch_size=16, max_steps=4, log_every=1, eval_batch_size=32))
-    return apply_overrides(cfg, ['model.init="scratch"', 'model.overrides={"hidden_size": 32, "num_hidden_layers": 2, '
+    return apply_overrides(cfg, ['model.init="scratch"', 'model.overrides={"hidden_size": 32, "num_hidden_layers": 1, '
                                  '"num_attention_heads": 2, "intermediate_size": 64}',
                                  "data.max_train_examples=64", "data.max_dev_examples=64", "optim.lr=1e-3",
                                  *overrides])

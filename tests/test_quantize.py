@@ -211,7 +211,7 @@ def test_qlora_run_exports_merged_into_the_dequantized_weights(tmp_path):
     from research.run import export_run, load_trained_model
     from research.train import train
 
-    wide = ('model.overrides={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, '
+    wide = ('model.overrides={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, '
             '"intermediate_size": 128}')
     cfg = smoke(wide, "peft.method=lora", "peft.base_quantization=nf4", "train.max_steps=4", "train.eval_every=4",
                 "checkpoint.every_steps=4")
